@@ -1,0 +1,31 @@
+"""Command line: ``python -m recbole_cmr --model=SASRec --dataset=xmrec-mini [--key=value ...]``."""
+
+import argparse
+
+DEFAULT_MODEL = "SASRec"
+DEFAULT_DATASET = "xmrec-mini"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate a recbole_cmr or RecBole model on every market of a "
+        "dataset. Any RecBole/recbole_cmr setting can be given as --key=value.",
+    )
+    parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (default SASRec)")
+    parser.add_argument("--dataset", "-d", default=DEFAULT_DATASET,
+                        help="dataset folder name (default: the shipped xmrec-mini)")
+    parser.add_argument("--config_files", default=None, help="yaml files, space separated")
+    args, _ = parser.parse_known_args(argv)  # the rest is read by RecBole's Config
+    return args
+
+
+def main(argv=None):
+    from recbole_cmr.quick_start import run_recbole_cmr
+
+    args = parse_args(argv)
+    files = args.config_files.strip().split(" ") if args.config_files else None
+    run_recbole_cmr(model=args.model, dataset=args.dataset, config_file_list=files)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``Config``: RecBole's configurator with the plugin's yaml files and model look-up."""
+
+import os
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_cmr import compat  # noqa: F401  (numpy aliases before RecBole's own shim runs)
+from recbole_cmr.utils import get_model, resource_path
+
+
+class Config(RecBoleConfig):
+    """RecBole's ``Config`` that also reads recbole_cmr's ``properties/``.
+
+    Internal load order (later wins): RecBole's overall, model, sample and dataset yaml and its
+    quick-start file for the model type, then the plugin's ``properties/overall.yaml``,
+    ``properties/model/<Model>.yaml`` and ``properties/dataset/<dataset>.yaml``. External
+    settings keep RecBole's precedence: config files < ``config_dict`` < command line.
+    A dataset that is not under ``data_path`` but ships with the package (``dataset/``) is found
+    there.
+    """
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError(
+                    "model need to be specified in at least one of the these ways: "
+                    "[model variable, config file, config dict, command line] "
+                )
+        if isinstance(model, str):
+            model_class = get_model(model)
+        else:
+            model_class, model = model, model.__name__
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise KeyError(
+                    "dataset need to be specified in at least one of the these ways: "
+                    "[dataset variable, config file, config dict, command line] "
+                )
+        return model, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        if self._is_sequential_ce(model_class):
+            # RecBole refuses negative sampling with CE; make `--model=SASRec` work as is.
+            self.internal_config_dict["train_neg_sample_args"] = None
+        properties = resource_path("properties")
+        for file in [
+            os.path.join(properties, "overall.yaml"),
+            os.path.join(properties, "model", model + ".yaml"),
+            os.path.join(properties, "dataset", dataset + ".yaml"),
+        ]:
+            if os.path.isfile(file):
+                config_dict = self._update_internal_config_dict(file)
+                if file.endswith(os.path.join("dataset", dataset + ".yaml")) and config_dict:
+                    self.parameters["Dataset"] += [
+                        k for k in config_dict if k not in self.parameters["Dataset"]
+                    ]
+
+    def _is_sequential_ce(self, model_class):
+        loss_type = self.internal_config_dict.get("loss_type")
+        loss_type = self.external_config_dict.get("loss_type", loss_type)
+        return model_class.type == ModelType.SEQUENTIAL and loss_type == "CE"
+
+    def _set_default_parameters(self):
+        super()._set_default_parameters()
+        data_path = self.final_config_dict["data_path"]
+        packaged = resource_path("dataset", self.dataset)
+        if (
+            "data_path" not in self.external_config_dict
+            and not os.path.isdir(data_path)
+            and os.path.isdir(packaged)
+        ):
+            self.final_config_dict["data_path"] = packaged

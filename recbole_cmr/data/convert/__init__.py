@@ -1,0 +1,26 @@
+"""Converters from public data sets to multi-market RecBole atomic datasets.
+
+Command line: ``python -m recbole_cmr.data.convert {xmrec,unisrec,movielens,aliexpress} --help``.
+Each ``convert_<format>`` writes ``<out>/<name>/`` atomically (see :mod:`.atomic`) and
+returns its path; ``build_<format>`` returns the in-memory :class:`AtomicDataset` instead.
+"""
+
+from .aliexpress import build_aliexpress, convert_aliexpress
+from .atomic import AtomicDataset, read_atomic, write_dataset
+from .movielens import build_movielens, convert_movielens
+from .unisrec import build_unisrec, convert_unisrec
+from .xmrec import build_xmrec, convert_xmrec
+
+__all__ = [
+    "AtomicDataset",
+    "build_aliexpress",
+    "build_movielens",
+    "build_unisrec",
+    "build_xmrec",
+    "convert_aliexpress",
+    "convert_movielens",
+    "convert_unisrec",
+    "convert_xmrec",
+    "read_atomic",
+    "write_dataset",
+]

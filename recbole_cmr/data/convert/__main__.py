@@ -1,0 +1,172 @@
+"""Command line: ``python -m recbole_cmr.data.convert <format> ...`` (one subcommand per format).
+
+Errors in the input (missing file, bad header, unknown market, existing output, ...) are
+reported on one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from .aliexpress import convert_aliexpress
+from .movielens import convert_movielens
+from .unisrec import convert_unisrec
+from .xmrec import convert_xmrec
+
+PROG = "python -m recbole_cmr.data.convert"
+EXAMPLES = f"""examples:
+  {PROG} xmrec /work/shared/data/xmrec --out dataset --markets ca de in --name xmrec-small \\
+      --max-users-per-market 200 --seed 2026
+  {PROG} unisrec /work/shared/data/amazon_scientific/full --out dataset
+  {PROG} movielens /work/shared/data/movielens_titles --out dataset
+  {PROG} aliexpress --market nl=train_nl.csv --test-market nl=test_nl.csv --out dataset
+"""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def market_path(text: str) -> tuple[str, str]:
+    """argparse type: ``NAME=path``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=path.csv, got {text!r}")
+    return name, path
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options shared by every subcommand."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--out", required=True, type=Path, help="folder that receives <out>/<name>/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing <out>/<name>/")
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser with the four subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Convert public data sets to multi-market RecBole atomic datasets: "
+        "<out>/<name>/<market>.inter (+ optional <name>.item, README.md), written atomically.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    common = [_common()]
+    _add_xmrec(sub, common)
+    _add_unisrec(sub, common)
+    _add_movielens(sub, common)
+    _add_aliexpress(sub, common)
+    return parser
+
+
+def _add_xmrec(sub, parents) -> None:
+    p = sub.add_parser("xmrec", parents=parents, help="XMarket <market>_5core.txt files",
+                       description="XMRec <market>_5core.txt (userId itemId rate date) -> one "
+                       "<market>.inter per market; user tokens are <market>_<userId>.")
+    p.add_argument("src", type=Path, help="folder with <market>_5core.txt files")
+    p.add_argument("--name", default="xmrec", help="dataset name (default: xmrec)")
+    p.add_argument("--markets", nargs="+", metavar="M",
+                   help="markets to convert (default: all found)")
+    p.add_argument("--max-users-per-market", type=positive_int, metavar="N",
+                   help="keep a seeded random sample of at most N users per market")
+    p.add_argument("--seed", type=int, default=2026,
+                   help="seed of the user sample (default: 2026)")
+    p.add_argument("--min-item-inter", type=positive_int, metavar="N",
+                   help="drop items with fewer than N interactions over all written markets "
+                   "(one pass, after the user sample)")
+    p.set_defaults(run=lambda a, cmd: convert_xmrec(
+        a.src, a.out, overwrite=a.overwrite, name=a.name, markets=a.markets,
+        max_users_per_market=a.max_users_per_market, seed=a.seed,
+        min_item_inter=a.min_item_inter, command=cmd))
+
+
+def _add_unisrec(sub, parents) -> None:
+    p = sub.add_parser("unisrec", parents=parents, help="UniSRec-format Amazon data (one market)",
+                       description="UniSRec <Name>.{train,valid,test}.inter + .text + .item2index "
+                       "+ .user2index -> one market with full ordered sequences (synthetic "
+                       "timestamps = positions) and <name>.item with text.")
+    p.add_argument("src", type=Path, help="folder with the UniSRec files")
+    p.add_argument("--dataset", help="<Name> of the files (default: the only one found)")
+    p.add_argument("--name", help="dataset name (default: <Name> lower-cased)")
+    p.add_argument("--market", help="market name (default: <Name> lower-cased)")
+    p.set_defaults(run=lambda a, cmd: convert_unisrec(
+        a.src, a.out, overwrite=a.overwrite, dataset=a.dataset, name=a.name,
+        market=a.market, command=cmd))
+
+
+def _add_movielens(sub, parents) -> None:
+    p = sub.add_parser("movielens", parents=parents,
+                       help="MovieLens-100K/1M by title -> 5 markets",
+                       description="movielens_titles (ml-100k/ml-1m keyed by title) -> markets "
+                       "ml100k and, by the first zip-code digit of ML-1M users, east 0-2, south 3 "
+                       "and 7, central 4-6, west 8-9; seeded user samples, item text.")
+    p.add_argument("src", type=Path, help="folder with ml-100k.* and ml-1m.* files")
+    p.add_argument("--name", default="movielens-markets",
+                   help="dataset name (default: movielens-markets)")
+    p.add_argument("--seed", type=int, default=2026,
+                   help="seed of the user samples (default: 2026)")
+    p.add_argument("--max-users", type=positive_int, default=600, metavar="N",
+                   help="users sampled per market (default: 600)")
+    p.add_argument("--last-k", type=positive_int, default=30, metavar="K",
+                   help="ratings kept per user, the last by time (default: 30)")
+    p.set_defaults(run=lambda a, cmd: convert_movielens(
+        a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed,
+        max_users=a.max_users, last_k=a.last_k, command=cmd))
+
+
+def _add_aliexpress(sub, parents) -> None:
+    p = sub.add_parser("aliexpress", parents=parents, help="AliExpress per-country CTR/CVR CSVs",
+                       description="AliExpress CSVs (search_id, categorical_1..16, "
+                       "numerical_1..63, click, conversion) -> <market>.inter per train CSV and "
+                       "<market>.test.inter per test CSV.")
+    p.add_argument("--market", type=market_path, action="append", required=True,
+                   metavar="NAME=CSV", dest="markets", help="a market's train CSV (repeatable)")
+    p.add_argument("--test-market", type=market_path, action="append", default=[],
+                   metavar="NAME=CSV", dest="test_markets",
+                   help="a market's test CSV, written as <market>.test.inter")
+    p.add_argument("--name", default="aliexpress", help="dataset name (default: aliexpress)")
+    p.set_defaults(run=lambda a, cmd: convert_aliexpress(
+        _unique(a.markets, "--market"), a.out, overwrite=a.overwrite,
+        test_markets=_unique(a.test_markets, "--test-market"), name=a.name, command=cmd))
+
+
+def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
+    """``NAME=path`` pairs as a dict; ValueError on a repeated NAME."""
+    result: dict[str, str] = {}
+    for name, path in pairs:
+        if name in result:
+            raise ValueError(f"{option}: market {name!r} given twice")
+        result[name] = path
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit status (0 ok, 2 bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    command = f"{PROG} {shlex.join(argv)}"
+    try:
+        path = args.run(args, command)
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())
+        parser.exit(2, f"{PROG} {args.format}: error: {message}\n")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Multi-market datasets: one RecBole dataset per market over one shared item id space.
+
+Layout of a multi-market dataset folder ``<data_path>/<dataset>/``::
+
+    <market>.inter      one RecBole atomic interaction file per market (users are per market)
+    <dataset>.item      optional, shared by all markets (item text and features)
+    <market>.user       optional, per market
+
+Each market is read, filtered and remapped by RecBole's own ``Dataset`` / ``SequentialDataset``;
+then item ids are re-numbered so that one item token has one internal id in every market (and, for
+pooled training, user ids are made disjoint across markets). With a single market the ids are
+exactly those plain RecBole assigns.
+"""
+
+import os
+from functools import cached_property
+from logging import getLogger
+
+import numpy as np
+import pandas as pd
+from recbole.data.dataset import Dataset, SequentialDataset
+from recbole.utils import FeatureSource, FeatureType, ModelType, set_color
+
+PAD = "[PAD]"
+
+
+class MarketDatasetMixin:
+    """One market: ``<market>.inter`` (and ``<market>.user``) with the shared ``<dataset>.item``."""
+
+    def __init__(self, config, market):
+        self.market = market
+        super().__init__(config)
+
+    def _load_data(self, token, dataset_path):
+        self._load_inter_feat(self.market, dataset_path)
+        self.user_feat = self._load_user_or_item_feat(
+            self.market, dataset_path, FeatureSource.USER, "uid_field"
+        )
+        self.item_feat = self._load_user_or_item_feat(
+            token, dataset_path, FeatureSource.ITEM, "iid_field"
+        )
+        self._load_additional_feat(token, dataset_path)
+
+    def __str__(self):
+        return set_color(f"[market {self.market}] ", "pink") + super().__str__()
+
+    def remap_to_global(self, field, lut, global_tokens, global_token_id):
+        """Re-number ``field`` and its aliases with ``lut`` (local id -> global id).
+
+        Args:
+            field (str): ``uid_field`` or ``iid_field``.
+            lut (np.ndarray): shape ``[num(field)]``, ``lut[0] == 0`` (padding).
+            global_tokens (np.ndarray): shape ``[n_global]``, token of each global id.
+            global_token_id (dict): token -> global id.
+        """
+        alias = "user_id" if field == self.uid_field else "item_id"
+        for f in self.alias[alias]:
+            for feat in self.field2feats(f):
+                if self.field2type[f] == FeatureType.TOKEN:
+                    feat[f] = lut[feat[f].values]
+                else:
+                    feat[f] = [lut[np.asarray(seq, dtype=np.int64)] for seq in feat[f].values]
+            self.field2id_token[f] = global_tokens
+            self.field2token_id[f] = global_token_id
+        self._reindex_feat_table(field, len(global_tokens))
+
+    def _reindex_feat_table(self, field, n_global):
+        """Give the user/item feature table one row per global id (missing rows filled)."""
+        name = "user_feat" if field == self.uid_field else "item_feat"
+        table = getattr(self, name)
+        if table is None:
+            return
+        table = table[table[field] != 0]
+        full = pd.DataFrame({field: np.arange(n_global)})
+        setattr(self, name, pd.merge(full, table, on=field, how="left"))
+        self._fill_nan()
+
+    @property
+    def item_ids(self):
+        """Sorted unique internal ids of the items that occur in this market, shape ``[n]``."""
+        return np.unique(np.asarray(self.inter_feat[self.iid_field]))
+
+
+class MarketDataset(MarketDatasetMixin, Dataset):
+    """One market for general and context-aware models."""
+
+
+class MarketSequentialDataset(MarketDatasetMixin, SequentialDataset):
+    """One market for sequential models."""
+
+
+def market_dataset_class(config):
+    """The per-market dataset class for the model type in ``config``."""
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
+        return MarketSequentialDataset
+    return MarketDataset
+
+
+def atomic_header(path, field_separator="\t"):
+    """Read and check the typed header of a RecBole atomic file.
+
+    Returns:
+        dict: field name -> FeatureType value (``token``, ``float``, ...).
+
+    Raises:
+        ValueError: a column lacks ``:type`` or has an unknown type.
+    """
+    with open(path, "r", encoding="utf-8") as f:
+        header = f.readline().rstrip("\r\n")
+    types = {t.value for t in FeatureType}
+    fields = {}
+    for column in header.split(field_separator):
+        name, _, ftype = column.partition(":")
+        if not name or ftype not in types:
+            raise ValueError(
+                f"{path}: malformed header column [{column}]: every column must be "
+                f"`name:type` with type in {sorted(types)} (e.g. user_id:token), separated by "
+                f"{field_separator!r}. Header read: [{header}]"
+            )
+        fields[name] = ftype
+    return fields
+
+
+def discover_markets(data_path):
+    """Markets of a dataset folder: the stems of its ``<market>.inter`` files, sorted."""
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError(
+            f"Dataset folder [{data_path}] does not exist. Set `data_path` (the parent folder) and "
+            "`dataset` (the folder name) so that <data_path>/<dataset>/<market>.inter exist."
+        )
+    markets = sorted(
+        f[: -len(".inter")]
+        for f in os.listdir(data_path)
+        if f.endswith(".inter") and "." not in f[: -len(".inter")]
+    )
+    if not markets:
+        raise FileNotFoundError(f"Dataset folder [{data_path}] holds no <market>.inter file.")
+    return markets
+
+
+def resolve_markets(config):
+    """The markets to load: ``config['markets']`` (checked against the folder) or all of them."""
+    available = discover_markets(config["data_path"])
+    wanted = config["markets"]
+    if wanted is None:
+        return available
+    wanted = [wanted] if isinstance(wanted, str) else [str(m) for m in wanted]
+    missing = [m for m in wanted if m not in available]
+    if missing:
+        raise ValueError(
+            f"markets {missing} named in the config have no file "
+            f"{[os.path.join(config['data_path'], m + '.inter') for m in missing]}; "
+            f"markets available in [{config['data_path']}]: {available}"
+        )
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"markets {wanted} names a market twice.")
+    return wanted
+
+
+def check_market_file(config, market):
+    """Check that ``<market>.inter`` has a typed header with the user, item (and time) fields."""
+    path = os.path.join(config["data_path"], market + ".inter")
+    fields = atomic_header(path, config["field_separator"])
+    required = [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]]
+    if config["eval_args"]["order"] == "TO":
+        required.append(config["TIME_FIELD"])
+    missing = [f for f in required if f not in fields]
+    load_col = (config["load_col"] or {}).get("inter")
+    if config["load_col"] and config["TIME_FIELD"] in required and (
+        load_col is None or config["TIME_FIELD"] not in load_col
+    ):
+        raise ValueError(
+            f"eval_args order TO needs the time field, but load_col {config['load_col']} does "
+            f"not load [{config['TIME_FIELD']}] from {path}: add it to load_col['inter'] "
+            "(or set load_col: ~ to load every column)."
+        )
+    if missing:
+        raise ValueError(
+            f"{path}: fields {missing} are missing from the header (found {list(fields)}). "
+            "Rename the columns or set USER_ID_FIELD / ITEM_ID_FIELD / TIME_FIELD."
+        )
+
+
+def _global_vocabulary(token_arrays):
+    """Union of per-market token arrays (each starting with ``[PAD]``), in first-seen order."""
+    tokens = pd.unique(np.concatenate([t[1:] for t in token_arrays]))
+    global_tokens = np.array([PAD] + list(tokens))
+    return global_tokens, {t: i for i, t in enumerate(global_tokens)}
+
+
+class MultiMarketDataset:
+    """A thin container over per-market RecBole datasets sharing one item id space.
+
+    Attributes:
+        markets (list[str]): market names, in config order.
+        market_datasets (dict[str, Dataset]): RecBole dataset of each market.
+        item_num (int): number of global item ids, padding included.
+        global_users (bool): whether user ids are disjoint across markets (pooled training).
+    """
+
+    def __init__(self, config, global_users=False):
+        self.config = config
+        self.dataset_name = config["dataset"]
+        self.logger = getLogger()
+        self.global_users = global_users
+        self.markets = resolve_markets(config)
+        for market in self.markets:
+            check_market_file(config, market)
+        dataset_class = market_dataset_class(config)
+        self.market_datasets = {m: self._load_market(dataset_class, m) for m in self.markets}
+        self._share_items()
+        if global_users:
+            self._separate_users()
+        # before build(): sequential augmentation drops each user's first item from inter_feat
+        self.catalogues = {m: ds.item_ids for m, ds in self.market_datasets.items()}
+        for ds in self.market_datasets.values():
+            self.logger.info(ds)
+
+    def _load_market(self, dataset_class, market):
+        empty = ValueError(
+            f"Market [{market}] ({os.path.join(self.config['data_path'], market + '.inter')}) "
+            "is empty after filtering; loosen user_inter_num_interval / "
+            "item_inter_num_interval / val_interval or drop it from `markets`."
+        )
+        try:
+            ds = dataset_class(self.config, market)
+        except ValueError as err:  # RecBole's own words: "Some feat is empty, ..."
+            if "feat is empty" in str(err):
+                raise empty from None
+            raise
+        if ds.inter_num == 0:
+            raise empty
+        return ds
+
+    def _share_items(self):
+        iid = self.config["ITEM_ID_FIELD"]
+        datasets = self.market_datasets.values()
+        tokens, token_id = _global_vocabulary([ds.field2id_token[iid] for ds in datasets])
+        for ds in datasets:
+            lut = np.array([token_id[t] for t in ds.field2id_token[iid]], dtype=np.int64)
+            ds.remap_to_global(iid, lut, tokens, token_id)
+        self.item_tokens, self.item_token_id = tokens, token_id
+
+    def _separate_users(self):
+        uid = self.config["USER_ID_FIELD"]
+        prefixed = [
+            np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[uid][1:]])
+            for m, ds in self.market_datasets.items()
+        ]
+        tokens, token_id = _global_vocabulary(prefixed)
+        for ds, local in zip(self.market_datasets.values(), prefixed):
+            lut = np.array([token_id[t] for t in local], dtype=np.int64)
+            ds.remap_to_global(uid, lut, tokens, token_id)
+
+    @property
+    def item_num(self):
+        return len(self.item_tokens)
+
+    def catalogue(self, market):
+        """Internal ids of the items occurring in ``market``, shape ``[n]``."""
+        return self.catalogues[market]
+
+    def build(self):
+        """Split every market with RecBole's own ``build()``: ``{market: [train, valid, test]}``."""
+        return {m: ds.build() for m, ds in self.market_datasets.items()}
+
+    @cached_property
+    def item_text_embedding(self):
+        """Sentence embedding of each item's text, ``torch.FloatTensor [item_num, dim]``.
+
+        Read from ``<dataset>.item`` (fields ``item_text_fields``, all text fields if unset),
+        encoded with ``text_encoder`` and cached on disk under ``text_cache_dir``.
+        """
+        from recbole_cmr.data.text import item_text_embeddings, read_item_text
+
+        item_file = os.path.join(self.config["data_path"], f"{self.dataset_name}.item")
+        if not os.path.isfile(item_file):
+            raise ValueError(
+                f"Dataset [{self.dataset_name}] has no item text: {item_file} does not exist."
+            )
+        texts = read_item_text(
+            item_file, self.config["item_text_fields"], self.config["ITEM_ID_FIELD"]
+        )
+        return item_text_embeddings(
+            self.item_tokens,
+            texts,
+            encoder=self.config["text_encoder"],
+            cache_dir=self.config["text_cache_dir"],
+            batch_size=self.config["text_batch_size"],
+            show_progress=self.config["show_progress"],
+        )
+
+    def __str__(self):
+        lines = [set_color(f"{self.dataset_name}", "pink") + f": {len(self.markets)} markets, "
+                 f"{self.item_num - 1} items in all"]
+        for m, ds in self.market_datasets.items():
+            lines.append(
+                f"  {m}: {ds.inter_num} inters, {len(np.unique(ds.inter_feat[ds.uid_field]))} "
+                f"users, {len(self.catalogue(m))} items"
+            )
+        return "\n".join(lines)

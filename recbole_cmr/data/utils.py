@@ -1,0 +1,96 @@
+"""``create_dataset`` / ``data_preparation`` returning RecBole loaders per market."""
+
+from logging import getLogger
+
+import numpy as np
+from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.interaction import cat_interactions
+from recbole.data.utils import get_dataloader
+from recbole.sampler import RepeatableSampler, Sampler
+from recbole.utils import set_color
+
+from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader
+from recbole_cmr.data.dataset import MultiMarketDataset
+from recbole_cmr.data.sampler import create_market_samplers
+
+
+def create_dataset(config):
+    """Load the markets of ``config['dataset']`` as a :class:`MultiMarketDataset`.
+
+    User ids are made disjoint across markets when ``train_mode`` is ``pooled``.
+    """
+    return MultiMarketDataset(config, global_users=config["train_mode"] == "pooled")
+
+
+def _foreign_items(item_num, catalogue):
+    """Item ids (1..item_num-1) absent from ``catalogue``, shape ``[n_foreign]``."""
+    return np.setdiff1d(np.arange(1, item_num), catalogue)
+
+
+def market_loaders(config, dataset, built, catalogue, item_num):
+    """RecBole's train/valid/test loaders for one market's ``built`` splits.
+
+    Negatives come from the market's ``catalogue`` and full ranking masks foreign items.
+    """
+    foreign = _foreign_items(item_num, catalogue)
+    restrict = catalogue if len(foreign) else None
+    samplers = create_market_samplers(config, dataset, built, restrict)
+    loaders = [get_dataloader(config, "train")(config, built[0], samplers[0], shuffle=config["shuffle"])]
+    for phase, split, sampler in zip(("valid", "test"), built[1:], samplers[1:]):
+        loader_class = get_dataloader(config, phase)
+        if loader_class is FullSortEvalDataLoader:
+            loaders.append(MarketFullSortEvalDataLoader(config, split, sampler, foreign_items=foreign))
+        else:
+            loaders.append(loader_class(config, split, sampler, shuffle=False))
+    return loaders
+
+
+def data_preparation(config, dataset):
+    """Split each market by RecBole's ``eval_args`` and build its RecBole loaders.
+
+    Returns:
+        tuple of three ``dict[str, DataLoader]`` (train, valid, test), keyed by market.
+    """
+    train, valid, test = {}, {}, {}
+    for market, built in dataset.build().items():
+        train[market], valid[market], test[market] = market_loaders(
+            config, dataset.market_datasets[market], built, dataset.catalogue(market), dataset.item_num
+        )
+    _log_loaders(config)
+    return train, valid, test
+
+
+def pooled_train_data(config, train_data):
+    """One RecBole ``TrainDataLoader`` over the training splits of all markets.
+
+    Args:
+        train_data (dict[str, TrainDataLoader]): per-market loaders (user ids must be global).
+    """
+    splits = [loader._dataset for loader in train_data.values()]
+    pooled = splits[0].copy(cat_interactions([s.inter_feat for s in splits]))
+    pooled.market = "pooled"
+    args = config["train_neg_sample_args"]
+    sampler = None
+    if args is not None and args["distribution"] != "none":
+        if config["repeatable"]:
+            sampler = RepeatableSampler(["train"], pooled, args["distribution"], args["alpha"])
+        else:
+            sampler = Sampler(["train"], [pooled], args["distribution"], args["alpha"])
+        sampler = sampler.set_phase("train")
+    return get_dataloader(config, "train")(config, pooled, sampler, shuffle=config["shuffle"])
+
+
+def _log_loaders(config):
+    logger = getLogger()
+    logger.info(
+        set_color("[Training]: ", "pink") + set_color("train_batch_size", "cyan") + " = "
+        + set_color(f'[{config["train_batch_size"]}]', "yellow")
+        + set_color(" train_neg_sample_args", "cyan") + ": "
+        + set_color(f'[{config["train_neg_sample_args"]}]', "yellow")
+    )
+    logger.info(
+        set_color("[Evaluation]: ", "pink") + set_color("eval_batch_size", "cyan") + " = "
+        + set_color(f'[{config["eval_batch_size"]}]', "yellow")
+        + set_color(" eval_args", "cyan") + ": "
+        + set_color(f'[{config["eval_args"]}]', "yellow")
+    )

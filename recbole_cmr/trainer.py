@@ -1,0 +1,121 @@
+"""Trainers: RecBole's own, with multi-market validation and weights-only checkpoints."""
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from functools import lru_cache
+
+import numpy as np
+import torch
+from recbole.utils import calculate_valid_score, set_color
+
+from recbole_cmr import __version__
+from recbole_cmr.compat import checkpoint_safe, load_checkpoint
+
+
+def macro_average(results):
+    """Average each metric over markets: ``{market: {metric: v}}`` -> ``{metric: mean}``."""
+    results = list(results.values())
+    return OrderedDict(
+        (metric, round(float(np.mean([r[metric] for r in results])), 6)) for metric in results[0]
+    )
+
+
+class MultiMarketTrainerMixin:
+    """Adds to any RecBole trainer:
+
+    * ``valid_data`` / ``eval_data`` may be a ``{market: loader}`` dict: every market is evaluated
+      by RecBole's own ``evaluate`` and the valid score is the macro average over markets;
+    * checkpoints hold plain data only and load with ``torch.load(weights_only=True)``
+      (RecBole 1.2.1 pickles its Config and cannot reload its own checkpoints on torch >= 2.6);
+    * ``checkpoint_info``: what else the checkpoint should record (dataset, markets, ...).
+    """
+
+    checkpoint_info = {}
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
+            callback_fn=None):
+        self.best_valid_per_market = None
+
+        def remember_best(epoch_idx, valid_score):
+            if self.cur_step == 0:  # early_stopping just recorded a new best
+                self.best_valid_per_market = getattr(self, "_last_valid_per_market", None)
+            if callback_fn:
+                callback_fn(epoch_idx, valid_score)
+
+        return super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
+
+    def _valid_epoch(self, valid_data, show_progress=False):
+        if not isinstance(valid_data, Mapping):
+            return super()._valid_epoch(valid_data, show_progress=show_progress)
+        per_market = self.evaluate(valid_data, load_best_model=False, show_progress=show_progress)
+        self._last_valid_per_market = per_market
+        macro = macro_average(per_market)
+        return calculate_valid_score(macro, self.valid_metric), macro
+
+    @torch.no_grad()
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's ``evaluate``; a dict of loaders gives ``{market: result}``."""
+        if load_best_model:
+            self.load_best_model(model_file)
+        if isinstance(eval_data, Mapping):
+            return {
+                market: super(MultiMarketTrainerMixin, self).evaluate(
+                    loader, load_best_model=False, show_progress=show_progress
+                )
+                for market, loader in eval_data.items()
+            }
+        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+
+    def load_best_model(self, model_file=None):
+        """Load the model weights of a checkpoint (default: this trainer's best)."""
+        checkpoint_file = model_file or self.saved_model_file
+        checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.logger.info(
+            set_color("Loading model structure and parameters from ", "blue") + checkpoint_file
+        )
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        saved_model_file = kwargs.pop("saved_model_file", self.saved_model_file)
+        state = {
+            "recbole_cmr": __version__,
+            "model": self.config["model"],
+            "config": checkpoint_safe(self.config.external_config_dict),
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": checkpoint_safe(self.model.other_parameter()),
+            "optimizer": self.optimizer.state_dict(),
+            **checkpoint_safe(self.checkpoint_info),
+        }
+        torch.save(state, saved_model_file)
+        if verbose:
+            self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
+
+    def resume_checkpoint(self, resume_file):
+        """Continue training from a recbole_cmr checkpoint (weights, optimizer, epoch)."""
+        resume_file = str(resume_file)
+        self.saved_model_file = resume_file
+        checkpoint = load_checkpoint(resume_file, map_location=self.device)
+        if checkpoint["model"].lower() != self.config["model"].lower():
+            raise ValueError(
+                f"Checkpoint [{resume_file}] holds a {checkpoint['model']} model, "
+                f"not {self.config['model']}."
+            )
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.cur_step = checkpoint["cur_step"]
+        self.best_valid_score = checkpoint["best_valid_score"]
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+
+@lru_cache(maxsize=None)
+def plugin_trainer(trainer_class):
+    """``trainer_class`` (a RecBole trainer) with :class:`MultiMarketTrainerMixin` mixed in."""
+    if issubclass(trainer_class, MultiMarketTrainerMixin):
+        return trainer_class
+    return type(trainer_class.__name__, (MultiMarketTrainerMixin, trainer_class), {})

@@ -1,0 +1,88 @@
+"""Model and trainer look-up (the plugin first, RecBole as fallback) and packaged paths."""
+
+import importlib
+import os
+
+from recbole.utils import get_model as get_recbole_model
+from recbole.utils import get_trainer as get_recbole_trainer
+
+_PACKAGE_DIR = os.path.dirname(os.path.realpath(__file__))
+_MODEL_SUBMODULES = ["sequential_recommender", "context_aware_recommender", "general_recommender"]
+
+
+def resource_path(*parts):
+    """Path of a packaged resource folder (``properties``, ``dataset``).
+
+    In an installed wheel they live inside the package; in a source checkout at the repo's top.
+    """
+    installed = os.path.join(_PACKAGE_DIR, *parts)
+    if os.path.exists(installed):
+        return installed
+    return os.path.join(os.path.dirname(_PACKAGE_DIR), *parts)
+
+
+def _model_module(model_name):
+    """The plugin module that would hold ``model_name`` (lower-cased file name), or None."""
+    for submodule in _MODEL_SUBMODULES:
+        module_path = f"recbole_cmr.model.{submodule}.{model_name.lower()}"
+        try:
+            if importlib.util.find_spec(module_path) is not None:
+                return importlib.import_module(module_path)
+        except ModuleNotFoundError:
+            continue
+    return None
+
+
+def _unknown_model(model_name, module=None):
+    hint = ""
+    if module is not None:
+        names = [n for n in dir(module) if n.lower() == model_name.lower()]
+        hint = f" Did you mean [{names[0]}]?" if names else ""
+    return ValueError(
+        f"Unknown model [{model_name}]: it is neither a recbole_cmr model nor a RecBole model."
+        f"{hint} Model names are case-sensitive, e.g. --model=SASRec, --model=GRU4Rec, --model=BPR."
+    )
+
+
+def get_model(model_name):
+    """Return the model class named ``model_name``: recbole_cmr's own first, then RecBole's.
+
+    Raises:
+        ValueError: no such model in either package.
+    """
+    module = _model_module(model_name)
+    if module is not None:
+        if hasattr(module, model_name):
+            return getattr(module, model_name)
+        raise _unknown_model(model_name, module)
+    try:
+        return get_recbole_model(model_name)
+    except AttributeError:  # right file, wrong capitalisation
+        import sys
+
+        recbole_module = next(
+            (m for n, m in sys.modules.items()
+             if n.startswith("recbole.model.") and n.endswith("." + model_name.lower())),
+            None,
+        )
+        raise _unknown_model(model_name, recbole_module) from None
+    except (ValueError, ModuleNotFoundError) as err:
+        # RecBole's search ends in exlib_recommender, which needs lightgbm and xgboost installed.
+        if isinstance(err, ModuleNotFoundError) and model_name.lower() in {"lightgbm", "xgboost"}:
+            raise
+        raise _unknown_model(model_name) from None
+
+
+def get_trainer(model_type, model_name):
+    """Return the trainer class for a model, with the plugin's multi-market and checkpoint fixes.
+
+    Looks for ``recbole_cmr.trainer.<Model>Trainer`` first, then RecBole's choice
+    (``<Model>Trainer`` / by model type / ``Trainer``), which is wrapped by
+    :func:`recbole_cmr.trainer.plugin_trainer`.
+    """
+    from recbole_cmr import trainer as plugin_trainers
+
+    own = getattr(plugin_trainers, model_name + "Trainer", None)
+    if own is not None:
+        return own
+    return plugin_trainers.plugin_trainer(get_recbole_trainer(model_type, model_name))

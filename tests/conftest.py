@@ -1,0 +1,56 @@
+"""Shared fixtures: small real multi-market datasets and quiet, fast RecBole settings."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import recbole_cmr  # noqa: F401  (numpy shims before recbole)
+from recbole_cmr.utils import resource_path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHIPPED = Path(resource_path("dataset", "xmrec-mini"))
+
+# Settings every test run uses: the shipped data set's yaml plus few epochs, no progress bars.
+FAST = {
+    "epochs": 2,
+    "stopping_step": 2,
+    "show_progress": False,
+    "state": "WARNING",
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "hidden_size": 32,
+    "inner_size": 64,
+    "n_layers": 1,
+    "train_batch_size": 512,
+}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Run every test in its own folder: RecBole writes log/, saved/ under the cwd."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def two_markets(tmp_path):
+    """A copy of two real markets of the shipped xmrec-mini (``in``, ``jp``) as dataset ``xm2``."""
+    root = tmp_path / "data"
+    (root / "xm2").mkdir(parents=True)
+    for market in ("in", "jp"):
+        shutil.copy(SHIPPED / f"{market}.inter", root / "xm2" / f"{market}.inter")
+    return {
+        **FAST,
+        "data_path": str(root),
+        "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+        "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+        "metrics": ["Hit", "NDCG", "MRR"],
+        "topk": [10],
+        "valid_metric": "NDCG@10",
+        "checkpoint_dir": str(tmp_path / "saved"),
+    }
+
+
+def files_under(path):
+    """Every file below ``path`` (for checking that nothing was written)."""
+    return sorted(str(p) for p in Path(path).rglob("*") if p.is_file()) if os.path.exists(path) else []

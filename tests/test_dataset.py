@@ -1,0 +1,94 @@
+"""Multi-market dataset: shared item ids, RecBole's loaders, per-market catalogues."""
+
+import numpy as np
+import pytest
+import torch
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader, TrainDataLoader
+
+from recbole_cmr import Config, create_dataset, data_preparation
+from recbole_cmr.data import pooled_train_data
+
+
+def _build(settings, prepare=True, **extra):
+    config = Config(model="SASRec", dataset="xm2", config_dict={**settings, **extra})
+    dataset = create_dataset(config)
+    return config, dataset, data_preparation(config, dataset) if prepare else None
+
+
+def _tokens(dataset, market):
+    ds = dataset.market_datasets[market]
+    ids = np.asarray(ds.inter_feat[ds.iid_field])
+    return ds.field2id_token[ds.iid_field][ids]
+
+
+def test_one_item_token_is_one_id_in_every_market(two_markets):
+    _, dataset, _ = _build(two_markets, prepare=False)
+    in_ds, jp_ds = dataset.market_datasets["in"], dataset.market_datasets["jp"]
+    assert in_ds.item_num == jp_ds.item_num == dataset.item_num
+    assert in_ds.field2token_id["item_id"] is jp_ds.field2token_id["item_id"]
+    shared = set(_tokens(dataset, "in")) & set(_tokens(dataset, "jp"))
+    assert len(shared) > 10  # real XMRec markets share products
+    for token in list(shared)[:20]:
+        item_id = dataset.item_token_id[token]
+        assert item_id in dataset.catalogue("in") and item_id in dataset.catalogue("jp")
+    # every interaction still points at its original token (read back from the file)
+    raw = np.loadtxt(f"{two_markets['data_path']}/xm2/in.inter", dtype=str, delimiter="\t",
+                     skiprows=1, usecols=1)
+    assert sorted(_tokens(dataset, "in")) == sorted(raw)
+
+
+def test_users_stay_per_market_unless_pooled(two_markets):
+    _, local, _ = _build(two_markets, prepare=False)
+    assert local.market_datasets["in"].user_num != local.market_datasets["jp"].user_num
+    _, pooled, (train, _, _) = _build(two_markets, train_mode="pooled")
+    users = [set(np.asarray(ds.inter_feat["user_id"])) for ds in pooled.market_datasets.values()]
+    assert not users[0] & users[1]
+    loader = pooled_train_data(pooled.config, train)
+    assert len(loader._dataset) == sum(len(t._dataset) for t in train.values())
+
+
+def test_loaders_are_recboles_classes(two_markets):
+    mode = {"valid": "full", "test": "uni99"}
+    eval_args = {**two_markets["eval_args"], "mode": mode}
+    _, _, (train, valid, test) = _build(two_markets, eval_args=eval_args)
+    for market in ("in", "jp"):
+        assert type(train[market]) is TrainDataLoader
+        assert isinstance(valid[market], FullSortEvalDataLoader)
+        assert type(test[market]) is NegSampleEvalDataLoader
+
+
+def test_uni99_negatives_come_from_the_market(two_markets):
+    eval_args = {**two_markets["eval_args"], "mode": "uni99"}
+    _, dataset, (_, valid, test) = _build(two_markets, eval_args=eval_args)
+    for market in ("in", "jp"):
+        catalogue = set(dataset.catalogue(market).tolist())
+        assert len(catalogue) < dataset.item_num - 1  # the market lacks some items
+        for loader in (valid[market], test[market]):
+            seen = set()
+            for interaction, *_ in loader:
+                seen |= set(interaction["item_id"].tolist())
+            assert seen <= catalogue
+            assert len(seen) > 50
+
+
+def test_full_ranking_masks_foreign_items(two_markets):
+    _, dataset, (_, valid, _) = _build(two_markets)
+    for market in ("in", "jp"):
+        catalogue = torch.as_tensor(dataset.catalogue(market))
+        interaction, history_index, _, _ = next(iter(valid[market]))
+        scores = torch.zeros(len(interaction), dataset.item_num)
+        scores[history_index] = -np.inf
+        foreign = torch.ones(dataset.item_num, dtype=torch.bool)
+        foreign[catalogue] = False
+        foreign[0] = False
+        assert torch.isinf(scores[:, foreign]).all()
+        assert torch.isfinite(scores[:, catalogue]).all()
+
+
+def test_market_statistics_are_logged(two_markets, caplog):
+    two_markets = {**two_markets, "state": "INFO"}
+    with caplog.at_level("INFO"):
+        _build(two_markets)
+    text = caplog.text
+    assert "[market in]" in text and "[market jp]" in text
+    assert "The number of inters" in text

@@ -1,0 +1,75 @@
+"""Bad input: a clear error naming the problem, and nothing written."""
+
+import os
+import shutil
+
+import pytest
+
+from recbole_cmr import run_recbole_cmr
+from conftest import files_under
+
+
+def _run(settings, dataset="xm2", model="SASRec"):
+    return run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
+
+
+def _assert_nothing_saved(settings):
+    assert files_under(settings["checkpoint_dir"]) == []
+    assert not [f for f in files_under("log") if f.endswith((".json", ".csv"))]
+
+
+def test_missing_dataset_folder(two_markets):
+    with pytest.raises(FileNotFoundError, match=r"Dataset folder \[.*nowhere\] does not exist"):
+        _run(two_markets, dataset="nowhere")
+    _assert_nothing_saved(two_markets)
+
+
+def test_folder_without_market_files(two_markets, tmp_path):
+    (tmp_path / "data" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"holds no <market>\.inter file"):
+        _run(two_markets, dataset="empty")
+
+
+def test_market_named_in_config_but_absent(two_markets):
+    with pytest.raises(ValueError, match=r"markets \['xx'\] named in the config have no file") as err:
+        _run({**two_markets, "markets": ["in", "xx"]})
+    assert "xx.inter" in str(err.value) and "['in', 'jp']" in str(err.value)
+    _assert_nothing_saved(two_markets)
+
+
+def test_market_empty_after_filtering(two_markets):
+    with pytest.raises(ValueError, match=r"Market \[in\] .*in\.inter\) is empty after filtering"):
+        _run({**two_markets, "user_inter_num_interval": "[1000,inf)"})
+    _assert_nothing_saved(two_markets)
+
+
+def test_malformed_inter_header(two_markets, tmp_path):
+    path = tmp_path / "data" / "xm2" / "jp.inter"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["userId\titemId\trate\tdate"] + lines[1:]) + "\n")
+    with pytest.raises(ValueError, match=r"jp\.inter: malformed header column \[userId\]"):
+        _run(two_markets)
+    _assert_nothing_saved(two_markets)
+
+
+def test_header_without_the_user_field(two_markets, tmp_path):
+    path = tmp_path / "data" / "xm2" / "jp.inter"
+    text = path.read_text().replace("user_id:token", "customer:token", 1)
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"jp\.inter: fields \['user_id'\] are missing"):
+        _run(two_markets)
+
+
+def test_time_field_not_loaded(two_markets):
+    with pytest.raises(ValueError, match=r"order TO needs the time field"):
+        _run({**two_markets, "load_col": {"inter": ["user_id", "item_id"]}})
+
+
+def test_unknown_model_name(two_markets):
+    with pytest.raises(ValueError, match=r"Unknown model \[SASrec\].*Did you mean \[SASRec\]"):
+        _run(two_markets, model="SASrec")
+
+
+def test_unknown_train_mode(two_markets):
+    with pytest.raises(ValueError, match=r"train_mode \[joint\] must be one of"):
+        _run({**two_markets, "train_mode": "joint"})

@@ -1,0 +1,97 @@
+"""End-to-end runs: RecBole parity, reproducibility, checkpoints, pooled training, result files."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from recbole.config import Config as RecBoleConfig
+from recbole.data import create_dataset as recbole_create_dataset
+from recbole.data import data_preparation as recbole_data_preparation
+from recbole.model.sequential_recommender import SASRec
+from recbole.trainer import Trainer
+from recbole.utils import init_seed
+
+from recbole_cmr import get_trainer, load_data_and_model, run_recbole_cmr
+from conftest import SHIPPED
+
+
+def _plain_recbole(dataset, settings, monkeypatch):
+    """RecBole 1.2.1 itself, step by step as its run_recbole does (torch>=2.6 needs the env flag)."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    config = RecBoleConfig(model="SASRec", dataset=dataset, config_dict=settings)
+    init_seed(config["seed"], config["reproducibility"])
+    data = recbole_create_dataset(config)
+    train, valid, test = recbole_data_preparation(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    trainer = Trainer(config, SASRec(config, train._dataset))
+    trainer.fit(train, valid, saved=True)
+    return trainer.evaluate(test, load_best_model=True)
+
+
+@pytest.mark.parametrize("mode", ["full", "uni99"])
+def test_single_market_matches_plain_recbole(two_markets, tmp_path, monkeypatch, mode):
+    (tmp_path / "data" / "solo").mkdir()
+    shutil.copy(SHIPPED / "jp.inter", tmp_path / "data" / "solo" / "solo.inter")
+    settings = {
+        **two_markets,
+        "train_neg_sample_args": None,
+        "eval_args": {**two_markets["eval_args"], "mode": {"valid": mode, "test": mode}},
+    }
+    expected = _plain_recbole("solo", settings, monkeypatch)
+    result = run_recbole_cmr(model="SASRec", dataset="solo", config_dict=settings)
+    assert dict(result["per_market"]["solo"]["test"]) == dict(expected)
+    assert result["test_result"]["ndcg@10"] == pytest.approx(expected["ndcg@10"])
+    assert expected["hit@10"] > 0
+
+
+def test_same_seed_same_metrics_and_seed_matters(two_markets):
+    first = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets, saved=False)
+    again = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets, saved=False)
+    other = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict={**two_markets, "seed": 7},
+                            saved=False)
+    assert first["per_market"] == again["per_market"]
+    assert first["test_result"] != other["test_result"]
+
+
+def test_checkpoint_reload_gives_identical_test_metrics(two_markets):
+    result = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets)
+    for market in ("in", "jp"):
+        checkpoint_file = result["per_market"][market]["checkpoint"]
+        assert torch.load(checkpoint_file, weights_only=True)["markets"] == [market]
+        config, model, dataset, train, valid, test = load_data_and_model(checkpoint_file)
+        assert list(test) == [market]
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        reloaded = trainer.evaluate(test[market], load_best_model=False)
+        assert dict(reloaded) == dict(result["per_market"][market]["test"])
+
+
+def test_pooled_training_reports_every_market(two_markets):
+    result = run_recbole_cmr(model="SASRec", dataset="xm2",
+                             config_dict={**two_markets, "train_mode": "pooled"})
+    assert set(result["per_market"]) == {"in", "jp"}
+    checkpoints = {r["checkpoint"] for r in result["per_market"].values()}
+    assert len(checkpoints) == 1
+    state = torch.load(checkpoints.pop(), weights_only=True)
+    assert state["markets"] == ["in", "jp"] and state["train_mode"] == "pooled"
+    macro = (result["per_market"]["in"]["test"]["ndcg@10"] + result["per_market"]["jp"]["test"]["ndcg@10"]) / 2
+    assert result["test_result"]["ndcg@10"] == pytest.approx(macro, abs=1e-6)
+    assert result["best_valid_result"] is not None
+
+
+def test_results_table_is_saved_beside_the_log(two_markets):
+    result = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets, saved=False)
+    json_path, csv_path = result["results_files"]
+    table = pd.read_csv(csv_path, index_col="market")
+    assert list(table.index) == ["in", "jp", "macro"]
+    assert {"hit@10", "ndcg@10", "mrr@10", "valid ndcg@10"} <= set(table.columns)
+    saved = json.load(open(json_path))
+    assert saved["test_result"]["ndcg@10"] == pytest.approx(table.loc["macro", "ndcg@10"])
+
+
+def test_recbole_general_model_runs_through_the_plugin(two_markets):
+    result = run_recbole_cmr(model="BPR", dataset="xm2", config_dict={**two_markets, "epochs": 1},
+                             saved=False)
+    assert set(result["per_market"]) == {"in", "jp"}
+    assert result["test_result"]["hit@10"] >= 0
