@@ -20,26 +20,24 @@ class Config(RecBoleConfig):
     there.
     """
 
+    def _external(self, key, value):
+        """``value`` if given, else the setting from files/dict/command line (RecBole's error)."""
+        if value is not None:
+            return value
+        if key not in self.external_config_dict:
+            raise KeyError(
+                f"{key} need to be specified in at least one of the these ways: "
+                "[model variable, config file, config dict, command line] "
+            )
+        return self.external_config_dict[key]
+
     def _get_model_and_dataset(self, model, dataset):
-        if model is None:
-            model = self.external_config_dict.get("model")
-            if model is None:
-                raise KeyError(
-                    "model need to be specified in at least one of the these ways: "
-                    "[model variable, config file, config dict, command line] "
-                )
+        model = self._external("model", model)
         if isinstance(model, str):
             model_class = get_model(model)
         else:
             model_class, model = model, model.__name__
-        if dataset is None:
-            dataset = self.external_config_dict.get("dataset")
-            if dataset is None:
-                raise KeyError(
-                    "dataset need to be specified in at least one of the these ways: "
-                    "[dataset variable, config file, config dict, command line] "
-                )
-        return model, model_class, dataset
+        return model, model_class, self._external("dataset", dataset)
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)

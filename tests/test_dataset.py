@@ -92,3 +92,31 @@ def test_market_statistics_are_logged(two_markets, caplog):
     text = caplog.text
     assert "[market in]" in text and "[market jp]" in text
     assert "The number of inters" in text
+
+
+def test_item_text_embeddings_from_the_shared_item_file(two_markets, tmp_path, caplog):
+    config, dataset, _ = _build({**two_markets, "text_cache_dir": str(tmp_path / "cache")},
+                                prepare=False)
+    tokens = list(dataset.item_tokens[1:])
+    with_text = tokens[:40]
+    rows = [f"{t}\tProduct {t} electronics accessory" for t in with_text]
+    rows += ["NOT_IN_ANY_MARKET_1\tstray text", "NOT_IN_ANY_MARKET_2\tstray text"]
+    item_file = tmp_path / "data" / "xm2" / "xm2.item"
+    item_file.write_text("item_id:token\ttitle:token_seq\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        emb = dataset.item_text_embedding
+    assert emb.shape == (dataset.item_num, 384)
+    assert emb[0].abs().sum() == 0  # padding
+    has_text = emb.abs().sum(dim=1) > 0
+    assert has_text.sum() == len(with_text)
+    assert bool(has_text[dataset.item_token_id[with_text[0]]])
+    assert f"{len(tokens) - len(with_text)}" in caplog.text  # items without text: one warning
+    assert "2" in caplog.text and "NOT_IN_ANY_MARKET" in caplog.text  # unknown items ignored
+    # cached on disk: a fresh dataset reuses the file instead of encoding again
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_item_text_requested_without_item_file(two_markets):
+    _, dataset, _ = _build(two_markets, prepare=False)
+    with pytest.raises(ValueError, match=r"has no item text: .*xm2\.item does not exist"):
+        dataset.item_text_embedding

@@ -1,0 +1,42 @@
+"""Federated training: clients (one per market), a round-loop server and aggregation strategies.
+
+No federated framework is imported; the contracts map one-to-one onto Flower's::
+
+    Client.fit(global_params, round) -> (update, num_examples, metrics)
+    Client.evaluate(global_params, loader) -> RecBole result dict
+    Strategy.aggregate(round, [(client_id, update, num_examples)]) -> dict[str, Tensor]
+
+``train_federated`` is the quick start's entry (same return shape as the local mode).
+"""
+
+from recbole_cmr.federated.client import Client
+from recbole_cmr.federated.server import (
+    DEFAULTS,
+    FederatedServer,
+    aggregate_round,
+    build_clients,
+    export_best,
+    train_federated,
+)
+from recbole_cmr.federated.strategy import (
+    FedAvg,
+    Strategy,
+    get_strategy,
+    register_strategy,
+    select_shared,
+)
+
+__all__ = [
+    "DEFAULTS",
+    "Client",
+    "FedAvg",
+    "FederatedServer",
+    "Strategy",
+    "aggregate_round",
+    "build_clients",
+    "export_best",
+    "get_strategy",
+    "register_strategy",
+    "select_shared",
+    "train_federated",
+]

@@ -1,0 +1,455 @@
+"""The in-process federated server: select, broadcast, collect, aggregate, validate, checkpoint.
+
+Settings (``config[key]``; the default below applies when a key is unset)::
+
+    fed_rounds: 50              # (int) Communication rounds.
+    fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
+    fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
+                                #   drawn with a generator seeded by `seed` (reproducible).
+    fed_strategy: fedavg        # (str) Aggregation strategy (recbole_cmr.federated.strategy).
+    fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the parameters that are aggregated.
+    fed_local_params: []        # (list) Patterns kept on each market (FedBN style: ["*LayerNorm*"]).
+
+RecBole's own keys keep their meaning, counted in rounds: ``eval_step`` (validate every n rounds),
+``stopping_step`` (patience, in validations), ``valid_metric`` (macro average over markets),
+``checkpoint_dir``, ``show_progress`` (a progress bar over rounds) and ``seed``.
+
+The server never sees interactions: from a client it receives named parameter tensors, an int
+count and float metrics (checked in :meth:`FederatedServer._collect`).
+"""
+
+import random
+from logging import getLogger
+from time import time
+
+import numpy as np
+import torch
+from recbole.utils import calculate_valid_score, early_stopping, set_color
+from tqdm import tqdm
+
+from recbole_cmr import __version__
+from recbole_cmr.compat import checkpoint_safe, load_checkpoint
+from recbole_cmr.federated.client import Client
+from recbole_cmr.federated.strategy import get_strategy, matching
+from recbole_cmr.trainer import macro_average
+
+DEFAULTS = {
+    "fed_rounds": 50,
+    "fed_local_epochs": 1,
+    "fed_client_fraction": 1.0,
+    "fed_strategy": "fedavg",
+    "fed_shared_params": ["*"],
+    "fed_local_params": [],
+}
+
+
+def setting(config, key):
+    """``config[key]``, or its default from :data:`DEFAULTS` when unset (``None``)."""
+    value = config[key]
+    if value is None:
+        value = DEFAULTS[key]
+    if key in ("fed_shared_params", "fed_local_params") and isinstance(value, str):
+        value = [value]
+    return value
+
+
+def nbytes(tensors):
+    """Total size in bytes of the values of ``{name: tensor}``."""
+    return sum(t.nelement() * t.element_size() for t in tensors.values())
+
+
+def _mb(n_bytes):
+    return f"{n_bytes / 2**20:.2f} MiB"
+
+
+def is_finite(update):
+    """True when no floating tensor of ``update`` holds NaN or Inf."""
+    return all(
+        bool(torch.isfinite(t).all()) for t in update.values() if t.is_floating_point() or t.is_complex()
+    )
+
+
+def drop_non_finite(round_idx, results):
+    """``results`` without the updates that hold NaN/Inf, each dropped one with a warning."""
+    kept = []
+    for client_id, update, num_examples in results:
+        if is_finite(update):
+            kept.append((client_id, update, num_examples))
+        else:
+            getLogger().warning(set_color(
+                f"Round {round_idx}: the update of market [{client_id}] holds NaN/Inf values; "
+                "it is left out of the aggregate.", "red"))
+    return kept
+
+
+def aggregate_round(strategy, round_idx, results, current):
+    """The new global parameters: ``strategy`` over the finite updates of ``results``.
+
+    Args:
+        strategy (Strategy): the aggregation strategy.
+        round_idx (int): 0-based round index.
+        results (list[tuple[str, dict[str, Tensor], int]]): ``(client_id, update, num_examples)``.
+        current (dict[str, Tensor]): the global parameters before this round.
+
+    Returns:
+        dict[str, Tensor]: ``current`` updated by the aggregate; ``current`` itself when every
+        update was dropped.
+    """
+    kept = drop_non_finite(round_idx, results)
+    if not kept:
+        getLogger().warning(set_color(
+            f"Round {round_idx}: no finite update; the global parameters stay unchanged.", "red"))
+        return current
+    return {**current, **strategy.aggregate(round_idx, kept)}
+
+
+def select_clients(rng, client_ids, fraction):
+    """The ``max(1, round(fraction * n))`` clients trained this round, in ``client_ids`` order.
+
+    Args:
+        rng (random.Random): the server's seeded generator (consumed only when sampling).
+        client_ids (list[str]): every client.
+        fraction (float): in ``(0, 1]``.
+    """
+    k = max(1, round(fraction * len(client_ids)))
+    if k >= len(client_ids):
+        return list(client_ids)
+    chosen = set(rng.sample(list(client_ids), k))
+    return [c for c in client_ids if c in chosen]
+
+
+def get_rng_states(selection_rng):
+    """The python, numpy, torch (and CUDA) global RNG states and the selection RNG's, as plain data."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "selection": selection_rng.getstate(),
+    }
+
+
+def set_rng_states(states, selection_rng):
+    """Restore :func:`get_rng_states` output."""
+    random.setstate(states["python"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    selection_rng.setstate(states["selection"])
+
+
+class FederatedServer:
+    """The round loop over in-process :class:`~recbole_cmr.federated.client.Client` objects.
+
+    Args:
+        config (Config): the run's settings (see the module docstring).
+        clients (list[Client]): one per market, all with the same shared parameter names.
+        strategy (Strategy, optional): default ``get_strategy(fed_strategy)(config)``.
+        checkpoint_file (str, optional): written after every round; ``None``: no checkpoints.
+
+    Attributes:
+        global_params (dict[str, Tensor]): the current global shared parameters.
+        best (dict): ``round``, ``global``, ``local`` (``{market: local params}``) and ``valid``
+            (``{market: result}``) of the best validated round.
+        history (list[dict]): one record per round: ``round``, ``markets`` (trained),
+            ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
+            ``train_time``, ``aggregate_time``, ``valid_time``, ``round_time`` (seconds).
+    """
+
+    def __init__(self, config, clients, strategy=None, checkpoint_file=None):
+        self.config = config
+        self.clients = {c.client_id: c for c in clients}
+        self.strategy = strategy or get_strategy(setting(config, "fed_strategy"))(config)
+        self.rounds = setting(config, "fed_rounds")
+        self.fraction = setting(config, "fed_client_fraction")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fed_client_fraction [{self.fraction}] must be in (0, 1].")
+        self.valid_metric = config["valid_metric"].lower()
+        self.bigger = config["valid_metric_bigger"]
+        self.eval_step = min(config["eval_step"], self.rounds)
+        self.stopping_step = config["stopping_step"]
+        self.show_progress = config["show_progress"]
+        self.device = config["device"]
+        self.checkpoint_file = checkpoint_file
+        self.rng = random.Random(config["seed"])
+        self.logger = getLogger()
+        self.global_params = clients[0].get_parameters()
+        self.shared_names = list(self.global_params)
+        self._warn_unmatched_patterns(clients[0])
+        self.start_round, self.cur_step, self.stopped = 0, 0, False
+        self.best_score = -np.inf if self.bigger else np.inf
+        self.best, self.history = None, []
+
+    def _warn_unmatched_patterns(self, client):
+        names = list(client.model.state_dict())
+        for key in ("fed_shared_params", "fed_local_params"):
+            for pattern in setting(self.config, key):
+                if not matching(names, [pattern]):
+                    self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
+
+    @property
+    def best_valid(self):
+        """``{market: valid result}`` of the best round (None before any validation)."""
+        return self.best["valid"] if self.best else None
+
+    # ---- one round -------------------------------------------------------------------------
+    def _collect(self, client_id, update, num_examples, metrics):
+        """Check what a client sent: named shared tensors, an int count, float metrics."""
+        if not isinstance(update, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in update.items()
+        ):
+            raise TypeError(f"Client [{client_id}] must send dict[str, Tensor], got {type(update)}.")
+        unknown = set(update) - set(self.shared_names)
+        if unknown:
+            raise ValueError(f"Client [{client_id}] sent non-shared parameters {sorted(unknown)}.")
+        if not isinstance(num_examples, int) or isinstance(num_examples, bool):
+            raise TypeError(f"Client [{client_id}] must send num_examples as int.")
+        return client_id, update, num_examples, {k: float(v) for k, v in metrics.items()}
+
+    def _train_round(self, round_idx):
+        """Select, broadcast, local training, collect, aggregate. Returns the round's record."""
+        start = time()
+        selected = select_clients(self.rng, list(self.clients), self.fraction)
+        results, losses, bytes_up = [], [], 0
+        for client_id in selected:
+            reply = self.clients[client_id].fit(self.global_params, round_idx)
+            client_id, update, num_examples, metrics = self._collect(client_id, *reply)
+            results.append((client_id, update, num_examples))
+            losses.append(metrics.get("loss", np.nan))
+            bytes_up += nbytes(update)
+        trained = time()
+        self.global_params = aggregate_round(self.strategy, round_idx, results, self.global_params)
+        return {
+            "round": round_idx,
+            "markets": selected,
+            "train_loss": float(np.mean(losses)),
+            "bytes_up": bytes_up,
+            "bytes_down": nbytes(self.global_params) * len(selected),
+            "train_time": trained - start,
+            "aggregate_time": time() - trained,
+            "valid_score": None,
+            "valid_time": 0.0,
+        }  # "round_time" is added by fit
+
+    def validate(self, loaders=None):
+        """``{market: result}``: each market on the global shared + its local parameters.
+
+        Args:
+            loaders (dict[str, DataLoader], optional): default: every client's ``valid_data``.
+        """
+        loaders = loaders or {cid: c.valid_data for cid, c in self.clients.items()}
+        return {cid: self.clients[cid].evaluate(self.global_params, loader)
+                for cid, loader in loaders.items()}
+
+    def _validate_round(self, record):
+        """Validate every market, update early stopping and the best states; True to stop."""
+        start = time()
+        per_market = self.validate()
+        score = calculate_valid_score(macro_average(per_market), self.valid_metric)
+        self.best_score, self.cur_step, stop, improved = early_stopping(
+            score, self.best_score, self.cur_step, max_step=self.stopping_step, bigger=self.bigger
+        )
+        if improved:
+            self._remember_best(record["round"], per_market)
+        record.update(valid_score=float(score), valid_time=time() - start)
+        return stop
+
+    def _remember_best(self, round_idx, per_market):
+        self.best = {
+            "round": round_idx,
+            "global": {n: t.clone() for n, t in self.global_params.items()},
+            "local": {cid: c.local_state() for cid, c in self.clients.items()},
+            "valid": per_market,
+        }
+
+    def _log_round(self, record):
+        valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
+        self.logger.info(
+            set_color(f"round {record['round']}", "green")
+            + f" [{set_color('markets', 'blue')}: {', '.join(record['markets'])}, "
+            f"{set_color('train loss', 'blue')}: {record['train_loss']:.4f}, "
+            f"{set_color('valid ' + self.valid_metric, 'blue')}: {valid}, "
+            f"{set_color('up', 'blue')}: {_mb(record['bytes_up'])}, "
+            f"{set_color('down', 'blue')}: {_mb(record['bytes_down'])}, "
+            f"{set_color('time', 'blue')}: {record['round_time']:.2f}s "
+            f"(train {record['train_time']:.2f}s, aggregate {record['aggregate_time']:.4f}s, "
+            f"valid {record['valid_time']:.2f}s)]"
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def fit(self, verbose=True, callback_fn=None):
+        """Run rounds ``start_round .. fed_rounds - 1`` (early stopping on the macro valid metric).
+
+        Args:
+            verbose (bool): log one line per round.
+            callback_fn (callable, optional): ``callback_fn(round, valid_score)`` after each
+                round's checkpoint (``valid_score`` is None in rounds without validation).
+
+        Returns:
+            tuple: ``(best_valid_score, {market: best valid result})``; the clients hold the best
+            round's parameters afterwards.
+        """
+        rounds = range(self.start_round, self.rounds if not self.stopped else self.start_round)
+        if self.show_progress:
+            rounds = tqdm(rounds, total=len(rounds), ncols=100, desc=set_color("Rounds", "pink"))
+        for round_idx in rounds:
+            start = time()
+            record = self._train_round(round_idx)
+            if self.eval_step > 0 and (round_idx + 1) % self.eval_step == 0:
+                self.stopped = self._validate_round(record)
+            elif self.eval_step <= 0:
+                self._remember_best(round_idx, None)
+            record["round_time"] = time() - start
+            self.history.append(record)
+            if verbose:
+                self._log_round(record)
+            self.save_checkpoint(round_idx)
+            if callback_fn:
+                callback_fn(round_idx, record["valid_score"])
+            if self.stopped:
+                if verbose:
+                    self.logger.info(f"Finished training, best eval result in round {self.best['round']}")
+                break
+        self.load_best()
+        return self.best_score, self.best_valid
+
+    def load_best(self):
+        """Put the best round's global and local parameters into every client's model."""
+        if self.best is None:
+            return
+        for cid, client in self.clients.items():
+            client.set_parameters(self.best["global"])
+            client.load_local_state(self.best["local"][cid])
+
+    def evaluate(self, eval_data, load_best=True):
+        """``{market: RecBole result}`` on ``eval_data`` (``{market: loader}``), best round by default."""
+        if load_best and self.best is not None:
+            self.load_best()
+            global_params = self.best["global"]
+        else:
+            global_params = self.global_params
+        return {cid: self.clients[cid].evaluate(global_params, loader)
+                for cid, loader in eval_data.items()}
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, round_idx):
+        """Write the whole federation after ``round_idx`` (loads with ``weights_only=True``)."""
+        if not self.checkpoint_file:
+            return
+        config = self.config
+        state = {
+            "recbole_cmr": __version__,
+            "kind": "federated",
+            "model": config["model"],
+            "dataset": config["dataset"],
+            "config": checkpoint_safe(getattr(config, "external_config_dict", {})),
+            "markets": list(self.clients),
+            "round": round_idx,
+            "cur_step": self.cur_step,
+            "stopped": self.stopped,
+            "best_valid_score": float(self.best_score),
+            "best": checkpoint_safe(self.best),
+            "history": checkpoint_safe(self.history),
+            "global": self.global_params,
+            "clients": {cid: c.private_state() for cid, c in self.clients.items()},
+            "rng": get_rng_states(self.rng),
+        }
+        torch.save(state, self.checkpoint_file)
+
+    def resume_checkpoint(self, resume_file):
+        """Continue from the last finished round of a checkpoint written by :meth:`save_checkpoint`."""
+        resume_file = str(resume_file)
+        checkpoint = load_checkpoint(resume_file, map_location=self.device)
+        if checkpoint.get("kind") != "federated" or checkpoint["markets"] != list(self.clients):
+            raise ValueError(
+                f"[{resume_file}] is not a federated checkpoint of markets {list(self.clients)}."
+            )
+        if checkpoint["model"].lower() != self.config["model"].lower():
+            raise ValueError(f"[{resume_file}] holds a {checkpoint['model']} model, "
+                             f"not {self.config['model']}.")
+        self.checkpoint_file = resume_file
+        self.start_round = checkpoint["round"] + 1
+        self.cur_step, self.stopped = checkpoint["cur_step"], checkpoint["stopped"]
+        self.best_score, self.best = checkpoint["best_valid_score"], checkpoint["best"]
+        self.history = checkpoint["history"]
+        self.global_params = checkpoint["global"]
+        for cid, client in self.clients.items():
+            client.load_private_state(checkpoint["clients"][cid])
+            client.set_parameters(self.global_params)
+        set_rng_states(checkpoint["rng"], self.rng)
+        self.logger.info(f"Checkpoint loaded. Resume federated training from round {self.start_round}")
+
+
+def build_clients(config, train, valid, verbose=False):
+    """One :class:`Client` per market, each with its own model built from the same seed.
+
+    Args:
+        train, valid (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``.
+    """
+    # Imported here: quick_start imports this module to offer train_mode "federated".
+    from recbole_cmr.quick_start import _new_trainer
+
+    clients = []
+    for market in train:
+        model, trainer = _new_trainer(config, train[market]._dataset, market, [market])
+        if verbose and not clients:
+            getLogger().info(model)
+        clients.append(Client(
+            market, trainer, train[market], valid[market],
+            shared=setting(config, "fed_shared_params"), local=setting(config, "fed_local_params"),
+            local_epochs=setting(config, "fed_local_epochs"),
+        ))
+    return clients
+
+
+def export_best(server, verbose=True):
+    """Save each market's best model as a plugin checkpoint ``load_data_and_model`` reads.
+
+    Returns:
+        dict[str, str]: ``{market: checkpoint path}``.
+    """
+    server.load_best()
+    best_round = server.best["round"] if server.best else -1
+    paths = {}
+    for cid, client in server.clients.items():
+        client.trainer.best_valid_score = server.best_score
+        client.trainer._save_checkpoint(best_round, verbose=verbose)
+        paths[cid] = client.trainer.saved_model_file
+    return paths
+
+
+def train_federated(config, train, valid, test, saved=True, verbose=True, resume_file=None):
+    """Federated training over all markets; the quick start's ``train_mode: federated``.
+
+    Args:
+        config (Config): the run's settings.
+        train, valid, test (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``.
+        saved (bool): write the round checkpoint and each market's best model.
+        verbose (bool): log the model and one line per round.
+        resume_file (str, optional): a round checkpoint to continue from.
+
+    Returns:
+        dict: ``{market: {"valid": best valid result, "test": test result, "checkpoint": path}}``
+        (the shape of the quick start's local mode; ``checkpoint`` is the market's best model).
+    """
+    from recbole_cmr.quick_start import _checkpoint_file
+
+    clients = build_clients(config, train, valid, verbose=verbose)
+    server = FederatedServer(
+        config, clients, checkpoint_file=_checkpoint_file(config, "federated") if saved else None
+    )
+    if resume_file:
+        server.resume_checkpoint(resume_file)
+    server.fit(verbose=verbose)
+    tests = server.evaluate(test)
+    if saved and verbose:
+        getLogger().info(set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}")
+    checkpoints = export_best(server, verbose) if saved else {}
+    best_valid = server.best_valid or {}
+    return {
+        m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints.get(m)}
+        for m in test
+    }
