@@ -41,9 +41,6 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
-        if self._is_sequential_ce(model_class):
-            # RecBole refuses negative sampling with CE; make `--model=SASRec` work as is.
-            self.internal_config_dict["train_neg_sample_args"] = None
         properties = resource_path("properties")
         for file in [
             os.path.join(properties, "overall.yaml"),
@@ -56,6 +53,9 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [
                         k for k in config_dict if k not in self.parameters["Dataset"]
                     ]
+        if self._is_sequential_ce(model_class):
+            # RecBole refuses negative sampling with CE; make `--model=SASRec` work as is.
+            self.internal_config_dict["train_neg_sample_args"] = None
 
     def _is_sequential_ce(self, model_class):
         loss_type = self.internal_config_dict.get("loss_type")

@@ -76,6 +76,11 @@ class MarketDatasetMixin:
         self._fill_nan()
 
     @property
+    def item_text_embedding(self):
+        """Item text embeddings over the global item ids, ``[item_num, dim]`` (cached on disk)."""
+        return item_text_embedding(self.config, self.field2id_token[self.iid_field])
+
+    @property
     def item_ids(self):
         """Sorted unique internal ids of the items that occur in this market, shape ``[n]``."""
         return np.unique(np.asarray(self.inter_feat[self.iid_field]))
@@ -87,6 +92,28 @@ class MarketDataset(MarketDatasetMixin, Dataset):
 
 class MarketSequentialDataset(MarketDatasetMixin, SequentialDataset):
     """One market for sequential models."""
+
+
+def item_text_embedding(config, item_tokens):
+    """Sentence embedding of the text of ``item_tokens`` (``[PAD]`` first): ``[len, dim]``.
+
+    Read from ``<data_path>/<dataset>.item`` (fields ``item_text_fields``, every text field if
+    unset), encoded with ``text_encoder`` in batches and cached on disk under ``text_cache_dir``.
+    """
+    from recbole_cmr.data.text import item_text_embeddings, read_item_text
+
+    item_file = os.path.join(config["data_path"], f"{config['dataset']}.item")
+    if not os.path.isfile(item_file):
+        raise ValueError(f"Dataset [{config['dataset']}] has no item text: {item_file} does not exist.")
+    texts = read_item_text(item_file, config["item_text_fields"], config["ITEM_ID_FIELD"])
+    return item_text_embeddings(
+        item_tokens,
+        texts,
+        encoder=config["text_encoder"],
+        cache_dir=config["text_cache_dir"],
+        batch_size=config["text_batch_size"],
+        show_progress=config["show_progress"],
+    )
 
 
 def market_dataset_class(config):
@@ -266,29 +293,8 @@ class MultiMarketDataset:
 
     @cached_property
     def item_text_embedding(self):
-        """Sentence embedding of each item's text, ``torch.FloatTensor [item_num, dim]``.
-
-        Read from ``<dataset>.item`` (fields ``item_text_fields``, all text fields if unset),
-        encoded with ``text_encoder`` and cached on disk under ``text_cache_dir``.
-        """
-        from recbole_cmr.data.text import item_text_embeddings, read_item_text
-
-        item_file = os.path.join(self.config["data_path"], f"{self.dataset_name}.item")
-        if not os.path.isfile(item_file):
-            raise ValueError(
-                f"Dataset [{self.dataset_name}] has no item text: {item_file} does not exist."
-            )
-        texts = read_item_text(
-            item_file, self.config["item_text_fields"], self.config["ITEM_ID_FIELD"]
-        )
-        return item_text_embeddings(
-            self.item_tokens,
-            texts,
-            encoder=self.config["text_encoder"],
-            cache_dir=self.config["text_cache_dir"],
-            batch_size=self.config["text_batch_size"],
-            show_progress=self.config["show_progress"],
-        )
+        """Sentence embedding of each item's text, ``torch.FloatTensor [item_num, dim]``."""
+        return item_text_embedding(self.config, self.item_tokens)
 
     def __str__(self):
         lines = [set_color(f"{self.dataset_name}", "pink") + f": {len(self.markets)} markets, "

@@ -1,0 +1,1 @@
+"""Sequential recommenders of recbole_cmr (one model per file)."""

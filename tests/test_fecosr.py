@@ -1,0 +1,88 @@
+"""FeCoSR's components: S²CE, the market adapter, the switches."""
+
+import pytest
+import torch
+
+from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
+from recbole_cmr.model.loss import S2CELoss, semantic_neighbours
+from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR, MarketAdapter
+
+OFF = {"s2ce": False, "item_text_input": False, "adaptation": False}
+
+
+def test_s2ce_matches_its_definition():
+    torch.manual_seed(0)
+    text = torch.randn(7, 5)
+    text[0] = 0  # padding
+    text[6] = 0  # an item without text
+    eps, tau, k = 0.2, 0.5, 3
+    loss_fn = S2CELoss(text, eps, tau, k)
+    logits, target = torch.randn(4, 7), torch.tensor([1, 2, 6, 3])
+    log_p = torch.log_softmax(logits, 1)
+    unit = torch.nn.functional.normalize(text, dim=1)
+    expected = []
+    for row, y in enumerate(target.tolist()):
+        q = torch.zeros(7)
+        q[y] = 1.0
+        if y != 6:
+            sim = unit[y] @ unit.T
+            sim[[0, 6, y]] = -float("inf")
+            top = sim.topk(k)
+            q = (1 - eps) * q
+            q[top.indices] += eps * torch.softmax(top.values / tau, 0)
+        expected.append(-(q * log_p[row]).sum())
+    assert loss_fn(logits, target) == pytest.approx(torch.stack(expected).mean().item(), abs=1e-6)
+    # eps = 0 is plain cross-entropy
+    plain = S2CELoss(text, 0.0, tau, k)(logits, target)
+    assert plain == pytest.approx(torch.nn.functional.cross_entropy(logits, target).item(), abs=1e-6)
+
+
+def test_neighbours_exclude_self_padding_and_textless_items():
+    text = torch.randn(10, 8)
+    text[[0, 4]] = 0
+    index, weight = semantic_neighbours(text, topk=3, tau=0.1, chunk_size=4)
+    assert index.shape == weight.shape == (10, 3)
+    for item in range(10):
+        assert item not in index[item] or weight[item].sum() == 0
+    assert not ({0, 4} & set(index[weight.sum(1) > 0].flatten().tolist()))
+    assert torch.allclose(weight.sum(1)[[1, 2, 3, 5]], torch.ones(4))
+    assert weight[[0, 4]].sum() == 0
+
+
+def test_adapter_starts_as_identity_and_keeps_padding_zero():
+    table = torch.randn(6, 4)
+    table[0] = 0
+    adapter = MarketAdapter(6, 4, rank=2)
+    assert torch.equal(adapter(table), table)
+    with torch.no_grad():
+        adapter.up.normal_()
+        adapter.item_bias.normal_()
+    assert torch.equal(adapter(table)[0], torch.zeros(4))
+    assert not torch.allclose(adapter(table)[1:], table[1:])
+
+
+def test_all_components_off_is_exactly_sasrec(two_markets):
+    sasrec = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets, saved=False)
+    fecosr = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={**two_markets, **OFF},
+                             saved=False)
+    assert fecosr["per_market"] == sasrec["per_market"]
+
+
+def test_s2ce_without_item_text_is_a_clear_error(two_markets):
+    with pytest.raises(ValueError, match=r"FeCoSR with s2ce=True .*needs item text.*xm2\.item"):
+        run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={**two_markets, "s2ce": True})
+
+
+def test_finetune_stage_applies_the_adapter_only(two_markets):
+    config = Config(model="FeCoSR", dataset="xm2", config_dict={**two_markets, **OFF, "adaptation": True})
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    model = FeCoSR(config, train["in"]._dataset)
+    with torch.no_grad():
+        model.item_embedding.adapter.up.normal_()
+    base = model.item_embedding.weight.detach().clone()
+    assert torch.equal(base, model.item_embedding.embedding.weight)
+    model.set_stage("finetune")
+    assert not torch.allclose(model.item_embedding.weight, base)
+    with pytest.raises(ValueError, match="stage"):
+        model.set_stage("warmup")
