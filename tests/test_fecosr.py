@@ -1,11 +1,15 @@
 """FeCoSR's components: S²CE, the market adapter, the switches."""
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 
 from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
 from recbole_cmr.model.loss import S2CELoss, semantic_neighbours
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR, MarketAdapter
+from recbole_cmr.utils import resource_path
 
 OFF = {"s2ce": False, "item_text_input": False, "adaptation": False}
 
@@ -86,3 +90,40 @@ def test_finetune_stage_applies_the_adapter_only(two_markets):
     assert not torch.allclose(model.item_embedding.weight, base)
     with pytest.raises(ValueError, match="stage"):
         model.set_stage("warmup")
+
+
+@pytest.fixture
+def small_movielens(tmp_path):
+    """40 users of two movielens-markets markets with their items' real text, as ``ml2``."""
+    src = Path(resource_path("dataset", "movielens-markets"))
+    out = tmp_path / "data" / "ml2"
+    out.mkdir(parents=True)
+    items = set()
+    for market in ("ml100k", "east"):
+        inter = pd.read_csv(src / f"{market}.inter", sep="\t", dtype=str)
+        users = inter["user_id:token"].drop_duplicates().head(40)
+        inter = inter[inter["user_id:token"].isin(users)]
+        items |= set(inter["item_id:token"])
+        inter.to_csv(out / f"{market}.inter", sep="\t", index=False)
+    item = pd.read_csv(src / "movielens-markets.item", sep="\t", dtype=str)
+    item[item["item_id:token"].isin(items)].to_csv(out / "ml2.item", sep="\t", index=False)
+    return {"data_path": str(tmp_path / "data"), "epochs": 1, "show_progress": False,
+            "state": "WARNING", "hidden_size": 32, "inner_size": 64, "n_layers": 1,
+            "MAX_ITEM_LIST_LENGTH": 10, "adaptation": False, "item_text_fields": ["title"],
+            "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+            "text_cache_dir": str(tmp_path / "cache"), "checkpoint_dir": str(tmp_path / "saved")}
+
+
+def test_s2ce_trains_with_real_item_text(small_movielens):
+    config = Config(model="FeCoSR", dataset="ml2", config_dict=small_movielens)
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    model = FeCoSR(config, train["east"]._dataset)
+    assert model.s2ce.neighbour_index.shape == (dataset.item_num, config["s2ce_topk"])
+    assert model.s2ce.neighbour_weight[1:].sum(1).allclose(torch.ones(dataset.item_num - 1))
+    loss = model.calculate_loss(next(iter(train["east"])))
+    assert torch.isfinite(loss) and loss.requires_grad
+    result = run_recbole_cmr(model="FeCoSR", dataset="ml2", config_dict=small_movielens,
+                             saved=False)
+    assert set(result["per_market"]) == {"ml100k", "east"}
