@@ -54,10 +54,10 @@ def checkpoint_safe(value):
     Tensors, numbers, strings, ``None`` and containers of them pass; numpy scalars become Python
     numbers, enums their name, anything else its ``str``.
     """
+    if isinstance(value, np.generic):  # before float: np.float64 subclasses float
+        return value.item()
     if isinstance(value, (torch.Tensor, str, bool, int, float)) or value is None:
         return value
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, dict):

@@ -3,14 +3,19 @@
 ``train_mode`` chooses how markets are trained:
 
 * ``local``: one model per market, trained on that market only;
-* ``pooled``: one model trained on the training data of all markets.
+* ``pooled``: one model trained on the training data of all markets;
+* ``federated``: one model per market, trained in rounds whose shared parameters are aggregated
+  by a server that never sees interactions (``recbole_cmr.federated``), then, with
+  ``finetune: True``, fine-tuned locally in each market;
+* ``transfer``: one-to-one transfer, pretrained on ``source_market`` and fine-tuned on each other
+  market.
 
 Either way each market is validated and tested by RecBole's Evaluator on its own loaders, and the
 result holds every market and the macro average.
 """
 
+import copy
 import logging
-import os
 import sys
 from logging import getLogger
 
@@ -19,11 +24,12 @@ from recbole.utils import calculate_valid_score, init_logger, init_seed, set_col
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
+from recbole_cmr.federated import train_federated
 from recbole_cmr.results import format_table, log_file_path, results_frame, save_results
-from recbole_cmr.trainer import macro_average
+from recbole_cmr.trainer import finetune_trainer, macro_average, new_market_trainer
 from recbole_cmr.utils import get_model, get_trainer
 
-TRAIN_MODES = ("local", "pooled")
+TRAIN_MODES = ("local", "pooled", "federated", "transfer")
 
 
 def _check_train_mode(config):
@@ -31,53 +37,98 @@ def _check_train_mode(config):
         raise ValueError(f"train_mode [{config['train_mode']}] must be one of {list(TRAIN_MODES)}.")
 
 
-def _checkpoint_file(config, tag):
-    from recbole.utils import get_local_time
-
-    name = f"{config['model']}-{config['dataset']}-{tag}-{get_local_time()}.pth"
-    return os.path.join(config["checkpoint_dir"], name)
-
-
-def _new_trainer(config, dataset, tag, markets):
-    """Seed, build the model on ``dataset`` and its trainer, as RecBole's run_recbole does."""
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    trainer.saved_model_file = _checkpoint_file(config, tag)
-    trainer.checkpoint_info = {
-        "dataset": config["dataset"],
-        "data_path": os.path.dirname(os.path.abspath(config["data_path"])),
-        "train_mode": config["train_mode"],
-        "markets": list(markets),
+def _fit_and_test(config, trainer, market, train, valid, test, saved, verbose):
+    """RecBole's fit on one market, then its test: ``{valid, test, checkpoint}``."""
+    best_valid = trainer.fit(train[market], valid[market], verbose=verbose, saved=saved,
+                             show_progress=config["show_progress"])[1]
+    return {
+        "valid": best_valid,
+        "test": trainer.evaluate(test[market], load_best_model=saved,
+                                 show_progress=config["show_progress"]),
+        "checkpoint": trainer.saved_model_file if saved else None,
     }
-    return model, trainer
+
+
+def _log_market(market, stage=""):
+    getLogger().info(set_color(f"======== market {market} {stage}========", "yellow"))
 
 
 def _train_local(config, train, valid, test, saved, verbose):
     """One model per market. Returns ``{market: {valid, test, checkpoint}}``."""
     per_market = {}
     for market in train:
-        getLogger().info(set_color(f"======== market {market} ========", "yellow"))
-        model, trainer = _new_trainer(config, train[market]._dataset, market, [market])
+        _log_market(market)
+        model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
         if market == next(iter(train)) and verbose:
             getLogger().info(model)
-        best_valid = trainer.fit(
-            train[market], valid[market], verbose=verbose, saved=saved,
-            show_progress=config["show_progress"],
-        )[1]
-        per_market[market] = {
-            "valid": best_valid,
-            "test": trainer.evaluate(test[market], load_best_model=saved,
-                                     show_progress=config["show_progress"]),
-            "checkpoint": trainer.saved_model_file if saved else None,
-        }
+        per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
     return per_market
+
+
+def _finetune_local(config, models, train, valid, test, saved, verbose):
+    """Fine-tune each market's pretrained model on that market (see ``finetune_trainer``)."""
+    per_market = {}
+    for market, model in models.items():
+        _log_market(market, "fine-tuning ")
+        trainer = finetune_trainer(config, model, f"{market}-finetuned", [market])
+        per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
+    return per_market
+
+
+def _train_federated(config, train, valid, test, saved, verbose):
+    """Federated pretraining over all markets, then (``finetune: True``) local fine-tuning.
+
+    With fine-tuning, each market also records its federated (pre-fine-tuning) results under
+    ``federated``.
+    """
+    models = {}
+    federated = train_federated(config, train, valid, test, saved, verbose, models_out=models)
+    if not config["finetune"]:
+        return federated
+    per_market = _finetune_local(config, models, train, valid, test, saved, verbose)
+    for market, result in per_market.items():
+        result["federated"] = federated[market]
+    return per_market
+
+
+def source_market(config, train):
+    """``source_market`` if set (checked), else the market with the most training interactions."""
+    source = config["source_market"]
+    if source is None:
+        return max(train, key=lambda m: train[m]._dataset.inter_num)
+    if source not in train:
+        raise ValueError(f"source_market [{source}] is not one of the markets {list(train)}.")
+    return source
+
+
+def _train_transfer(config, train, valid, test, saved, verbose):
+    """One-to-one transfer: train on the source market, fine-tune a copy on each target.
+
+    The source market keeps its own model's results, plus ``after_transfer``: its test results
+    under each target's fine-tuned model (the source degradation that one-to-one transfer causes).
+    """
+    source = source_market(config, train)
+    _log_market(source, "(source) ")
+    model, trainer = new_market_trainer(config, train[source]._dataset, source, [source])
+    per_market = {source: _fit_and_test(config, trainer, source, train, valid, test, saved, verbose)}
+    targets = {m: copy.deepcopy(model) for m in train if m != source}
+    per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
+    per_market[source]["after_transfer"] = {
+        m: trainer_for(config, targets[m]).evaluate(test[source], load_best_model=False)
+        for m in targets
+    }
+    return per_market
+
+
+def trainer_for(config, model):
+    """A plugin trainer around an existing ``model`` (for evaluation)."""
+    return get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
 
 def _train_pooled(config, train, valid, test, saved, verbose):
     """One model on all markets' training data, validated on the macro average."""
     pooled = pooled_train_data(config, train)
-    model, trainer = _new_trainer(config, pooled._dataset, "pooled", list(train))
+    model, trainer = new_market_trainer(config, pooled._dataset, "pooled", list(train))
     if verbose:
         getLogger().info(model)
     trainer.fit(pooled, valid, verbose=verbose, saved=saved, show_progress=config["show_progress"])
@@ -110,8 +161,10 @@ def _run(config, saved=True, verbose=True):
     dataset = create_dataset(config)
     getLogger().info(dataset)
     train, valid, test = data_preparation(config, dataset)
-    trainer_fn = _train_local if config["train_mode"] == "local" else _train_pooled
-    return _summarise(config, trainer_fn(config, train, valid, test, saved, verbose))
+    trainer_fn = {"local": _train_local, "pooled": _train_pooled,
+                  "federated": _train_federated, "transfer": _train_transfer}
+    per_market = trainer_fn[config["train_mode"]](config, train, valid, test, saved, verbose)
+    return _summarise(config, per_market)
 
 
 def _report(config, result):

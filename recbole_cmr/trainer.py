@@ -1,15 +1,17 @@
 """Trainers: RecBole's own, with multi-market validation and weights-only checkpoints."""
 
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
 import torch
-from recbole.utils import calculate_valid_score, set_color
+from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_color
 
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
+from recbole_cmr.utils import matching
 
 
 def macro_average(results):
@@ -119,3 +121,72 @@ def plugin_trainer(trainer_class):
     if issubclass(trainer_class, MultiMarketTrainerMixin):
         return trainer_class
     return type(trainer_class.__name__, (MultiMarketTrainerMixin, trainer_class), {})
+
+
+def checkpoint_file(config, tag):
+    """``<checkpoint_dir>/<model>-<dataset>-<tag>-<time>.pth`` (``tag``: a market, ``pooled``, ...)."""
+    name = f"{config['model']}-{config['dataset']}-{tag}-{get_local_time()}.pth"
+    return os.path.join(config["checkpoint_dir"], name)
+
+
+def new_market_trainer(config, dataset, tag, markets):
+    """Seed, then build the model on ``dataset`` and its trainer, as RecBole's run_recbole does.
+
+    Every call with the same seed gives the same initial weights.
+
+    Returns:
+        tuple: ``(model, trainer)``; the trainer checkpoints to :func:`checkpoint_file`.
+    """
+    from recbole_cmr.utils import get_model, get_trainer
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.saved_model_file = checkpoint_file(config, tag)
+    trainer.checkpoint_info = {
+        "dataset": config["dataset"],
+        "data_path": os.path.dirname(os.path.abspath(config["data_path"])),
+        "train_mode": config["train_mode"],
+        "markets": list(markets),
+    }
+    return model, trainer
+
+
+def finetune_trainer(config, model, tag, markets):
+    """A trainer that fine-tunes a pretrained ``model`` on one market.
+
+    The model enters its ``finetune`` stage (``set_stage``, if it has one); parameters matching
+    ``finetune_params`` (e.g. a market adapter) learn at ``learning_rate``, the rest at
+    ``learning_rate * finetune_lr_scale`` (0 freezes them). The optimizer starts fresh.
+    """
+    from recbole_cmr.utils import get_trainer
+
+    if hasattr(model, "set_stage"):
+        model.set_stage("finetune")
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer.saved_model_file = checkpoint_file(config, tag)
+    trainer.checkpoint_info = {
+        "dataset": config["dataset"],
+        "data_path": os.path.dirname(os.path.abspath(config["data_path"])),
+        "train_mode": config["train_mode"],
+        "markets": list(markets),
+        "stage": "finetune",
+    }
+    trainer.optimizer = trainer._build_optimizer(params=_finetune_groups(config, model))
+    return trainer
+
+
+def _finetune_groups(config, model):
+    """Optimizer parameter groups: adaptation parameters at full, the rest at scaled lr."""
+    names = dict(model.named_parameters())
+    own = set(matching(list(names), config["finetune_params"] or []))
+    scale = config["finetune_lr_scale"]
+    lr = config["learning_rate"]
+    groups = [{"params": [names[n] for n in names if n in own], "lr": lr}]
+    rest = [names[n] for n in names if n not in own]
+    if scale:
+        groups.append({"params": rest, "lr": lr * scale})
+    else:
+        for param in rest:
+            param.requires_grad_(False)
+    return [g for g in groups if g["params"]]

@@ -1,7 +1,9 @@
 """Model and trainer look-up (the plugin first, RecBole as fallback) and packaged paths."""
 
+import fnmatch
 import importlib
 import os
+import re
 
 from recbole.utils import get_model as get_recbole_model
 from recbole.utils import get_trainer as get_recbole_trainer
@@ -86,3 +88,18 @@ def get_trainer(model_type, model_name):
     if own is not None:
         return own
     return plugin_trainers.plugin_trainer(get_recbole_trainer(model_type, model_name))
+
+
+def _matches(name, pattern):
+    """True when ``name`` matches ``pattern`` as an fnmatch pattern or as a full regex."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:  # e.g. "*LayerNorm*" is a glob, not a regex
+        return False
+
+
+def matching(names, patterns):
+    """The ``names`` that match any of ``patterns`` (fnmatch globs or regexes), in order."""
+    return [n for n in names if any(_matches(n, p) for p in patterns)]

@@ -11,7 +11,7 @@ from recbole_cmr.model.loss import S2CELoss, semantic_neighbours
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR, MarketAdapter
 from recbole_cmr.utils import resource_path
 
-OFF = {"s2ce": False, "item_text_input": False, "adaptation": False}
+OFF = {"s2ce": False, "item_text_input": False, "adaptation": False, "train_mode": "local"}
 
 
 def test_s2ce_matches_its_definition():
@@ -127,3 +127,41 @@ def test_s2ce_trains_with_real_item_text(small_movielens):
     result = run_recbole_cmr(model="FeCoSR", dataset="ml2", config_dict=small_movielens,
                              saved=False)
     assert set(result["per_market"]) == {"ml100k", "east"}
+
+
+def test_fecosr_federated_pretraining_then_local_finetuning(two_markets):
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
+    result = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    for market in ("in", "jp"):
+        res = result["per_market"][market]
+        assert set(res["federated"]) >= {"valid", "test", "checkpoint"}
+        state = torch.load(res["checkpoint"], weights_only=True)
+        assert state["stage"] == "finetune" and state["train_mode"] == "federated"
+    adapters = [torch.load(result["per_market"][m]["checkpoint"], weights_only=True)["state_dict"]
+                ["item_embedding.adapter.up"] for m in ("in", "jp")]
+    assert adapters[0].abs().sum() > 0 and not torch.equal(adapters[0], adapters[1])
+
+
+def test_finetune_lr_scale_zero_freezes_the_shared_model(two_markets):
+    from recbole_cmr.trainer import finetune_trainer
+
+    config = Config(model="FeCoSR", dataset="xm2",
+                    config_dict={**two_markets, "s2ce": False, "finetune_lr_scale": 0})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    model = FeCoSR(config, train["in"]._dataset)
+    trainer = finetune_trainer(config, model, "in", ["in"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"item_embedding.adapter.down", "item_embedding.adapter.up",
+                       "item_embedding.adapter.item_bias"}
+    assert model.stage == "finetune" and len(trainer.optimizer.param_groups) == 1
+
+
+def test_baselines_are_registered_models(two_markets):
+    fed = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                          config_dict={**two_markets, "fed_rounds": 2}, saved=False)
+    assert fed["train_mode"] == "federated" and set(fed["per_market"]) == {"in", "jp"}
+    transfer = run_recbole_cmr(model="PretrainFinetune", dataset="xm2", config_dict=two_markets)
+    assert transfer["train_mode"] == "transfer"
+    source = transfer["per_market"]["jp"]  # jp has the most training interactions
+    assert set(source["after_transfer"]) == {"in"}
+    assert source["after_transfer"]["in"] != source["test"]

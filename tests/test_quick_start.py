@@ -95,3 +95,13 @@ def test_recbole_general_model_runs_through_the_plugin(two_markets):
                              saved=False)
     assert set(result["per_market"]) == {"in", "jp"}
     assert result["test_result"]["hit@10"] >= 0
+
+
+def test_federated_train_mode_through_the_quick_start(two_markets):
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 2}
+    result = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=settings)
+    assert set(result["per_market"]) == {"in", "jp"}
+    for market, res in result["per_market"].items():
+        state = torch.load(res["checkpoint"], weights_only=True)
+        assert state["markets"] == [market] and state["train_mode"] == "federated"
+    assert result["best_valid_result"] is not None

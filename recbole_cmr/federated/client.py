@@ -29,7 +29,7 @@ class Client:
             client's own model; its optimizer, ``clip_grad_norm`` and logging are used as is.
         train_data (TrainDataLoader): the market's RecBole training loader.
         valid_data (AbstractDataLoader, optional): the market's validation loader.
-        shared (Sequence[str]): patterns of the parameters that are aggregated (``fed_shared_params``).
+        shared (Sequence[str]): patterns of the aggregated parameters (``fed_shared_params``).
         local (Sequence[str]): patterns of the parameters kept on the client (``fed_local_params``).
         local_epochs (int): local epochs per round (``fed_local_epochs``).
         show_progress (bool): RecBole's per-epoch progress bars.
@@ -61,7 +61,9 @@ class Client:
         """Load shared parameters ``{name: tensor}`` into the model (local ones are untouched)."""
         unknown = set(params) - set(self.shared_names)
         if unknown:
-            raise KeyError(f"Client [{self.client_id}] does not share parameters {sorted(unknown)}.")
+            raise KeyError(
+                f"Client [{self.client_id}] does not share parameters {sorted(unknown)}."
+            )
         self.model.load_state_dict(params, strict=False)
 
     def fit(self, global_params, round):
@@ -86,9 +88,11 @@ class Client:
         return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses))}
 
     def evaluate(self, global_params, loader):
-        """RecBole's evaluation of the global shared + this client's local parameters on ``loader``."""
+        """RecBole's result on ``loader`` with the global shared + this client's local parameters."""
         self.set_parameters(global_params)
-        return self.trainer.evaluate(loader, load_best_model=False, show_progress=self.show_progress)
+        return self.trainer.evaluate(
+            loader, load_best_model=False, show_progress=self.show_progress
+        )
 
     def local_state(self):
         """The parameters that never leave the client, ``{name: tensor}`` (detached copies)."""

@@ -7,8 +7,8 @@ Settings (``config[key]``; the default below applies when a key is unset)::
     fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
                                 #   drawn with a generator seeded by `seed` (reproducible).
     fed_strategy: fedavg        # (str) Aggregation strategy (recbole_cmr.federated.strategy).
-    fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the parameters that are aggregated.
-    fed_local_params: []        # (list) Patterns kept on each market (FedBN style: ["*LayerNorm*"]).
+    fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
+    fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
 
 RecBole's own keys keep their meaning, counted in rounds: ``eval_step`` (validate every n rounds),
 ``stopping_step`` (patience, in validations), ``valid_metric`` (macro average over markets),
@@ -31,7 +31,7 @@ from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.strategy import get_strategy, matching
-from recbole_cmr.trainer import macro_average
+from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
 
 DEFAULTS = {
     "fed_rounds": 50,
@@ -65,7 +65,9 @@ def _mb(n_bytes):
 def is_finite(update):
     """True when no floating tensor of ``update`` holds NaN or Inf."""
     return all(
-        bool(torch.isfinite(t).all()) for t in update.values() if t.is_floating_point() or t.is_complex()
+        bool(torch.isfinite(t).all())
+        for t in update.values()
+        if t.is_floating_point() or t.is_complex()
     )
 
 
@@ -119,7 +121,7 @@ def select_clients(rng, client_ids, fraction):
 
 
 def get_rng_states(selection_rng):
-    """The python, numpy, torch (and CUDA) global RNG states and the selection RNG's, as plain data."""
+    """The python, numpy, torch (and CUDA) RNG states and the selection RNG's, as plain data."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
@@ -134,7 +136,7 @@ def set_rng_states(states, selection_rng):
     """Restore :func:`get_rng_states` output."""
     random.setstate(states["python"])
     name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
@@ -201,7 +203,9 @@ class FederatedServer:
         if not isinstance(update, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in update.items()
         ):
-            raise TypeError(f"Client [{client_id}] must send dict[str, Tensor], got {type(update)}.")
+            raise TypeError(
+                f"Client [{client_id}] must send dict[str, Tensor], got {type(update)}."
+            )
         unknown = set(update) - set(self.shared_names)
         if unknown:
             raise ValueError(f"Client [{client_id}] sent non-shared parameters {sorted(unknown)}.")
@@ -234,20 +238,18 @@ class FederatedServer:
             "valid_time": 0.0,
         }  # "round_time" is added by fit
 
-    def validate(self, loaders=None):
-        """``{market: result}``: each market on the global shared + its local parameters.
-
-        Args:
-            loaders (dict[str, DataLoader], optional): default: every client's ``valid_data``.
-        """
-        loaders = loaders or {cid: c.valid_data for cid, c in self.clients.items()}
-        return {cid: self.clients[cid].evaluate(self.global_params, loader)
+    def _evaluate(self, global_params, loaders):
+        """``{market: result}``: each market's ``loaders[market]`` on ``global_params`` + its
+        own local parameters."""
+        return {cid: self.clients[cid].evaluate(global_params, loader)
                 for cid, loader in loaders.items()}
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
         start = time()
-        per_market = self.validate()
+        per_market = self._evaluate(
+            self.global_params, {cid: c.valid_data for cid, c in self.clients.items()}
+        )
         score = calculate_valid_score(macro_average(per_market), self.valid_metric)
         self.best_score, self.cur_step, stop, improved = early_stopping(
             score, self.best_score, self.cur_step, max_step=self.stopping_step, bigger=self.bigger
@@ -311,7 +313,9 @@ class FederatedServer:
                 callback_fn(round_idx, record["valid_score"])
             if self.stopped:
                 if verbose:
-                    self.logger.info(f"Finished training, best eval result in round {self.best['round']}")
+                    self.logger.info(
+                        f"Finished training, best eval result in round {self.best['round']}"
+                    )
                 break
         self.load_best()
         return self.best_score, self.best_valid
@@ -325,14 +329,14 @@ class FederatedServer:
             client.load_local_state(self.best["local"][cid])
 
     def evaluate(self, eval_data, load_best=True):
-        """``{market: RecBole result}`` on ``eval_data`` (``{market: loader}``), best round by default."""
+        """``{market: RecBole result}`` on ``eval_data`` (``{market: loader}``).
+
+        Uses the best round's global and local parameters unless ``load_best`` is False.
+        """
         if load_best and self.best is not None:
             self.load_best()
-            global_params = self.best["global"]
-        else:
-            global_params = self.global_params
-        return {cid: self.clients[cid].evaluate(global_params, loader)
-                for cid, loader in eval_data.items()}
+            return self._evaluate(self.best["global"], eval_data)
+        return self._evaluate(self.global_params, eval_data)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, round_idx):
@@ -351,7 +355,7 @@ class FederatedServer:
             "cur_step": self.cur_step,
             "stopped": self.stopped,
             "best_valid_score": float(self.best_score),
-            "best": checkpoint_safe(self.best),
+            "best": self.best and checkpoint_safe(self.best),
             "history": checkpoint_safe(self.history),
             "global": self.global_params,
             "clients": {cid: c.private_state() for cid, c in self.clients.items()},
@@ -360,7 +364,7 @@ class FederatedServer:
         torch.save(state, self.checkpoint_file)
 
     def resume_checkpoint(self, resume_file):
-        """Continue from the last finished round of a checkpoint written by :meth:`save_checkpoint`."""
+        """Continue after the last finished round of a :meth:`save_checkpoint` file."""
         resume_file = str(resume_file)
         checkpoint = load_checkpoint(resume_file, map_location=self.device)
         if checkpoint.get("kind") != "federated" or checkpoint["markets"] != list(self.clients):
@@ -380,7 +384,9 @@ class FederatedServer:
             client.load_private_state(checkpoint["clients"][cid])
             client.set_parameters(self.global_params)
         set_rng_states(checkpoint["rng"], self.rng)
-        self.logger.info(f"Checkpoint loaded. Resume federated training from round {self.start_round}")
+        self.logger.info(
+            f"Checkpoint loaded. Resume federated training from round {self.start_round}"
+        )
 
 
 def build_clients(config, train, valid, verbose=False):
@@ -389,12 +395,9 @@ def build_clients(config, train, valid, verbose=False):
     Args:
         train, valid (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``.
     """
-    # Imported here: quick_start imports this module to offer train_mode "federated".
-    from recbole_cmr.quick_start import _new_trainer
-
     clients = []
     for market in train:
-        model, trainer = _new_trainer(config, train[market]._dataset, market, [market])
+        model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
         if verbose and not clients:
             getLogger().info(model)
         clients.append(Client(
@@ -421,7 +424,8 @@ def export_best(server, verbose=True):
     return paths
 
 
-def train_federated(config, train, valid, test, saved=True, verbose=True, resume_file=None):
+def train_federated(config, train, valid, test, saved=True, verbose=True, resume_file=None,
+                    models_out=None):
     """Federated training over all markets; the quick start's ``train_mode: federated``.
 
     Args:
@@ -430,25 +434,29 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
         saved (bool): write the round checkpoint and each market's best model.
         verbose (bool): log the model and one line per round.
         resume_file (str, optional): a round checkpoint to continue from.
+        models_out (dict, optional): filled with ``{market: model}`` holding the best round's
+            parameters (for a later local fine-tuning stage).
 
     Returns:
         dict: ``{market: {"valid": best valid result, "test": test result, "checkpoint": path}}``
         (the shape of the quick start's local mode; ``checkpoint`` is the market's best model).
     """
-    from recbole_cmr.quick_start import _checkpoint_file
-
     clients = build_clients(config, train, valid, verbose=verbose)
     server = FederatedServer(
-        config, clients, checkpoint_file=_checkpoint_file(config, "federated") if saved else None
+        config, clients, checkpoint_file=checkpoint_file(config, "federated") if saved else None
     )
     if resume_file:
         server.resume_checkpoint(resume_file)
     server.fit(verbose=verbose)
     tests = server.evaluate(test)
     if saved and verbose:
-        getLogger().info(set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}")
+        getLogger().info(
+            set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}"
+        )
     checkpoints = export_best(server, verbose) if saved else {}
     best_valid = server.best_valid or {}
+    if models_out is not None:
+        models_out.update({cid: client.model for cid, client in server.clients.items()})
     return {
         m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints.get(m)}
         for m in test

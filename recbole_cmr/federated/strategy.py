@@ -9,10 +9,10 @@ deltas) and ``num_examples`` its number of training interactions. Which paramete
 chosen by name patterns (:func:`select_shared`), never by a strategy.
 """
 
-import fnmatch
-import re
 
 import torch
+
+from recbole_cmr.utils import matching
 
 _STRATEGIES = {}
 
@@ -39,21 +39,6 @@ def get_strategy(name):
         raise ValueError(
             f"Unknown fed_strategy [{name}]; known strategies: {sorted(_STRATEGIES)}."
         ) from None
-
-
-def _matches(name, pattern):
-    """True when ``name`` matches ``pattern`` as an fnmatch pattern or as a full regex."""
-    if fnmatch.fnmatchcase(name, pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:  # e.g. "*LayerNorm*" is a glob, not a regex
-        return False
-
-
-def matching(names, patterns):
-    """The ``names`` that match any of ``patterns`` (fnmatch globs or regexes), in order."""
-    return [n for n in names if any(_matches(n, p) for p in patterns)]
 
 
 def select_shared(state_dict, shared=("*",), local=()):
