@@ -34,7 +34,7 @@ setup(
         "tabulate>=0.9",
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8"], "bench": ["matplotlib>=3.8"]},
     entry_points={
         "console_scripts": [
             "run_recbole_cmr=recbole_cmr.__main__:main",

@@ -237,6 +237,8 @@ def load_data_and_model(model_file, config_dict=None):
     train, valid, test = ({m: d[m] for m in checkpoint["markets"]} for d in loaders)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, next(iter(train.values()))._dataset)
+    if "stage" in checkpoint and hasattr(model, "set_stage"):
+        model.set_stage(checkpoint["stage"])  # e.g. FeCoSR after fine-tuning: adapter applied
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     return config, model.to(config["device"]), dataset, train, valid, test

@@ -165,3 +165,15 @@ def test_baselines_are_registered_models(two_markets):
     source = transfer["per_market"]["jp"]  # jp has the most training interactions
     assert set(source["after_transfer"]) == {"in"}
     assert source["after_transfer"]["in"] != source["test"]
+
+
+def test_finetuned_checkpoint_reloads_with_its_adapter(two_markets):
+    from recbole_cmr import get_trainer, load_data_and_model
+
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 1, "adapter_rank": 4}
+    result = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    res = result["per_market"]["in"]
+    config, model, _, _, _, test = load_data_and_model(res["checkpoint"])
+    assert model.stage == "finetune"
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    assert dict(trainer.evaluate(test["in"], load_best_model=False)) == dict(res["test"])

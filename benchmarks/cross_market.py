@@ -1,0 +1,254 @@
+"""Cross-market benchmark: Local, Pooled, FedAvg-SASRec, PretrainFinetune and FeCoSR (+ ablations).
+
+    python benchmarks/cross_market.py --dataset xmrec --seeds 2020 2021 2022
+    python benchmarks/cross_market.py --dataset movielens-markets --models Local FeCoSR
+    python benchmarks/cross_market.py --dataset xmrec --summarise-only
+
+Protocol: per market, RecBole leave-one-out by time (``LS: valid_and_test``, order ``TO``). Every
+model is selected by full-ranking valid NDCG@10 (macro over markets where markets share a model),
+and its test split is evaluated twice: full ranking (items foreign to the market masked) and uni99
+(99 negatives from the market's own catalogue).
+
+Resumable: every (model, dataset, seed) run writes ``results/<dataset>/<model>-seed<S>.json`` as
+soon as it ends and is skipped when that file exists. ``summarise`` rebuilds
+``results/<dataset>.json`` (full ranking), ``results/<dataset>-uni99.json``, ``results/<dataset>.md``
+and ``results/<dataset>-gain.png`` from those files.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+DATA = HERE / "data"
+RESULTS = HERE / "results"
+METRICS = ["hit@10", "ndcg@10", "mrr@10"]
+PROTOCOLS = ["full", "uni99"]
+SELECTED_BY = "valid ndcg@10 (full ranking)"
+
+# Backbone and training settings shared by every model (SASRec as in RecBole, hidden 64, len 20).
+SETTINGS = {
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "MAX_ITEM_LIST_LENGTH": 20,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "n_layers": 2,
+    "n_heads": 2,
+    "loss_type": "CE",
+    "epochs": 200,
+    "fed_rounds": 200,
+    "stopping_step": 10,
+    "train_batch_size": 2048,
+    "eval_batch_size": 4096,
+    "learning_rate": 0.001,
+    "metrics": ["Hit", "NDCG", "MRR"],
+    "topk": [10],
+    "valid_metric": "NDCG@10",
+    "show_progress": False,
+}
+MODELS = {
+    "Local": {"model": "SASRec", "train_mode": "local"},
+    "Pooled": {"model": "SASRec", "train_mode": "pooled"},
+    "FedAvg-SASRec": {"model": "FedAvgSASRec"},
+    "PretrainFinetune": {"model": "PretrainFinetune"},
+    "FeCoSR": {"model": "FeCoSR"},
+    "FeCoSR-noS2CE": {"model": "FeCoSR", "s2ce": False},
+    "FeCoSR-noAdapt": {"model": "FeCoSR", "adaptation": False},
+}
+DATASETS = {
+    # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.
+    "xmrec": {"convert": ["xmrec", str(SHARED / "xmrec")], "settings": {"s2ce": False},
+              "skip": ["FeCoSR-noS2CE"]},
+    "movielens-markets": {"convert": ["movielens", str(SHARED / "movielens_titles")],
+                          "settings": {"item_text_fields": ["title"]}, "skip": []},
+}
+
+
+def ensure_dataset(name):
+    """Convert the source files with recbole_cmr's converter unless already done."""
+    if not (DATA / name).is_dir():
+        cmd = [sys.executable, "-m", "recbole_cmr.data.convert", *DATASETS[name]["convert"],
+               "--out", str(DATA), "--name", name]
+        subprocess.run(cmd, check=True)
+
+
+def eval_args(test_mode):
+    return {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user",
+            "mode": {"valid": "full", "test": test_mode}}
+
+
+def evaluate_protocol(checkpoints, test_mode):
+    """``{market: test result}`` of each saved model under another evaluation protocol."""
+    from recbole.utils import init_seed
+
+    from recbole_cmr import get_trainer, load_data_and_model
+
+    out = {}
+    for checkpoint in sorted(set(checkpoints)):
+        config, model, _, _, _, test = load_data_and_model(
+            checkpoint, config_dict={"eval_args": eval_args(test_mode)}
+        )
+        trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+        init_seed(config["seed"], config["reproducibility"])
+        out.update(trainer.evaluate(test, load_best_model=False))
+    return out
+
+
+def _floats(result):
+    return {k: float(v) for k, v in result.items()} if result else None
+
+
+def run_one(dataset, name, seed, out_file):
+    """Train one model on every market, evaluate both protocols, write ``out_file``."""
+    from recbole_cmr import run_recbole_cmr
+
+    spec = dict(MODELS[name])
+    model = spec.pop("model")
+    settings = {**SETTINGS, **DATASETS[dataset]["settings"], **spec, "data_path": str(DATA),
+                "seed": seed, "eval_args": eval_args("full"),
+                "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
+    start = time.time()
+    result = run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
+    per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
+                  for m, r in result["per_market"].items()}
+    checkpoints = [r["checkpoint"] for r in result["per_market"].values()]
+    for protocol in PROTOCOLS[1:]:
+        for market, res in evaluate_protocol(checkpoints, protocol).items():
+            per_market[market]["test"][protocol] = _floats(res)
+    for market, r in result["per_market"].items():
+        if "after_transfer" in r:
+            per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
+    record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
+              "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
+              "wall_s": round(time.time() - start, 1), "per_market": per_market}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out_file)
+
+
+def _mean_std(values):
+    import numpy as np
+
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarise_protocol(runs, protocol):
+    """``{"protocol", "seeds", "selected_by", "models": {name: {per_market, macro, wall_s}}}``."""
+    import numpy as np
+
+    summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
+    for name in MODELS:
+        mine = [r for r in runs if r["name"] == name]
+        if not mine:
+            continue
+        summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
+        markets = list(mine[0]["per_market"])
+        per_run = [{m: r["per_market"][m]["test"][protocol] for m in markets} for r in mine]
+        for res in per_run:
+            res["macro"] = {k: float(np.mean([res[m][k] for m in markets])) for k in METRICS}
+        table = {}
+        for m in markets + ["macro"]:
+            table[m] = {}
+            for k in METRICS:
+                table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
+        summary["models"][name] = {"per_market": {m: table[m] for m in markets},
+                                   "macro": table["macro"], "runs": len(mine),
+                                   "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+    return summary
+
+
+def markdown(dataset, summaries):
+    lines = [f"# Cross-market benchmark on {dataset}", "",
+             f"Leave-one-out by time per market; every model selected by {SELECTED_BY}; "
+             "NDCG@10 per market, mean ± std over seeds.", ""]
+    for summary in summaries:
+        models = summary["models"]
+        if not models:
+            continue
+        markets = list(next(iter(models.values()))["per_market"])
+        lines += [f"## Test protocol: {summary['protocol']} (seeds {summary['seeds']})", "",
+                  "| model | " + " | ".join(markets) + " | macro NDCG@10 | macro Hit@10 | macro MRR@10 | wall (min) |",
+                  "|---" * (len(markets) + 5) + "|"]
+        for name, entry in models.items():
+            cells = [f"{entry['per_market'][m]['ndcg@10']:.4f} ± {entry['per_market'][m]['ndcg@10_std']:.4f}"
+                     for m in markets]
+            macro = entry["macro"]
+            cells += [f"{macro['ndcg@10']:.4f} ± {macro['ndcg@10_std']:.4f}",
+                      f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}"]
+            lines.append(f"| {name} (n={entry['runs']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def gain_chart(dataset, summary, path):
+    """Bar chart of each model's per-market NDCG@10 gain over Local (relative, %)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no chart written")
+        return
+    models = summary["models"]
+    if "Local" not in models or len(models) < 2:
+        return
+    markets = list(models["Local"]["per_market"]) + ["macro"]
+    others = [n for n in models if n != "Local"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(markets) + 3, 4))
+    width = 0.8 / len(others)
+    for i, name in enumerate(others):
+        gains = []
+        for m in markets:
+            base = (models["Local"]["macro"] if m == "macro" else models["Local"]["per_market"][m])["ndcg@10"]
+            val = (models[name]["macro"] if m == "macro" else models[name]["per_market"][m])["ndcg@10"]
+            gains.append(100 * (val / base - 1) if base else 0.0)
+        ax.bar([j + i * width for j in range(len(markets))], gains, width, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(markets))], markets)
+    ax.set_ylabel("NDCG@10 gain over Local (%)")
+    ax.set_title(f"{dataset}: {summary['protocol']} ranking, seeds {summary['seeds']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def summarise(dataset):
+    runs = [json.loads(p.read_text()) for p in sorted((RESULTS / dataset).glob("*-seed*.json"))]
+    summaries = [summarise_protocol(runs, p) for p in PROTOCOLS]
+    for summary in summaries:
+        suffix = "" if summary["protocol"] == "full" else f"-{summary['protocol']}"
+        (RESULTS / f"{dataset}{suffix}.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(dataset, summaries)
+    (RESULTS / f"{dataset}.md").write_text(text)
+    gain_chart(dataset, summaries[0], RESULTS / f"{dataset}-gain.png")
+    print(text)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="xmrec", choices=list(DATASETS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
+    parser.add_argument("--summarise-only", action="store_true")
+    args = parser.parse_args()
+    if not args.summarise_only:
+        ensure_dataset(args.dataset)
+        for seed in args.seeds:
+            for name in args.models:
+                out_file = RESULTS / args.dataset / f"{name}-seed{seed}.json"
+                if name in DATASETS[args.dataset]["skip"] or out_file.exists():
+                    continue
+                print(f"== {name} on {args.dataset}, seed {seed}", flush=True)
+                run_one(args.dataset, name, seed, out_file)
+    summarise(args.dataset)
+
+
+if __name__ == "__main__":
+    main()
