@@ -18,6 +18,11 @@ def test_properties_and_default_dataset_are_found():
     assert os.path.isfile(os.path.join(resource_path("properties"), "overall.yaml"))
     markets = sorted(p.stem for p in Path(resource_path("dataset", "xmrec-mini")).glob("*.inter"))
     assert markets == ["ca", "de", "fr", "in", "jp", "mx", "uk"]
+    movielens = Path(resource_path("dataset", "movielens-markets"))
+    assert sorted(p.stem for p in movielens.glob("*.inter")) == ["central", "east", "ml100k", "south", "west"]
+    assert (movielens / "movielens-markets.item").is_file()
+    for model in ("FeCoSR", "FedAvgSASRec", "PretrainFinetune"):
+        assert os.path.isfile(os.path.join(resource_path("properties"), "model", model + ".yaml"))
 
 
 def test_public_api():
