@@ -142,14 +142,20 @@ def new_market_trainer(config, dataset, tag, markets):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    _set_checkpointing(trainer, config, tag, markets)
+    return model, trainer
+
+
+def _set_checkpointing(trainer, config, tag, markets, **info):
+    """Where ``trainer`` checkpoints, and what its checkpoints record besides the weights."""
     trainer.saved_model_file = checkpoint_file(config, tag)
     trainer.checkpoint_info = {
         "dataset": config["dataset"],
         "data_path": os.path.dirname(os.path.abspath(config["data_path"])),
         "train_mode": config["train_mode"],
         "markets": list(markets),
+        **info,
     }
-    return model, trainer
 
 
 def finetune_trainer(config, model, tag, markets):
@@ -164,14 +170,7 @@ def finetune_trainer(config, model, tag, markets):
     if hasattr(model, "set_stage"):
         model.set_stage("finetune")
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-    trainer.saved_model_file = checkpoint_file(config, tag)
-    trainer.checkpoint_info = {
-        "dataset": config["dataset"],
-        "data_path": os.path.dirname(os.path.abspath(config["data_path"])),
-        "train_mode": config["train_mode"],
-        "markets": list(markets),
-        "stage": "finetune",
-    }
+    _set_checkpointing(trainer, config, tag, markets, stage="finetune")
     trainer.optimizer = trainer._build_optimizer(params=_finetune_groups(config, model))
     return trainer
 
