@@ -82,7 +82,8 @@ def _train_federated(config, train, valid, test, saved, verbose):
     ``federated``.
     """
     models = {}
-    federated = train_federated(config, train, valid, test, saved, verbose, models_out=models)
+    federated = train_federated(config, train, valid, test, saved, verbose,
+                                resume_file=config["fed_resume"], models_out=models)
     if not config["finetune"]:
         return federated
     per_market = _finetune_local(config, models, train, valid, test, saved, verbose)

@@ -105,3 +105,15 @@ def test_federated_train_mode_through_the_quick_start(two_markets):
         state = torch.load(res["checkpoint"], weights_only=True)
         assert state["markets"] == [market] and state["train_mode"] == "federated"
     assert result["best_valid_result"] is not None
+
+
+def test_federated_run_resumes_from_its_round_checkpoint(two_markets, tmp_path):
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 3, "stopping_step": 10}
+    full = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=settings)
+    (tmp_path / "saved").rename(tmp_path / "saved_full")
+    run_recbole_cmr(model="SASRec", dataset="xm2", config_dict={**settings, "fed_rounds": 2})
+    [round_file] = (tmp_path / "saved").glob("SASRec-xm2-federated-*.pth")
+    resumed = run_recbole_cmr(model="SASRec", dataset="xm2",
+                              config_dict={**settings, "fed_resume": str(round_file)})
+    assert {m: r["test"] for m, r in resumed["per_market"].items()} == \
+        {m: r["test"] for m, r in full["per_market"].items()}
