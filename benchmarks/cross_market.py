@@ -103,6 +103,26 @@ def _floats(result):
     return {k: float(v) for k, v in result.items()} if result else None
 
 
+def unfinished_rounds(model, dataset, settings):
+    """The newest round checkpoint of an interrupted federated run with these settings, or None.
+
+    Round checkpoints stay in ``saved/`` (not committed), so an interrupted run continues where
+    it stopped when the same machine reruns the benchmark.
+    """
+    import torch
+
+    from recbole_cmr.compat import checkpoint_safe
+
+    wanted = checkpoint_safe(settings)
+    files = sorted((HERE / "saved").glob(f"{model}-{dataset}-federated-*.pth"),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("kind") == "federated" and state.get("config") == wanted:
+            return str(path)
+    return None
+
+
 def run_one(dataset, name, seed, out_file):
     """Train one model on every market, evaluate both protocols, write ``out_file``."""
     from recbole_cmr import run_recbole_cmr
@@ -112,8 +132,12 @@ def run_one(dataset, name, seed, out_file):
     settings = {**SETTINGS, **DATASETS[dataset]["settings"], **spec, "data_path": str(DATA),
                 "seed": seed, "eval_args": eval_args("full"),
                 "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
+    resume = unfinished_rounds(model, dataset, settings)
+    if resume:
+        print(f"resuming {name} from {resume}", flush=True)
     start = time.time()
-    result = run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
+    result = run_recbole_cmr(model=model, dataset=dataset,
+                             config_dict={**settings, "fed_resume": resume} if resume else settings)
     per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
                   for m, r in result["per_market"].items()}
     checkpoints = [r["checkpoint"] for r in result["per_market"].values()]
