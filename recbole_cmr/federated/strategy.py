@@ -10,6 +10,8 @@ chosen by name patterns (:func:`select_shared`), never by a strategy.
 """
 
 
+import abc
+
 import torch
 
 from recbole_cmr.utils import matching
@@ -61,7 +63,7 @@ def select_shared(state_dict, shared=("*",), local=()):
     return [n for n in matching(state_dict, shared) if n not in kept_local]
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Base class of aggregation strategies (subclass and register with :func:`register_strategy`).
 
     Args:
@@ -71,6 +73,7 @@ class Strategy:
     def __init__(self, config=None):
         self.config = config
 
+    @abc.abstractmethod
     def aggregate(self, round, results):
         """Combine the clients' updates into the new global shared parameters.
 
@@ -83,7 +86,6 @@ class Strategy:
         Returns:
             dict[str, Tensor]: the new global value of each name, same shape and dtype.
         """
-        raise NotImplementedError
 
 
 def weighted_mean(tensors, weights):
