@@ -9,7 +9,6 @@ deltas) and ``num_examples`` its number of training interactions. Which paramete
 chosen by name patterns (:func:`select_shared`), never by a strategy.
 """
 
-
 import abc
 
 import torch
