@@ -11,7 +11,6 @@ No federated framework is imported; the contracts map one-to-one onto Flower's::
 
 from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.server import (
-    DEFAULTS,
     FederatedServer,
     aggregate_round,
     build_clients,
@@ -27,7 +26,6 @@ from recbole_cmr.federated.strategy import (
 )
 
 __all__ = [
-    "DEFAULTS",
     "Client",
     "FedAvg",
     "FederatedServer",

@@ -1,6 +1,6 @@
 """The in-process federated server: select, broadcast, collect, aggregate, validate, checkpoint.
 
-Settings (``config[key]``; the default below applies when a key is unset)::
+Settings (defaults in properties/overall.yaml)::
 
     fed_rounds: 50              # (int) Communication rounds.
     fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
@@ -33,21 +33,9 @@ from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.strategy import get_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
 
-DEFAULTS = {
-    "fed_rounds": 50,
-    "fed_local_epochs": 1,
-    "fed_client_fraction": 1.0,
-    "fed_strategy": "fedavg",
-    "fed_shared_params": ["*"],
-    "fed_local_params": [],
-}
-
-
 def setting(config, key):
-    """``config[key]``, or its default from :data:`DEFAULTS` when unset (``None``)."""
+    """``config[key]`` (defaults in properties/overall.yaml); a single pattern becomes a list."""
     value = config[key]
-    if value is None:
-        value = DEFAULTS[key]
     if key in ("fed_shared_params", "fed_local_params") and isinstance(value, str):
         value = [value]
     return value
