@@ -64,8 +64,11 @@ DATASETS = {
     # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.
     "xmrec": {"convert": ["xmrec", str(SHARED / "xmrec")], "settings": {"s2ce": False},
               "skip": ["FeCoSR-noS2CE"]},
+    # 512 sequences per batch: on ml100k (Local, seed 2020) it reached valid NDCG@10 0.047 at
+    # epoch 8, where 2048 needed 16 epochs for 0.046, at slightly lower CPU cost per epoch.
     "movielens-markets": {"convert": ["movielens", str(SHARED / "movielens_titles")],
-                          "settings": {"item_text_fields": ["title"]}, "skip": []},
+                          "settings": {"item_text_fields": ["title"], "train_batch_size": 512},
+                          "skip": []},
 }
 
 
