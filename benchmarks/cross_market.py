@@ -126,6 +126,27 @@ def unfinished_rounds(model, dataset, settings):
     return None
 
 
+def _both_protocols(results):
+    """``{market: {"valid", "test": {protocol: result}}}`` from ``{market: {valid, test, checkpoint}}``."""
+    per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
+                  for m, r in results.items()}
+    for protocol in PROTOCOLS[1:]:
+        checkpoints = [r["checkpoint"] for r in results.values()]
+        for market, res in evaluate_protocol(checkpoints, protocol).items():
+            per_market[market]["test"][protocol] = _floats(res)
+    return per_market
+
+
+def with_stage_runs(runs):
+    """Add a ``<name> w/o fine-tuning`` run for each run that kept its federated-stage results."""
+    derived = []
+    for run in runs:
+        if all("federated" in r for r in run["per_market"].values()):
+            derived.append({**run, "name": f"{run['name']} w/o fine-tuning",
+                            "per_market": {m: r["federated"] for m, r in run["per_market"].items()}})
+    return runs + derived
+
+
 def run_one(dataset, name, seed, out_file):
     """Train one model on every market, evaluate both protocols, write ``out_file``."""
     from recbole_cmr import run_recbole_cmr
@@ -141,12 +162,10 @@ def run_one(dataset, name, seed, out_file):
     start = time.time()
     result = run_recbole_cmr(model=model, dataset=dataset,
                              config_dict={**settings, "fed_resume": resume} if resume else settings)
-    per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
-                  for m, r in result["per_market"].items()}
-    checkpoints = [r["checkpoint"] for r in result["per_market"].values()]
-    for protocol in PROTOCOLS[1:]:
-        for market, res in evaluate_protocol(checkpoints, protocol).items():
-            per_market[market]["test"][protocol] = _floats(res)
+    per_market = _both_protocols(result["per_market"])
+    stage = {m: r["federated"] for m, r in result["per_market"].items() if "federated" in r}
+    for market, res in (_both_protocols(stage) if stage else {}).items():
+        per_market[market]["federated"] = res
     for market, r in result["per_market"].items():
         if "after_transfer" in r:
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
@@ -170,7 +189,7 @@ def summarise_protocol(runs, protocol):
     import numpy as np
 
     summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
-    for name in MODELS:
+    for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
         if not mine:
             continue
@@ -248,6 +267,8 @@ def gain_chart(dataset, summary, path):
 
 def summarise(dataset):
     runs = [json.loads(p.read_text()) for p in sorted((RESULTS / dataset).glob("*-seed*.json"))]
+    order = {name: i for i, name in enumerate(MODELS)}
+    runs = with_stage_runs(sorted(runs, key=lambda r: (order.get(r["name"], len(order)), r["seed"])))
     summaries = [summarise_protocol(runs, p) for p in PROTOCOLS]
     for summary in summaries:
         suffix = "" if summary["protocol"] == "full" else f"-{summary['protocol']}"
