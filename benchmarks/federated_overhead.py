@@ -1,7 +1,10 @@
 """Overhead of a federated round against RecBole's own Trainer doing the same local work.
 
     python benchmarks/federated_overhead.py --dataset xmrec-mini --rounds 5
-    python benchmarks/federated_overhead.py --dataset xmrec --data_path benchmarks/data --rounds 3
+    python benchmarks/federated_overhead.py --dataset xmrec --data_path benchmarks/data --rounds 3 \
+        "--load_col={'inter':['user_id','item_id','timestamp']}"
+
+Any other ``--key=value`` is a RecBole setting (read by RecBole's Config).
 
 A federated round (FedAvg-SASRec, ``fed_local_epochs`` E) trains E epochs on every market,
 aggregates, validates every market and checkpoints. The reference is RecBole's Trainer running
