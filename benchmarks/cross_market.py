@@ -135,8 +135,8 @@ def _both_protocols(results):
     """``{market: {"valid", "test": {protocol: result}}}`` from ``{market: {valid, test, checkpoint}}``."""
     per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
                   for m, r in results.items()}
+    checkpoints = [r["checkpoint"] for r in results.values()]
     for protocol in PROTOCOLS[1:]:
-        checkpoints = [r["checkpoint"] for r in results.values()]
         for market, res in evaluate_protocol(checkpoints, protocol).items():
             per_market[market]["test"][protocol] = _floats(res)
     return per_market
@@ -169,7 +169,7 @@ def run_one(dataset, name, seed, out_file):
                              config_dict={**settings, "fed_resume": resume} if resume else settings)
     per_market = _both_protocols(result["per_market"])
     stage = {m: r["federated"] for m, r in result["per_market"].items() if "federated" in r}
-    for market, res in (_both_protocols(stage) if stage else {}).items():
+    for market, res in _both_protocols(stage).items():
         per_market[market]["federated"] = res
     for market, r in result["per_market"].items():
         if "after_transfer" in r:
@@ -196,8 +196,6 @@ def summarise_protocol(runs, protocol):
     summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
-        if not mine:
-            continue
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
         markets = list(mine[0]["per_market"])
         per_run = [{m: r["per_market"][m]["test"][protocol] for m in markets} for r in mine]

@@ -1,10 +1,10 @@
 """Overhead of a federated round against RecBole's own Trainer doing the same local work.
 
     python benchmarks/federated_overhead.py --dataset xmrec-mini --rounds 5
-    python benchmarks/federated_overhead.py --dataset xmrec --data_path benchmarks/data --rounds 3 \
+    python benchmarks/federated_overhead.py --dataset xmrec --rounds 3 --data_path=benchmarks/data \
         "--load_col={'inter':['user_id','item_id','timestamp']}"
 
-Any other ``--key=value`` is a RecBole setting (read by RecBole's Config).
+Any other ``--key=value`` is a RecBole setting (read by RecBole's Config), e.g. ``--data_path``.
 
 A federated round (FedAvg-SASRec, ``fed_local_epochs`` E) trains E epochs on every market,
 aggregates, validates every market and checkpoints. The reference is RecBole's Trainer running
@@ -45,8 +45,6 @@ def main():
     parser.add_argument("--dataset", default="xmrec-mini")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local_epochs", type=int, default=1)
-    parser.add_argument("--data_path", default=None,
-                        help="folder holding the dataset (default: the shipped datasets)")
     args, _ = parser.parse_known_args()
 
     import torch
@@ -58,8 +56,6 @@ def main():
     settings = {"fed_rounds": args.rounds, "fed_local_epochs": args.local_epochs,
                 "stopping_step": 10**6, "show_progress": False, "state": "WARNING",
                 "s2ce": False}
-    if args.data_path:
-        settings["data_path"] = args.data_path
     config = Config(model="FedAvgSASRec", dataset=args.dataset, config_dict=settings)
     train, valid, _ = data_preparation(config, create_dataset(config))
     reference = reference_times(config, train, valid, args.local_epochs, args.rounds)
@@ -71,7 +67,8 @@ def main():
     agg_s = statistics.median(r["aggregate_time"] for r in rounds)
     ref_s = statistics.median(reference[1:] or reference)
     out = {
-        "dataset": args.dataset, "markets": list(train), "torch_threads": torch.get_num_threads(), "local_epochs": args.local_epochs,
+        "dataset": args.dataset, "markets": list(train), "torch_threads": torch.get_num_threads(),
+        "local_epochs": args.local_epochs,
         "rounds": args.rounds, "median_round_s": round_s, "median_reference_s": ref_s,
         "round_over_reference": round_s / ref_s, "median_aggregate_s": agg_s,
         "aggregate_share_of_round": agg_s / round_s,
