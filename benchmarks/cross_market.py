@@ -60,7 +60,9 @@ MODELS = {
     "PretrainFinetune": {"model": "PretrainFinetune"},
     "FeCoSR": {"model": "FeCoSR"},
     "FeCoSR-noS2CE": {"model": "FeCoSR", "s2ce": False},
-    "FeCoSR-noAdapt": {"model": "FeCoSR", "adaptation": False},
+    # A fine-tuning ablation: it takes FeCoSR's federated stage (same seed, ``fed_pretrained``)
+    # when that run's round checkpoint is in saved/, so only the fine-tuning differs.
+    "FeCoSR-noAdapt": {"model": "FeCoSR", "adaptation": False, "federated_stage_of": "FeCoSR"},
 }
 DATASETS = {
     # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.
@@ -108,11 +110,23 @@ def _floats(result):
     return {k: float(v) for k, v in result.items()} if result else None
 
 
-def unfinished_rounds(model, dataset, settings):
-    """The newest round checkpoint of an interrupted federated run with these settings, or None.
+def run_settings(dataset, name, seed):
+    """``(RecBole model, config_dict)`` of one benchmark run."""
+    spec = dict(MODELS[name])
+    model = spec.pop("model")
+    spec.pop("federated_stage_of", None)
+    settings = {**SETTINGS, **DATASETS[dataset]["settings"], **spec, "data_path": str(DATA),
+                "seed": seed, "eval_args": eval_args("full"),
+                "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
+    return model, settings
+
+
+def round_checkpoint(model, dataset, settings, finished):
+    """``(path, state)`` of the newest round checkpoint of a federated run with these settings
+    that has ended (``finished``) or was interrupted (not ``finished``); ``(None, None)`` if none.
 
     Round checkpoints stay in ``saved/`` (not committed), so an interrupted run continues where
-    it stopped when the same machine reruns the benchmark.
+    it stopped, and an ablation finds the stage it shares, when the same machine reruns.
     """
     import torch
 
@@ -126,9 +140,17 @@ def unfinished_rounds(model, dataset, settings):
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for path in files:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("kind") == "federated" and same_run(state.get("config")) == wanted:
-            return str(path)
-    return None
+        if state.get("kind") != "federated" or same_run(state.get("config")) != wanted:
+            continue
+        ended = state["stopped"] or state["round"] + 1 >= state["config"]["fed_rounds"]
+        if ended == finished:
+            return str(path), state
+    return None, None
+
+
+def rounds_wall_s(state):
+    """Seconds the rounds of a round checkpoint took (0 without one)."""
+    return sum(r["round_time"] for r in state["history"]) if state else 0.0
 
 
 def _both_protocols(results):
@@ -146,6 +168,8 @@ def with_stage_runs(runs):
     """Add a ``<name> w/o fine-tuning`` run for each run that kept its federated-stage results."""
     derived = []
     for run in runs:
+        if "federated_stage" in run:  # the same numbers as the run it shares the stage with
+            continue
         if all("federated" in r for r in run["per_market"].values()):
             derived.append({**run, "name": f"{run['name']} w/o fine-tuning",
                             "per_market": {m: r["federated"] for m, r in run["per_market"].items()}})
@@ -156,17 +180,26 @@ def run_one(dataset, name, seed, out_file):
     """Train one model on every market, evaluate both protocols, write ``out_file``."""
     from recbole_cmr import run_recbole_cmr
 
-    spec = dict(MODELS[name])
-    model = spec.pop("model")
-    settings = {**SETTINGS, **DATASETS[dataset]["settings"], **spec, "data_path": str(DATA),
-                "seed": seed, "eval_args": eval_args("full"),
-                "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
-    resume = unfinished_rounds(model, dataset, settings)
+    model, settings = run_settings(dataset, name, seed)
+    extra, record_extra, prior_s = {}, {}, 0.0
+    resume, state = round_checkpoint(model, dataset, settings, finished=False)
     if resume:
         print(f"resuming {name} from {resume}", flush=True)
+        extra["fed_resume"], prior_s = resume, rounds_wall_s(state)
+    source = MODELS[name].get("federated_stage_of")
+    if source and not resume:
+        source_model, source_settings = run_settings(dataset, source, seed)
+        stage, state = round_checkpoint(source_model, dataset, source_settings, finished=True)
+        if stage:
+            print(f"{name} takes the federated stage of {source}: {stage}", flush=True)
+            extra["fed_pretrained"] = stage
+            record_extra["federated_stage"] = {"of": source, "checkpoint": Path(stage).name,
+                                               "rounds_wall_s": round(rounds_wall_s(state), 1)}
+        else:
+            print(f"no finished {source} round checkpoint in saved/: {name} trains its own "
+                  "federated stage", flush=True)
     start = time.time()
-    result = run_recbole_cmr(model=model, dataset=dataset,
-                             config_dict={**settings, "fed_resume": resume} if resume else settings)
+    result = run_recbole_cmr(model=model, dataset=dataset, config_dict={**settings, **extra})
     per_market = _both_protocols(result["per_market"])
     stage = {m: r["federated"] for m, r in result["per_market"].items() if "federated" in r}
     for market, res in _both_protocols(stage).items():
@@ -176,7 +209,8 @@ def run_one(dataset, name, seed, out_file):
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
               "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
-              "wall_s": round(time.time() - start, 1), "per_market": per_market}
+              "wall_s": round(prior_s + time.time() - start, 1), **record_extra,
+              "per_market": per_market}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -209,6 +243,9 @@ def summarise_protocol(runs, protocol):
         summary["models"][name] = {"per_market": {m: table[m] for m in markets},
                                    "macro": table["macro"], "runs": len(mine),
                                    "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+        shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
+        if shared:
+            summary["models"][name]["federated_stage_of"] = sorted(shared)
     return summary
 
 
@@ -230,7 +267,11 @@ def markdown(dataset, summaries):
             macro = entry["macro"]
             cells += [f"{macro['ndcg@10']:.4f} ± {macro['ndcg@10_std']:.4f}",
                       f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}"]
-            lines.append(f"| {name} (n={entry['runs']}) | " + " | ".join(cells) + " |")
+            mark = " †" if "federated_stage_of" in entry else ""
+            lines.append(f"| {name}{mark} (n={entry['runs']}) | " + " | ".join(cells) + " |")
+        if any("federated_stage_of" in entry for entry in models.values()):
+            lines += ["", "† fine-tunes the federated stage of the run it ablates (same seed); its "
+                      "wall time counts the fine-tuning only."]
         lines.append("")
     return "\n".join(lines) + "\n"
 

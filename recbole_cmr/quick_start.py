@@ -83,7 +83,8 @@ def _train_federated(config, train, valid, test, saved, verbose):
     """
     models = {}
     federated = train_federated(config, train, valid, test, saved, verbose,
-                                resume_file=config["fed_resume"], models_out=models)
+                                resume_file=config["fed_resume"], models_out=models,
+                                pretrained_file=config["fed_pretrained"])
     if not config["finetune"]:
         return federated
     per_market = _finetune_local(config, models, train, valid, test, saved, verbose)

@@ -177,3 +177,32 @@ def test_finetuned_checkpoint_reloads_with_its_adapter(two_markets):
     assert model.stage == "finetune"
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert dict(trainer.evaluate(test["in"], load_best_model=False)) == dict(res["test"])
+
+
+def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
+    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    before = round_file.read_bytes()
+    ablation = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
+        **settings, "adaptation": False, "fed_pretrained": str(round_file)})
+    assert round_file.read_bytes() == before  # the shared stage is read, never rewritten
+    for market in ("in", "jp"):
+        shared, mine = full["per_market"][market], ablation["per_market"][market]
+        assert mine["federated"]["valid"] == shared["federated"]["valid"]
+        assert dict(mine["federated"]["test"]) == dict(shared["federated"]["test"])
+        state = torch.load(mine["checkpoint"], weights_only=True)["state_dict"]
+        assert not any("adapter" in name for name in state)
+        assert mine["test"] != shared["test"]  # fine-tuned without the adapter
+
+
+def test_fed_pretrained_must_hold_the_models_shared_parameters(two_markets, tmp_path):
+    settings = {**two_markets, "fed_rounds": 1}
+    run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings)
+    [round_file] = (tmp_path / "saved").glob("FedAvgSASRec-xm2-federated-*.pth")
+    with pytest.raises(ValueError, match=r"item_embedding\.embedding\.weight"):
+        run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
+            **settings, "s2ce": False, "fed_pretrained": str(round_file)})
+    with pytest.raises(ValueError, match="not both"):
+        run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict={
+            **settings, "fed_pretrained": str(round_file), "fed_resume": str(round_file)})

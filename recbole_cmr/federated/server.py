@@ -351,14 +351,50 @@ class FederatedServer:
         }
         torch.save(state, self.checkpoint_file)
 
+    def _read_checkpoint(self, file):
+        """A :meth:`save_checkpoint` file of these markets (ValueError otherwise)."""
+        checkpoint = load_checkpoint(str(file), map_location=self.device)
+        if checkpoint.get("kind") != "federated" or checkpoint["markets"] != list(self.clients):
+            raise ValueError(
+                f"[{file}] is not a federated checkpoint of markets {list(self.clients)}."
+            )
+        return checkpoint
+
+    def load_pretrained(self, pretrained_file):
+        """Take the best round of a finished federated run as this run's federated stage.
+
+        No round is trained: :meth:`fit` returns that round at once, so fine-tuning ablations
+        (e.g. FeCoSR with and without adaptation) can share one federated stage. The stored
+        shared parameters must match this model's (names and shapes); stored local parameters
+        this model lacks (e.g. a market adapter) are ignored.
+        """
+        checkpoint = self._read_checkpoint(pretrained_file)
+        best = checkpoint["best"]
+        if not best or best.get("valid") is None:
+            raise ValueError(f"fed_pretrained [{pretrained_file}] has no validated round yet.")
+        stored = best["global"]
+        wrong = [n for n, t in self.global_params.items()
+                 if n not in stored or stored[n].shape != t.shape]
+        if wrong:
+            raise ValueError(
+                f"fed_pretrained [{pretrained_file}] ({checkpoint['model']}) does not hold this "
+                f"{self.config['model']} model's shared parameters {wrong[:5]}: pretrain with the "
+                "same model and backbone settings."
+            )
+        self.best = {**best, "global": {n: stored[n] for n in self.shared_names}}
+        self.best_score, self.history = checkpoint["best_valid_score"], checkpoint["history"]
+        self.global_params = self.best["global"]
+        self.start_round, self.stopped = checkpoint["round"] + 1, True
+        self.checkpoint_file = str(pretrained_file)
+        self.logger.info(
+            f"Federated stage taken from round {best['round']} of [{pretrained_file}]; "
+            "no rounds are trained."
+        )
+
     def resume_checkpoint(self, resume_file):
         """Continue after the last finished round of a :meth:`save_checkpoint` file."""
         resume_file = str(resume_file)
-        checkpoint = load_checkpoint(resume_file, map_location=self.device)
-        if checkpoint.get("kind") != "federated" or checkpoint["markets"] != list(self.clients):
-            raise ValueError(
-                f"[{resume_file}] is not a federated checkpoint of markets {list(self.clients)}."
-            )
+        checkpoint = self._read_checkpoint(resume_file)
         if checkpoint["model"].lower() != self.config["model"].lower():
             raise ValueError(f"[{resume_file}] holds a {checkpoint['model']} model, "
                              f"not {self.config['model']}.")
@@ -413,7 +449,7 @@ def export_best(server, verbose=True):
 
 
 def train_federated(config, train, valid, test, saved=True, verbose=True, resume_file=None,
-                    models_out=None):
+                    models_out=None, pretrained_file=None):
     """Federated training over all markets; the quick start's ``train_mode: federated``.
 
     Args:
@@ -422,6 +458,8 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
         saved (bool): write the round checkpoint and each market's best model.
         verbose (bool): log the model and one line per round.
         resume_file (str, optional): a round checkpoint to continue from.
+        pretrained_file (str, optional): a finished run's round checkpoint whose best round is
+            taken as this run's federated stage (see :meth:`FederatedServer.load_pretrained`).
         models_out (dict, optional): filled with ``{market: model}`` holding the best round's
             parameters (for a later local fine-tuning stage).
 
@@ -433,8 +471,13 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     server = FederatedServer(
         config, clients, checkpoint_file=checkpoint_file(config, "federated") if saved else None
     )
+    if resume_file and pretrained_file:
+        raise ValueError("Set either fed_resume (continue a run) or fed_pretrained (reuse a "
+                         "finished run's federated stage), not both.")
     if resume_file:
         server.resume_checkpoint(resume_file)
+    if pretrained_file:
+        server.load_pretrained(pretrained_file)
     server.fit(verbose=verbose)
     tests = server.evaluate(test)
     if saved and verbose:
