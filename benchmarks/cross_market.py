@@ -330,9 +330,10 @@ def summarise(dataset):
     runs = []
     for path in sorted((RESULTS / dataset).glob("*-seed*.json")):
         run = json.loads(path.read_text())
-        if stale_keys(run):
+        changed = stale_keys(run)
+        if changed:
             print(f"left out of the summary, settings changed since it ran: {path.name} "
-                  f"({', '.join(stale_keys(run))})")
+                  f"({', '.join(changed)})")
         else:
             runs.append(run)
     order = {name: i for i, name in enumerate(MODELS)}

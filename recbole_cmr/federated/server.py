@@ -467,13 +467,13 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
         dict: ``{market: {"valid": best valid result, "test": test result, "checkpoint": path}}``
         (the shape of the quick start's local mode; ``checkpoint`` is the market's best model).
     """
+    if resume_file and pretrained_file:
+        raise ValueError("Set either fed_resume (continue a run) or fed_pretrained (reuse a "
+                         "finished run's federated stage), not both.")
     clients = build_clients(config, train, valid, verbose=verbose)
     server = FederatedServer(
         config, clients, checkpoint_file=checkpoint_file(config, "federated") if saved else None
     )
-    if resume_file and pretrained_file:
-        raise ValueError("Set either fed_resume (continue a run) or fed_pretrained (reuse a "
-                         "finished run's federated stage), not both.")
     if resume_file:
         server.resume_checkpoint(resume_file)
     if pretrained_file:
