@@ -11,6 +11,11 @@
   its own quick start and never imports that module.
 * pandas 3 breaks RecBole's token_seq handling and ``fillna(inplace=True)``: pandas is pinned
   ``<3`` in setup.py. hyperopt is pinned to 0.2.5 (RecBole's exhaustive search needs it).
+* ``recbole/model/sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)``
+  when imported, for the whole process: every model then records a stack trace per operation and
+  checks every gradient, which makes SASRec train about 1.7 x slower on CPU (same numbers).
+  :func:`import_models_keeping_anomaly_mode` imports RecBole's models and restores the mode the
+  process had (call ``torch.autograd.set_detect_anomaly(True)`` afterwards to debug a NaN).
 """
 
 import enum
@@ -46,6 +51,14 @@ def silence_known_warnings():
     """Hide warnings recbole 1.2.1 triggers on every run with current torch/pandas."""
     warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\..*is deprecated.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\..*")
+
+
+def import_models_keeping_anomaly_mode():
+    """Import ``recbole.model.sequential_recommender`` without the anomaly mode SINE turns on."""
+    enabled = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401
+
+    torch.autograd.set_detect_anomaly(enabled)
 
 
 def checkpoint_safe(value):
@@ -92,3 +105,4 @@ def load_checkpoint(path, map_location="cpu"):
 
 install_numpy_aliases()
 silence_known_warnings()
+import_models_keeping_anomaly_mode()

@@ -124,8 +124,9 @@ def plugin_trainer(trainer_class):
 
 
 def checkpoint_file(config, tag):
-    """``<checkpoint_dir>/<model>-<dataset>-<tag>-<time>.pth`` (``tag``: a market, ``pooled``, ...)."""
-    name = f"{config['model']}-{config['dataset']}-{tag}-{get_local_time()}.pth"
+    """``<checkpoint_dir>/<model>-<dataset>-<tag>-<time>-<pid>.pth`` (``tag``: a market, ``pooled``,
+    ...). The process id keeps runs started in the same second (parallel ablations) apart."""
+    name = f"{config['model']}-{config['dataset']}-{tag}-{get_local_time()}-{os.getpid()}.pth"
     return os.path.join(config["checkpoint_dir"], name)
 
 

@@ -49,3 +49,33 @@ def test_run_script_from_another_directory(tmp_path):
     done = _run([str(REPO / "run_recbole_cmr.py"), "--model=GRU4Rec", *QUICK], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| macro" in done.stdout + done.stderr
+
+
+ANOMALY_PROBE = """
+import sys, torch
+from recbole_cmr import compat
+
+def forget_recbole_models():  # so that the next import runs RecBole's module code again
+    for name in [m for m in sys.modules if m.startswith("recbole.model.sequential_recommender")]:
+        del sys.modules[name]
+
+torch.autograd.set_detect_anomaly({before})
+forget_recbole_models()
+import recbole.model.sequential_recommender  # RecBole's sine.py switches anomaly mode on here
+print(torch.is_anomaly_enabled())
+torch.autograd.set_detect_anomaly({before})
+forget_recbole_models()
+compat.import_models_keeping_anomaly_mode()
+print(torch.is_anomaly_enabled())
+"""
+
+
+def test_anomaly_mode_that_recbole_sine_turns_on_is_off_after_import(tmp_path):
+    # A fresh process: the anomaly mode is process-wide, and RecBole's import sets it once.
+    plain = _run(["-c", "import torch, recbole_cmr; recbole_cmr.get_model('SINE'); "
+                        "print(torch.is_anomaly_enabled())"], tmp_path)
+    assert plain.stdout.split() == ["False"], plain.stderr[-3000:]
+    # The fix restores whatever the process had before RecBole's import (a user debugging a NaN).
+    for before in (False, True):
+        probe = _run(["-c", ANOMALY_PROBE.format(before=before)], tmp_path)
+        assert probe.stdout.split() == ["True", str(before)], probe.stderr[-3000:]

@@ -1,6 +1,7 @@
 """End-to-end runs: RecBole parity, reproducibility, checkpoints, pooled training, result files."""
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -59,6 +60,9 @@ def test_checkpoint_reload_gives_identical_test_metrics(two_markets):
     result = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=two_markets)
     for market in ("in", "jp"):
         checkpoint_file = result["per_market"][market]["checkpoint"]
+        # Named by model, dataset, market, time and process (parallel runs never share a file).
+        name = os.path.basename(checkpoint_file)
+        assert name.startswith(f"SASRec-xm2-{market}-") and name.endswith(f"-{os.getpid()}.pth")
         assert torch.load(checkpoint_file, weights_only=True)["markets"] == [market]
         config, model, dataset, train, valid, test = load_data_and_model(checkpoint_file)
         assert list(test) == [market]
