@@ -235,9 +235,10 @@ def run_one(dataset, name, seed, out_file):
 
 
 def _mean_std(values):
+    """Mean and sample standard deviation (ddof 1; 0 for a single seed)."""
     import numpy as np
 
-    return float(np.mean(values)), float(np.std(values))
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def summarise_protocol(runs, protocol):
@@ -269,7 +270,7 @@ def summarise_protocol(runs, protocol):
 def markdown(dataset, summaries):
     lines = [f"# Cross-market benchmark on {dataset}", "",
              f"Leave-one-out by time per market; every model selected by {SELECTED_BY}; "
-             "NDCG@10 per market, mean ± std over seeds.", ""]
+             "NDCG@10 per market, mean ± sample std over seeds.", ""]
     for summary in summaries:
         models = summary["models"]
         if not models:
