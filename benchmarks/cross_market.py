@@ -235,10 +235,15 @@ def run_one(dataset, name, seed, out_file):
 
 
 def _mean_std(values):
-    """Mean and sample standard deviation (ddof 1; 0 for a single seed)."""
+    """Mean and sample standard deviation (ddof 1; None for a single seed, where it is undefined)."""
     import numpy as np
 
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _cell(value, std):
+    """``"0.0788 ± 0.0011"``, or the mean alone when there is no std (one seed)."""
+    return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
 
 
 def summarise_protocol(runs, protocol):
@@ -270,7 +275,7 @@ def summarise_protocol(runs, protocol):
 def markdown(dataset, summaries):
     lines = [f"# Cross-market benchmark on {dataset}", "",
              f"Leave-one-out by time per market; every model selected by {SELECTED_BY}; "
-             "NDCG@10 per market, mean ± sample std over seeds.", ""]
+             "NDCG@10 per market, mean ± sample std over seeds (the mean alone for one seed).", ""]
     for summary in summaries:
         models = summary["models"]
         if not models:
@@ -280,10 +285,10 @@ def markdown(dataset, summaries):
                   "| model | " + " | ".join(markets) + " | macro NDCG@10 | macro Hit@10 | macro MRR@10 | wall (min) |",
                   "|---" * (len(markets) + 5) + "|"]
         for name, entry in models.items():
-            cells = [f"{entry['per_market'][m]['ndcg@10']:.4f} ± {entry['per_market'][m]['ndcg@10_std']:.4f}"
+            cells = [_cell(entry["per_market"][m]["ndcg@10"], entry["per_market"][m]["ndcg@10_std"])
                      for m in markets]
             macro = entry["macro"]
-            cells += [f"{macro['ndcg@10']:.4f} ± {macro['ndcg@10_std']:.4f}",
+            cells += [_cell(macro["ndcg@10"], macro["ndcg@10_std"]),
                       f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}"]
             mark = " †" if "federated_stage_of" in entry else ""
             lines.append(f"| {name}{mark} (n={entry['runs']}) | " + " | ".join(cells) + " |")
