@@ -68,6 +68,11 @@ MODELS = {
     # A fine-tuning ablation: it takes FeCoSR's federated stage (same seed, ``fed_pretrained``)
     # when that run's round checkpoint is in saved/, so only the fine-tuning differs.
     "FeCoSR-noAdapt": {"model": "FeCoSR", "adaptation": False, "federated_stage_of": "FeCoSR"},
+    # "+MS": each market trains its softmax over its own items (market_softmax) and item rows are
+    # averaged over the markets that have the item (fedavg_rows); plain FedAvg dilutes a market's
+    # own items by its share of all interactions (XMRec: most items are sold in one or two markets).
+    "FeCoSR+MS": {"model": "FeCoSR", "market_softmax": True, "fed_strategy": "fedavg_rows"},
+    "FedAvg-SASRec+MS": {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"},
 }
 DATASETS = {
     # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.

@@ -6,7 +6,7 @@ Settings (defaults in properties/overall.yaml)::
     fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
     fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
                                 #   drawn with a generator seeded by `seed` (reproducible).
-    fed_strategy: fedavg        # (str) Aggregation strategy (recbole_cmr.federated.strategy).
+    fed_strategy: fedavg        # (str) fedavg or fedavg_rows (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
     fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
 
@@ -206,6 +206,7 @@ class FederatedServer:
         start = time()
         selected = select_clients(self.rng, list(self.clients), self.fraction)
         results, losses, bytes_up = [], [], 0
+        self.strategy.configure_round(round_idx, self.global_params)
         for client_id in selected:
             reply = self.clients[client_id].fit(self.global_params, round_idx)
             client_id, update, num_examples, metrics = self._collect(client_id, *reply)

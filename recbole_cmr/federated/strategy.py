@@ -72,6 +72,15 @@ class Strategy(abc.ABC):
     def __init__(self, config=None):
         self.config = config
 
+    def configure_round(self, round, global_params):
+        """Called with the global shared parameters each round before they are broadcast
+        (Flower's ``configure_fit`` receives them too). Stateless strategies ignore it.
+
+        Args:
+            round (int): 0-based round index.
+            global_params (dict[str, Tensor]): the values the clients start this round from.
+        """
+
     @abc.abstractmethod
     def aggregate(self, round, results):
         """Combine the clients' updates into the new global shared parameters.
@@ -112,19 +121,84 @@ class FedAvg(Strategy):
     """
 
     def aggregate(self, round, results):
-        if not results:
-            raise ValueError(f"Round {round}: nothing to aggregate.")
+        names = check_results(round, results)
         counts = [n for _, _, n in results]
         total = sum(counts)
         weights = [n / total for n in counts] if total > 0 else [1 / len(counts)] * len(counts)
-        names = list(results[0][1])
-        for client_id, update, _ in results:
-            if set(update) != set(names):
-                raise ValueError(
-                    f"Round {round}: client [{client_id}] sent parameters {sorted(update)}, "
-                    f"expected {sorted(names)}."
-                )
         return {
             name: weighted_mean([update[name] for _, update, _ in results], weights)
+            for name in names
+        }
+
+
+def check_results(round, results):
+    """The parameter names of ``results``; raises ValueError if empty or the clients' names differ."""
+    if not results:
+        raise ValueError(f"Round {round}: nothing to aggregate.")
+    names = list(results[0][1])
+    for client_id, update, _ in results:
+        if set(update) != set(names):
+            raise ValueError(
+                f"Round {round}: client [{client_id}] sent parameters {sorted(update)}, "
+                f"expected {sorted(names)}."
+            )
+    return names
+
+
+def rowwise_mean(tensors, counts, current):
+    """Per row (dim 0), the ``counts``-weighted mean of the tensors that changed that row.
+
+    Args:
+        tensors (list[Tensor]): the clients' values, shape ``[R, *]`` each (a scalar is one row).
+        counts (list[int]): one weight per tensor (all zero: equal weights).
+        current (Tensor): the value the clients started from, shape ``[R, *]``.
+
+    Returns:
+        Tensor: shape ``[R, *]``, dtype of ``current``; a row no client changed keeps ``current``.
+    """
+    stack = torch.stack([t.double() for t in tensors])  # [C, R, *]
+    base = current.double()
+    rows = stack.reshape(len(tensors), base.shape[0] if base.dim() else 1, -1)  # [C, R, D]
+    changed = (rows != base.reshape(1, rows.shape[1], -1)).any(-1)  # [C, R]
+    w = torch.tensor(counts if sum(counts) > 0 else [1] * len(counts), dtype=torch.float64)
+    w = w[:, None] * changed  # [C, R]
+    denom = w.sum(0)  # [R]
+    mean = (w[:, :, None] * rows).sum(0) / denom.clamp_min(1e-300)[:, None]  # [R, D]
+    mean = torch.where(denom[:, None] > 0, mean, base.reshape(rows.shape[1], -1))
+    out = mean.reshape(base.shape)
+    if not (current.dtype.is_floating_point or current.dtype.is_complex):
+        out = out.round()
+    return out.to(current.dtype)
+
+
+@register_strategy("fedavg_rows")
+class FedAvgRows(Strategy):
+    """FedAvg per row: each row (dim 0) of a tensor is averaged, weighted by ``num_examples``,
+    over the clients that changed that row only; a row nobody changed keeps its global value.
+
+    Meant for item embedding tables trained with ``market_softmax: True``: a market then leaves
+    the rows of items it has no interactions with bit-identical, so an item's row is the average
+    over the markets that sell it, not diluted by the markets that do not (with plain FedAvg a
+    small market's own items move by its share of all interactions, 1 % for XMRec ``in``). Dense
+    tensors, which every client changes, get exactly FedAvg's mean. Rows change whenever a client
+    has a non-zero gradient there, so weight decay (an L2 term on every row) turns it into FedAvg.
+    """
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.current = None
+
+    def configure_round(self, round, global_params):
+        self.current = global_params
+
+    def aggregate(self, round, results):
+        names = check_results(round, results)
+        if self.current is None:
+            raise RuntimeError(
+                "fedavg_rows needs the round's global parameters: call configure_round first."
+            )
+        counts = [n for _, _, n in results]
+        return {
+            name: rowwise_mean([update[name] for _, update, _ in results], counts, self.current[name])
             for name in names
         }

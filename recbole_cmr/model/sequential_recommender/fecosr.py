@@ -7,7 +7,7 @@ item embeddings are learned by federated pretraining over all markets with the S
 fine-tuned locally in each market with a market-specific adaptation module on the item embeddings.
 
 Switches (properties/model/FeCoSR.yaml): ``s2ce`` (+ ``s2ce_eps``, ``s2ce_tau``, ``s2ce_topk``),
-``item_text_input``, ``adaptation`` (+ ``adapter_rank``).
+``item_text_input``, ``adaptation`` (+ ``adapter_rank``), ``market_softmax``.
 """
 
 import torch
@@ -15,6 +15,7 @@ from recbole.model.sequential_recommender import SASRec
 from torch import nn
 
 from recbole_cmr.model.loss import S2CELoss
+from recbole_cmr.model.sequential_recommender.market_softmax import MarketSoftmax
 
 
 class MarketAdapter(nn.Module):
@@ -69,7 +70,7 @@ class MarketItemEmbedding(nn.Module):
         return self.weight[item_ids]
 
 
-class FeCoSR(SASRec):
+class FeCoSR(MarketSoftmax, SASRec):
     """SASRec backbone + S²CE + market adaptation; stages ``pretrain`` and ``finetune``."""
 
     def __init__(self, config, dataset):
@@ -86,6 +87,8 @@ class FeCoSR(SASRec):
             self._init_weights(self.item_embedding.text_proj)
         self.s2ce = None
         if config["s2ce"]:
+            if self.foreign_items is not None:  # neighbours only among the market's own items
+                text = text.masked_fill(self.foreign_items[:, None], 0.0)
             self.s2ce = S2CELoss(text, config["s2ce_eps"], config["s2ce_tau"], config["s2ce_topk"])
         self.stage = "pretrain"
 
@@ -110,6 +113,4 @@ class FeCoSR(SASRec):
     def calculate_loss(self, interaction):
         if self.s2ce is None:
             return super().calculate_loss(interaction)
-        seq_output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
-        logits = seq_output @ self.item_embedding.weight.T  # [B, n_items]
-        return self.s2ce(logits, interaction[self.POS_ITEM_ID])
+        return self.s2ce(self.train_logits(interaction), interaction[self.POS_ITEM_ID])

@@ -6,6 +6,9 @@ RecBole's SASRec trained by recbole_cmr's federated server with FedAvg over all 
 
 from recbole.model.sequential_recommender import SASRec
 
+from recbole_cmr.model.sequential_recommender.market_softmax import MarketSoftmax
 
-class FedAvgSASRec(SASRec):
-    """RecBole's SASRec, registered so that its yaml selects federated training."""
+
+class FedAvgSASRec(MarketSoftmax, SASRec):
+    """RecBole's SASRec, registered so that its yaml selects federated training
+    (optionally with ``market_softmax``)."""

@@ -1,0 +1,117 @@
+"""``market_softmax`` (train over the market's own items) and ``fedavg_rows`` (per-row FedAvg)."""
+
+import pytest
+import torch
+
+from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
+from recbole_cmr.federated import FedAvg, build_clients, get_strategy
+from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
+from recbole_cmr.model.sequential_recommender.market_softmax import foreign_item_mask
+
+from test_fecosr import small_movielens  # noqa: F401  (fixture)
+
+ROWS = {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- fedavg_rows on hand-made tensors ----------------------------------------------------------
+def test_fedavg_rows_averages_each_row_over_the_clients_that_changed_it():
+    current = {"emb": torch.zeros(4, 2), "dense": torch.zeros(2)}
+    a = {"emb": torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [0.0, 0.0]]), "dense": torch.tensor([1.0, 2.0])}
+    b = {"emb": torch.tensor([[0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [0.0, 0.0]]), "dense": torch.tensor([5.0, 6.0])}
+    results = [("in", a, 1), ("jp", b, 3)]
+    strategy = get_strategy("fedavg_rows")()
+    with pytest.raises(RuntimeError, match="configure_round"):
+        strategy.aggregate(0, results)
+    strategy.configure_round(0, current)
+    new = strategy.aggregate(0, results)
+    assert torch.equal(new["emb"][0], torch.zeros(2)) and torch.equal(new["emb"][3], torch.zeros(2))
+    assert torch.allclose(new["emb"][1], torch.full((2,), 4.0))  # both: (1*1 + 3*5) / 4
+    assert torch.equal(new["emb"][2], torch.full((2,), 2.0))  # only "in" changed it: not diluted
+    fedavg = FedAvg().aggregate(0, results)
+    assert torch.allclose(new["dense"], fedavg["dense"])  # dense tensors: exactly FedAvg
+    assert torch.allclose(fedavg["emb"][2], torch.full((2,), 0.5))  # what FedAvg makes of it
+
+
+# ---- market_softmax on real markets ------------------------------------------------------------
+def _clients(settings):
+    config = Config(model=settings["model"], dataset="xm2",
+                    config_dict={"fed_rounds": 1, **settings})
+    dataset = create_dataset(config)
+    train, valid, _ = data_preparation(config, dataset)
+    return config, dataset, build_clients(config, train, valid)
+
+
+def test_foreign_items_are_the_items_missing_from_the_market_training_data(two_markets):
+    _, dataset, clients = _clients({**two_markets, **ROWS})
+    for client in clients:
+        split = client.train_data._dataset
+        mask = client.model.foreign_items
+        seen = torch.unique(torch.cat([split.inter_feat["item_id"], split.inter_feat["item_id_list"].reshape(-1)]))
+        assert mask.shape == (dataset.item_num,) and bool(mask[0])
+        assert not mask[seen[seen > 0]].any()
+        assert int((~mask).sum()) == len(seen[seen > 0])
+        assert torch.equal(foreign_item_mask(split, dataset.item_num), mask)
+    assert (clients[0].model.foreign_items != clients[1].model.foreign_items).any()
+
+
+def test_a_round_keeps_small_market_items_undiluted(two_markets):
+    """One round of FedAvgSASRec: a market leaves its foreign rows bit-identical, so with
+    fedavg_rows an item of one market only takes that market's row, where FedAvg shrinks it."""
+    config, _, clients = _clients({**two_markets, **ROWS})
+    start = {n: t.clone() for n, t in clients[0].get_parameters().items()}
+    results = []
+    for client in clients:
+        update, n, metrics = client.fit(start, 0)
+        results.append((client.client_id, {k: v.clone() for k, v in update.items()}, n))
+        foreign = client.model.foreign_items
+        assert torch.equal(update["item_embedding.weight"][foreign], start["item_embedding.weight"][foreign])
+        assert not torch.equal(update["item_embedding.weight"][~foreign], start["item_embedding.weight"][~foreign])
+    strategy = get_strategy(config["fed_strategy"])(config)
+    strategy.configure_round(0, start)
+    new = strategy.aggregate(0, results)["item_embedding.weight"]
+    only_in = ~clients[0].model.foreign_items & clients[1].model.foreign_items
+    assert only_in.any()
+    assert torch.allclose(new[only_in], results[0][1]["item_embedding.weight"][only_in])
+    diluted = FedAvg().aggregate(0, results)["item_embedding.weight"]
+    assert not torch.allclose(diluted[only_in], new[only_in])
+
+
+def test_market_softmax_off_is_plain_sasrec_and_on_changes_training(two_markets):
+    settings = {**two_markets, "fed_rounds": 1}
+    plain = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings, saved=False)
+    again = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                            config_dict={**settings, "fed_strategy": "fedavg_rows"}, saved=False)
+    assert again["per_market"] == plain["per_market"]  # without market_softmax every row changes
+    masked = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                             config_dict={**settings, **ROWS}, saved=False)
+    assert masked["per_market"] != plain["per_market"]
+
+
+def test_s2ce_neighbours_stay_inside_the_market(small_movielens):  # noqa: F811
+    config = Config(model="FeCoSR", dataset="ml2", config_dict={**small_movielens, "market_softmax": True})
+    train, _, _ = data_preparation(config, create_dataset(config))
+    model = FeCoSR(config, train["east"]._dataset)
+    foreign = model.foreign_items
+    used = model.s2ce.neighbour_weight > 0  # [n_items, k]
+    assert used.any() and not foreign[model.s2ce.neighbour_index[used]].any()
+    loss = model.calculate_loss(next(iter(train["east"])))
+    assert torch.isfinite(loss)
+    loss.backward()
+    grad = model.item_embedding.embedding.weight.grad
+    assert torch.count_nonzero(grad[foreign]) == 0 and torch.count_nonzero(grad[~foreign]) > 0
+
+
+def test_market_softmax_needs_the_ce_loss(two_markets):
+    with pytest.raises(ValueError, match="market_softmax.*loss_type: CE"):
+        run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                        config_dict={**two_markets, **ROWS, "loss_type": "BPR",
+                                     "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}},
+                        saved=False)
