@@ -148,7 +148,9 @@ def round_checkpoint(model, dataset, settings, finished):
     that has ended (``finished``) or was interrupted (not ``finished``); ``(None, None)`` if none.
 
     Round checkpoints stay in ``saved/`` (not committed), so an interrupted run continues where
-    it stopped, and an ablation finds the stage it shares, when the same machine reruns.
+    it stopped (a run cut after its rounds goes on with fine-tuning: resuming a finished round
+    checkpoint trains no round and restores the RNG states, so the numbers are those of an
+    uninterrupted run), and an ablation finds the stage it shares, when the same machine reruns.
     """
     import torch
 
@@ -205,8 +207,11 @@ def run_one(dataset, name, seed, out_file):
     model, settings = run_settings(dataset, name, seed)
     extra, record_extra, prior_s = {}, {}, 0.0
     resume, state = round_checkpoint(model, dataset, settings, finished=False)
+    if not resume:  # a run cut during fine-tuning or evaluation: its rounds are done
+        resume, state = round_checkpoint(model, dataset, settings, finished=True)
     if resume:
-        print(f"resuming {name} from {resume}", flush=True)
+        print(f"resuming {name} from {resume} (round {state['round'] + 1} done"
+              f"{', federated stage ended' if state['stopped'] else ''})", flush=True)
         extra["fed_resume"], prior_s = resume, rounds_wall_s(state)
     source = MODELS[name].get("federated_stage_of")
     if source and not resume:

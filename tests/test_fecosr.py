@@ -196,6 +196,20 @@ def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
         assert mine["test"] != shared["test"]  # fine-tuned without the adapter
 
 
+def test_run_cut_after_its_rounds_resumes_to_the_same_numbers(two_markets, tmp_path):
+    """Resuming a finished round checkpoint trains no round and goes on with fine-tuning exactly
+    as the uninterrupted run did (the benchmark resumes runs cut during fine-tuning this way)."""
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
+    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    again = run_recbole_cmr(model="FeCoSR", dataset="xm2",
+                            config_dict={**settings, "fed_resume": str(round_file)})
+    for market in ("in", "jp"):
+        done, resumed = full["per_market"][market], again["per_market"][market]
+        assert dict(resumed["test"]) == dict(done["test"]) and resumed["valid"] == done["valid"]
+        assert dict(resumed["federated"]["test"]) == dict(done["federated"]["test"])
+
+
 def test_fed_pretrained_must_hold_the_models_shared_parameters(two_markets, tmp_path):
     settings = {**two_markets, "fed_rounds": 1}
     run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings)
