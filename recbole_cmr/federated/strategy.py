@@ -106,11 +106,20 @@ def weighted_mean(tensors, weights):
     Returns:
         Tensor: shape ``[*]``, the dtype of ``tensors[0]`` (integers are rounded).
     """
-    total = sum(w * t.double() for w, t in zip(weights, tensors))
-    dtype = tensors[0].dtype
+    return cast_like(sum(w * t.double() for w, t in zip(weights, tensors)), tensors[0].dtype)
+
+
+def cast_like(total, dtype):
+    """A float64 aggregate ``total`` back to ``dtype`` (integer tensors are rounded first)."""
     if not (dtype.is_floating_point or dtype.is_complex):
         total = total.round()
     return total.to(dtype)
+
+
+def example_weights(counts):
+    """``counts`` normalised to sum to 1; equal weights when they are all zero."""
+    total = sum(counts)
+    return [n / total for n in counts] if total > 0 else [1 / len(counts)] * len(counts)
 
 
 @register_strategy("fedavg")
@@ -122,9 +131,7 @@ class FedAvg(Strategy):
 
     def aggregate(self, round, results):
         names = check_results(round, results)
-        counts = [n for _, _, n in results]
-        total = sum(counts)
-        weights = [n / total for n in counts] if total > 0 else [1 / len(counts)] * len(counts)
+        weights = example_weights([n for _, _, n in results])
         return {
             name: weighted_mean([update[name] for _, update, _ in results], weights)
             for name in names
@@ -160,15 +167,11 @@ def rowwise_mean(tensors, counts, current):
     base = current.double()
     rows = stack.reshape(len(tensors), base.shape[0] if base.dim() else 1, -1)  # [C, R, D]
     changed = (rows != base.reshape(1, rows.shape[1], -1)).any(-1)  # [C, R]
-    w = torch.tensor(counts if sum(counts) > 0 else [1] * len(counts), dtype=torch.float64)
-    w = w[:, None] * changed  # [C, R]
+    w = torch.tensor(example_weights(counts), dtype=torch.float64)[:, None] * changed  # [C, R]
     denom = w.sum(0)  # [R]
     mean = (w[:, :, None] * rows).sum(0) / denom.clamp_min(1e-300)[:, None]  # [R, D]
     mean = torch.where(denom[:, None] > 0, mean, base.reshape(rows.shape[1], -1))
-    out = mean.reshape(base.shape)
-    if not (current.dtype.is_floating_point or current.dtype.is_complex):
-        out = out.round()
-    return out.to(current.dtype)
+    return cast_like(mean.reshape(base.shape), current.dtype)
 
 
 @register_strategy("fedavg_rows")
