@@ -13,7 +13,8 @@ Resumable: every (model, dataset, seed) run writes ``results/<dataset>/<model>-s
 soon as it ends and is skipped when that file exists with the current settings (a file whose
 settings changed is run again and left out of the summaries). ``summarise`` rebuilds
 ``results/<dataset>.json`` (full ranking), ``results/<dataset>-uni99.json``, ``results/<dataset>.md``
-and ``results/<dataset>-gain.png`` from those files.
+and ``results/<dataset>-gain.png`` from those files; the markdown and json also check FeCoSR
+against the benchmark targets (README, Results) on the seeds each pair of models has run.
 """
 
 import argparse
@@ -257,7 +258,8 @@ def _cell(value, std):
 
 
 def summarise_protocol(runs, protocol):
-    """``{"protocol", "seeds", "selected_by", "models": {name: {per_market, macro, wall_s}}}``."""
+    """``{"protocol", "seeds", "selected_by", "models": {name: {per_market, macro, wall_s}},
+    "targets": target_checks(...)}``."""
     import numpy as np
 
     summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
@@ -279,7 +281,76 @@ def summarise_protocol(runs, protocol):
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
+    summary["targets"] = target_checks(runs, protocol)
     return summary
+
+
+# The benchmark targets for FeCoSR: (other model, relation FeCoSR must have to it, wording).
+TARGETS = [("Local", "ratio", "FeCoSR ≥ 1.10 × Local"),
+           ("FedAvg-SASRec", "above", "FeCoSR above FedAvg-SASRec"),
+           ("PretrainFinetune", "above", "FeCoSR above PretrainFinetune"),
+           ("Pooled", "at_least", "FeCoSR matches or beats Pooled (goal)"),
+           ("Local", "no_degradation", "no market where FeCoSR is below Local by more than one seed-std"),
+           ("FeCoSR-noS2CE", "above", "FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)")]
+
+
+def _ndcg_by_seed(runs, name, protocol):
+    """``{seed: {market: test NDCG@10}}`` of the runs named ``name``."""
+    return {r["seed"]: {m: res["test"][protocol]["ndcg@10"] for m, res in r["per_market"].items()}
+            for r in runs if r["name"] == name}
+
+
+def _target_row(fecosr, other, relation, seeds):
+    """``(measured, met)`` of one target on ``seeds`` (both runs' ``{seed: {market: ndcg}}``)."""
+    import numpy as np
+
+    markets = list(fecosr[seeds[0]])
+    mine = np.array([[fecosr[s][m] for m in markets] for s in seeds])  # (seeds, markets)
+    theirs = np.array([[other[s][m] for m in markets] for s in seeds])
+    ours, base = float(mine.mean()), float(theirs.mean())
+    if relation == "ratio":
+        return f"{ours / base:.2f} × ({ours:.4f} / {base:.4f})", ours / base >= 1.10
+    if relation in ("above", "at_least"):
+        met = ours > base if relation == "above" else ours >= base
+        return f"{ours:.4f} vs {base:.4f}", met
+    if len(seeds) < 2:
+        return "needs two seeds of both for a std", None
+    gap = mine.mean(axis=0) - theirs.mean(axis=0)  # (markets,)
+    std = theirs.std(axis=0, ddof=1)
+    worst = int(np.argmin(gap / np.maximum(std, 1e-12)))
+    below = [m for m, g, sd in zip(markets, gap, std) if g < -sd]
+    return (f"below by more than one std in {', '.join(below) or 'no market'}; closest: "
+            f"{markets[worst]} {gap[worst]:+.4f} (Local std {std[worst]:.4f})"), not below
+
+
+def target_checks(runs, protocol):
+    """``[{"target", "seeds", "measured", "met"}]``: FeCoSR against each model on the seeds both
+    ran (``met`` is None where those seeds cannot decide it); [] without FeCoSR runs."""
+    fecosr = _ndcg_by_seed(runs, "FeCoSR", protocol)
+    rows = []
+    for other_name, relation, target in TARGETS if fecosr else []:
+        other = _ndcg_by_seed(runs, other_name, protocol)
+        seeds = sorted(set(fecosr) & set(other))
+        if not other:
+            if other_name in MODELS and other_name != "FeCoSR-noS2CE":
+                rows.append({"target": target, "seeds": [], "measured": "not run yet", "met": None})
+            continue
+        if not seeds:
+            rows.append({"target": target, "seeds": [], "measured": "no seed run by both", "met": None})
+            continue
+        measured, met = _target_row(fecosr, other, relation, seeds)
+        rows.append({"target": target, "seeds": seeds, "measured": measured,
+                     "met": None if met is None else bool(met)})
+    return rows
+
+
+def _targets_markdown(rows):
+    lines = ["### Targets (FeCoSR against each model on the seeds both ran)", "",
+             "| target | seeds | measured | met |", "|---|---|---|---|"]
+    for row in rows:
+        met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
+        lines.append(f"| {row['target']} | {row['seeds']} | {row['measured']} | {met} |")
+    return lines + [""]
 
 
 def markdown(dataset, summaries):
@@ -306,6 +377,8 @@ def markdown(dataset, summaries):
             lines += ["", "† fine-tunes the federated stage of the run it ablates (same seed); its "
                       "wall time counts the fine-tuning only."]
         lines.append("")
+        if summary.get("targets"):
+            lines += _targets_markdown(summary["targets"])
     return "\n".join(lines) + "\n"
 
 

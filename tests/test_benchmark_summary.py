@@ -55,3 +55,40 @@ def test_markdown_shows_std_only_where_there_are_seeds_to_spread(harness):
     fecosr = next(line for line in text.splitlines() if line.startswith("| FeCoSR"))
     assert "(n=2)" in local and "0.1500 ± 0.0707" in local
     assert "(n=1)" in fecosr and "0.3000 |" in fecosr and "±" not in fecosr
+
+
+def _targets(harness, runs):
+    return {row["target"]: row for row in harness.target_checks(runs, "full")}
+
+
+def test_targets_compare_fecosr_on_the_seeds_both_ran(harness):
+    runs = [_run("Local", 2020, {"a": 0.10, "b": 0.10}), _run("Local", 2021, {"a": 0.12, "b": 0.30}),
+            _run("FeCoSR", 2020, {"a": 0.12, "b": 0.12}),
+            _run("FedAvg-SASRec", 2020, {"a": 0.20, "b": 0.20})]
+    rows = _targets(harness, runs)
+    ratio = rows["FeCoSR ≥ 1.10 × Local"]
+    # only seed 2020 is shared: 0.12 / 0.10, not Local's two-seed mean
+    assert ratio["seeds"] == [2020] and ratio["met"] is True and ratio["measured"].startswith("1.20 ×")
+    assert rows["FeCoSR above FedAvg-SASRec"]["met"] is False
+    assert rows["FeCoSR above PretrainFinetune"] == {"target": "FeCoSR above PretrainFinetune",
+                                                     "seeds": [], "measured": "not run yet", "met": None}
+    # a std needs two shared seeds: undecided, not passed
+    assert rows["no market where FeCoSR is below Local by more than one seed-std"]["met"] is None
+    assert harness.target_checks([r for r in runs if r["name"] != "FeCoSR"], "full") == []
+
+
+def test_degradation_target_flags_a_market_more_than_one_std_below_local(harness):
+    runs = [_run("Local", 2020, {"a": 0.10, "b": 0.20}), _run("Local", 2021, {"a": 0.12, "b": 0.22}),
+            _run("FeCoSR", 2020, {"a": 0.30, "b": 0.18}), _run("FeCoSR", 2021, {"a": 0.30, "b": 0.18})]
+    row = _targets(harness, runs)["no market where FeCoSR is below Local by more than one seed-std"]
+    # b: FeCoSR 0.18 against Local 0.21 ± 0.0141; a is far above
+    assert row["met"] is False and "in b;" in row["measured"]
+    runs[-1] = _run("FeCoSR", 2021, {"a": 0.30, "b": 0.22})  # b: 0.20, within one std of 0.21
+    row = _targets(harness, runs)["no market where FeCoSR is below Local by more than one seed-std"]
+    assert row["met"] is True and "in no market" in row["measured"]
+
+
+def test_markdown_lists_the_targets(harness):
+    runs = [_run("Local", 2020, {"a": 0.10}), _run("FeCoSR", 2020, {"a": 0.105})]
+    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
+    assert "| FeCoSR ≥ 1.10 × Local | [2020] | 1.05 × (0.1050 / 0.1000) | **no** |" in text
