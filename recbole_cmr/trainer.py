@@ -11,7 +11,7 @@ from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_
 
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
-from recbole_cmr.utils import matching
+from recbole_cmr.utils import matching, save_atomic
 
 
 def macro_average(results):
@@ -92,7 +92,7 @@ class MultiMarketTrainerMixin:
             "optimizer": self.optimizer.state_dict(),
             **checkpoint_safe(self.checkpoint_info),
         }
-        torch.save(state, saved_model_file)
+        save_atomic(state, saved_model_file)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {saved_model_file}")
 

@@ -1,9 +1,14 @@
-"""Model and trainer look-up (the plugin first, RecBole as fallback) and packaged paths."""
+"""Model and trainer look-up (the plugin first, RecBole as fallback), packaged paths, and
+atomic checkpoint writes."""
 
+import contextlib
 import fnmatch
 import importlib
 import os
 import re
+import tempfile
+
+import torch
 
 from recbole.utils import get_model as get_recbole_model
 from recbole.utils import get_trainer as get_recbole_trainer
@@ -21,6 +26,25 @@ def resource_path(*parts):
     if os.path.exists(installed):
         return installed
     return os.path.join(os.path.dirname(_PACKAGE_DIR), *parts)
+
+
+def save_atomic(obj, path):
+    """``torch.save(obj, path)`` through a temp file in the same folder and ``os.replace``.
+
+    A write cut short (killed process, full disk) leaves the previous file at ``path`` whole and
+    no partial file behind, so a run can always resume from its last complete checkpoint.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _model_module(model_name):

@@ -202,3 +202,22 @@ def test_client_fraction_half_trains_one_market_per_round_reproducibly(two_marke
     selections = runs[0][0]
     assert all(len(markets) == 1 for markets in selections)
     assert runs[0] == runs[1]
+
+
+def test_a_cut_checkpoint_write_keeps_the_last_whole_round(tmp_path, monkeypatch):
+    """A process killed while saving a round must leave the previous checkpoint loadable."""
+    from recbole_cmr import utils
+
+    path = tmp_path / "fed.pth"
+    utils.save_atomic({"round": 3, "w": torch.ones(4)}, str(path))
+
+    def cut_short(obj, f):  # writes part of the file, then dies like a killed process would
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(utils.torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_atomic({"round": 4, "w": torch.zeros(4)}, str(path))
+    state = torch.load(path, weights_only=True)
+    assert state["round"] == 3 and torch.equal(state["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["fed.pth"]

@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
+
+from recbole_cmr.utils import save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -234,21 +235,6 @@ def _load_cached(path: str, n_rows: int) -> np.ndarray | None:
     return emb.to(torch.float32).numpy()
 
 
-def _save_atomic(path: str, emb: np.ndarray) -> None:
-    """Write ``emb`` to ``path`` via a temp file in the same directory + ``os.replace``."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(torch.from_numpy(np.ascontiguousarray(emb)), f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -321,7 +307,7 @@ def item_text_embeddings(
     if emb is None:
         emb = _compute_embeddings(pairs, encoder, batch_size, show_progress, device)
         if path is not None:
-            _save_atomic(path, emb)
+            save_atomic(torch.from_numpy(np.ascontiguousarray(emb)), path)
             logger.info("saved item text embeddings to %s", path)
     row_of = {token: i for i, (token, _) in enumerate(pairs)}
     out = np.zeros((len(item_tokens), emb.shape[1]), dtype=np.float32)

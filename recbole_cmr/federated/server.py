@@ -32,6 +32,7 @@ from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.strategy import get_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
+from recbole_cmr.utils import save_atomic
 
 def setting(config, key):
     """``config[key]`` (defaults in properties/overall.yaml); a single pattern becomes a list."""
@@ -350,7 +351,7 @@ class FederatedServer:
             "clients": {cid: c.private_state() for cid, c in self.clients.items()},
             "rng": get_rng_states(self.rng),
         }
-        torch.save(state, self.checkpoint_file)
+        save_atomic(state, self.checkpoint_file)
 
     def _read_checkpoint(self, file):
         """A :meth:`save_checkpoint` file of these markets (ValueError otherwise)."""
