@@ -164,7 +164,11 @@ def round_checkpoint(model, dataset, settings, finished):
     files = sorted((HERE / "saved").glob(f"{model}-{dataset}-federated-*.pth"),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for path in files:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a write cut short by an older, non-atomic save
+            print(f"skipping unreadable round checkpoint {path.name}: {err}", flush=True)
+            continue
         if state.get("kind") != "federated" or same_run(state.get("config")) != wanted:
             continue
         ended = state["stopped"] or state["round"] + 1 >= state["config"]["fed_rounds"]

@@ -92,3 +92,21 @@ def test_markdown_lists_the_targets(harness):
     runs = [_run("Local", 2020, {"a": 0.10}), _run("FeCoSR", 2020, {"a": 0.105})]
     text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
     assert "| FeCoSR ≥ 1.10 × Local | [2020] | 1.05 × (0.1050 / 0.1000) | **no** |" in text
+
+
+def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_path, monkeypatch):
+    """An interrupted run resumes from its newest readable round checkpoint."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(harness, "HERE", tmp_path)
+    (tmp_path / "saved").mkdir()
+    settings = {"seed": 2020, "fed_rounds": 80}
+    whole = tmp_path / "saved" / "FeCoSR-xmrec-federated-a.pth"
+    torch.save({"kind": "federated", "config": settings, "round": 5, "stopped": False}, whole)
+    cut = tmp_path / "saved" / "FeCoSR-xmrec-federated-b.pth"
+    cut.write_bytes(b"PK\x03\x04 half a zip")
+    os.utime(whole, (1, 1))  # the cut file is the newest
+    path, state = harness.round_checkpoint("FeCoSR", "xmrec", settings, finished=False)
+    assert path == str(whole) and state["round"] == 5
