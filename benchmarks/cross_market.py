@@ -153,9 +153,7 @@ def round_checkpoint(model, dataset, settings, finished):
     checkpoint trains no round and restores the RNG states, so the numbers are those of an
     uninterrupted run), and an ablation finds the stage it shares, when the same machine reruns.
     """
-    import torch
-
-    from recbole_cmr.compat import checkpoint_safe
+    from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 
     def same_run(cfg):
         return {k: v for k, v in (cfg or {}).items() if k not in NOT_ROUNDS}
@@ -165,7 +163,7 @@ def round_checkpoint(model, dataset, settings, finished):
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for path in files:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_checkpoint(str(path))
         except Exception as err:  # a write cut short by an older, non-atomic save
             print(f"skipping unreadable round checkpoint {path.name}: {err}", flush=True)
             continue

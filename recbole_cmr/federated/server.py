@@ -34,6 +34,7 @@ from recbole_cmr.federated.strategy import get_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
 from recbole_cmr.utils import save_atomic
 
+
 def setting(config, key):
     """``config[key]`` (defaults in properties/overall.yaml); a single pattern becomes a list."""
     value = config[key]
