@@ -74,11 +74,17 @@ MODELS = {
     # own items by its share of all interactions (XMRec: most items are sold in one or two markets).
     "FeCoSR+MS": {"model": "FeCoSR", "market_softmax": True, "fed_strategy": "fedavg_rows"},
     "FedAvg-SASRec+MS": {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"},
+    # "+keep": a market keeps its federated model unless fine-tuning validates higher
+    # (finetune_keep_pretrained); fine-tuning only, on the federated stage of the run named.
+    "FeCoSR+keep": {"model": "FeCoSR", "finetune_keep_pretrained": True,
+                    "federated_stage_of": "FeCoSR"},
+    "FeCoSR-noS2CE+keep": {"model": "FeCoSR", "s2ce": False, "finetune_keep_pretrained": True,
+                           "federated_stage_of": "FeCoSR-noS2CE"},
 }
 DATASETS = {
     # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.
     "xmrec": {"convert": ["xmrec", str(SHARED / "xmrec")], "settings": {"s2ce": False},
-              "skip": ["FeCoSR-noS2CE"]},
+              "skip": ["FeCoSR-noS2CE", "FeCoSR-noS2CE+keep"]},
     "movielens-markets": {"convert": ["movielens", str(SHARED / "movielens_titles")],
                           "settings": {"item_text_fields": ["title"]},
                           "skip": []},
@@ -235,6 +241,8 @@ def run_one(dataset, name, seed, out_file):
     for market, res in _both_protocols(stage).items():
         per_market[market]["federated"] = res
     for market, r in result["per_market"].items():
+        if "kept_pretrained" in r:
+            per_market[market]["kept_pretrained"] = r["kept_pretrained"]
         if "after_transfer" in r:
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,

@@ -26,7 +26,7 @@ from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.federated import train_federated
 from recbole_cmr.results import format_table, log_file_path, results_frame, save_results
-from recbole_cmr.trainer import finetune_trainer, macro_average, new_market_trainer
+from recbole_cmr.trainer import finetune_trainer, keep_pretrained, macro_average, new_market_trainer
 from recbole_cmr.utils import get_model, get_trainer
 
 TRAIN_MODES = ("local", "pooled", "federated", "transfer")
@@ -71,7 +71,13 @@ def _finetune_local(config, models, train, valid, test, saved, verbose):
     for market, model in models.items():
         _log_market(market, "fine-tuning ")
         trainer = finetune_trainer(config, model, f"{market}-finetuned", [market])
+        if config["finetune_keep_pretrained"]:
+            before = keep_pretrained(trainer, valid[market], saved, config["show_progress"])
+            getLogger().info(f"pretrained model: valid score {before:.6f}, kept unless fine-tuning "
+                             "validates higher")
         per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
+        if config["finetune_keep_pretrained"]:
+            per_market[market]["kept_pretrained"] = bool(trainer.best_valid_score == before)
     return per_market
 
 

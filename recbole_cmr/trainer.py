@@ -176,6 +176,22 @@ def finetune_trainer(config, model, tag, markets):
     return trainer
 
 
+def keep_pretrained(trainer, valid_data, saved=True, show_progress=False):
+    """Make the model as it is before fine-tuning the trainer's best so far.
+
+    RecBole's ``fit`` then replaces it only with an epoch that validates higher, and (``saved``)
+    the checkpoint that ``evaluate`` loads is the pretrained model until one does.
+
+    Returns:
+        float: the pretrained model's valid score.
+    """
+    score, result = trainer._valid_epoch(valid_data, show_progress=show_progress)
+    trainer.best_valid_score, trainer.best_valid_result = score, result
+    if saved:
+        trainer._save_checkpoint(-1, verbose=False)
+    return score
+
+
 def _finetune_groups(config, model):
     """Optimizer parameter groups: adaptation parameters at full, the rest at scaled lr."""
     names = dict(model.named_parameters())

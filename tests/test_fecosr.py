@@ -220,3 +220,25 @@ def test_fed_pretrained_must_hold_the_models_shared_parameters(two_markets, tmp_
     with pytest.raises(ValueError, match="not both"):
         run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict={
             **settings, "fed_pretrained": str(round_file), "fed_resume": str(round_file)})
+
+
+
+def test_finetune_keep_pretrained_never_validates_below_the_pretrained_model(two_markets, tmp_path):
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 4, "adapter_rank": 4,
+                "finetune_keep_pretrained": True}
+    result = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)["per_market"]
+    for res in result.values():
+        before, after = res["federated"], res
+        assert after["valid"]["ndcg@10"] >= before["valid"]["ndcg@10"]
+        if res["kept_pretrained"]:
+            assert dict(after["test"]) == dict(before["test"])
+        else:
+            assert after["valid"]["ndcg@10"] > before["valid"]["ndcg@10"]
+    # Fine-tuning at learning rate 100 wrecks the model: the pretrained one must stay.
+    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    wrecked = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
+        **settings, "fed_pretrained": str(round_file), "learning_rate": 100.0})["per_market"]
+    for market, res in wrecked.items():
+        assert res["kept_pretrained"] is True
+        assert res["valid"] == result[market]["federated"]["valid"]
+        assert dict(res["test"]) == dict(result[market]["federated"]["test"])
