@@ -180,7 +180,8 @@ def keep_pretrained(trainer, valid_data, saved=True, show_progress=False):
     """Make the model as it is before fine-tuning the trainer's best so far.
 
     RecBole's ``fit`` then replaces it only with an epoch that validates higher, and (``saved``)
-    the checkpoint that ``evaluate`` loads is the pretrained model until one does.
+    the checkpoint that ``evaluate`` loads is the pretrained model until one does (without
+    ``saved`` RecBole tests the last epoch, as it always does).
 
     Returns:
         float: the pretrained model's valid score.
