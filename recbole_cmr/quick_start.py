@@ -71,12 +71,10 @@ def _finetune_local(config, models, train, valid, test, saved, verbose):
     for market, model in models.items():
         _log_market(market, "fine-tuning ")
         trainer = finetune_trainer(config, model, f"{market}-finetuned", [market])
-        if config["finetune_keep_pretrained"]:
-            before = keep_pretrained(trainer, valid[market], saved, config["show_progress"])
-            getLogger().info(f"pretrained model: valid score {before:.6f}, kept unless fine-tuning "
-                             "validates higher")
+        keep = config["finetune_keep_pretrained"]
+        before = keep_pretrained(trainer, valid[market], saved, config["show_progress"]) if keep else None
         per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
-        if config["finetune_keep_pretrained"]:
+        if keep:
             per_market[market]["kept_pretrained"] = bool(trainer.best_valid_score == before)
     return per_market
 

@@ -190,6 +190,8 @@ def keep_pretrained(trainer, valid_data, saved=True, show_progress=False):
     trainer.best_valid_score, trainer.best_valid_result = score, result
     if saved:
         trainer._save_checkpoint(-1, verbose=False)
+    trainer.logger.info(f"pretrained model: valid score {score:.6f}, kept unless fine-tuning "
+                        "validates higher")
     return score
 
 

@@ -222,7 +222,6 @@ def test_fed_pretrained_must_hold_the_models_shared_parameters(two_markets, tmp_
             **settings, "fed_pretrained": str(round_file), "fed_resume": str(round_file)})
 
 
-
 def test_finetune_keep_pretrained_never_validates_below_the_pretrained_model(two_markets, tmp_path):
     settings = {**two_markets, "s2ce": False, "fed_rounds": 4, "adapter_rank": 4,
                 "finetune_keep_pretrained": True}
