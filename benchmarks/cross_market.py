@@ -83,7 +83,8 @@ MODELS = {
 }
 DATASETS = {
     # XMRec has no item text: S2CE is off there, so FeCoSR is its own no-S2CE ablation.
-    "xmrec": {"convert": ["xmrec", str(SHARED / "xmrec")], "settings": {"s2ce": False},
+    "xmrec": {"convert": ["xmrec", str(SHARED / "xmrec")], "settings": {},
+              "model_settings": {"FeCoSR": {"s2ce": False}},
               "skip": ["FeCoSR-noS2CE", "FeCoSR-noS2CE+keep"]},
     "movielens-markets": {"convert": ["movielens", str(SHARED / "movielens_titles")],
                           "settings": {"item_text_fields": ["title"]},
@@ -130,7 +131,8 @@ def run_settings(dataset, name, seed):
     spec = dict(MODELS[name])
     model = spec.pop("model")
     spec.pop("federated_stage_of", None)
-    settings = {**SETTINGS, **DATASETS[dataset]["settings"], **spec, "data_path": str(DATA),
+    own = DATASETS[dataset].get("model_settings", {}).get(model, {})  # settings only it reads
+    settings = {**SETTINGS, **DATASETS[dataset]["settings"], **own, **spec, "data_path": str(DATA),
                 "seed": seed, "eval_args": eval_args("full"),
                 "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
     return model, settings

@@ -54,8 +54,7 @@ def main():
     from recbole_cmr.trainer import checkpoint_file
 
     settings = {"fed_rounds": args.rounds, "fed_local_epochs": args.local_epochs,
-                "stopping_step": 10**6, "show_progress": False, "state": "WARNING",
-                "s2ce": False}
+                "stopping_step": 10**6, "show_progress": False, "state": "WARNING"}
     config = Config(model="FedAvgSASRec", dataset=args.dataset, config_dict=settings)
     train, valid, _ = data_preparation(config, create_dataset(config))
     reference = reference_times(config, train, valid, args.local_epochs, args.rounds)

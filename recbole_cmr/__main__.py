@@ -20,11 +20,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """Run the command line ``argv`` (default ``sys.argv[1:]``): every ``--key=value`` in it is a
+    setting, and with ``argv`` given ``sys.argv`` is not read."""
     from recbole_cmr.quick_start import run_recbole_cmr
 
     args = parse_args(argv)
     files = args.config_files.strip().split(" ") if args.config_files else None
-    run_recbole_cmr(model=args.model, dataset=args.dataset, config_file_list=files)
+    return run_recbole_cmr(model=args.model, dataset=args.dataset, config_file_list=files,
+                    argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """``Config``: RecBole's configurator with the plugin's yaml files and model look-up."""
 
+import glob
 import os
+import sys
+from functools import lru_cache
 
+import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
@@ -18,7 +22,26 @@ class Config(RecBoleConfig):
     settings keep RecBole's precedence: config files < ``config_dict`` < command line.
     A dataset that is not under ``data_path`` but ships with the package (``dataset/``) is found
     there.
+
+    ``argv`` (a list of ``--key=value`` strings) replaces ``sys.argv`` as the command line.
+    A setting that only other plugin models read (``--model=SASRec --market_softmax=True``) is
+    an error.
     """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None,
+                 argv=None):
+        self._argv = None if argv is None else [str(a) for a in argv]
+        super().__init__(model, dataset, config_file_list, config_dict)
+        check_model_settings(self.model, self.external_config_dict)
+
+    def _load_cmd_line(self):
+        if self._argv is None:
+            return super()._load_cmd_line()
+        saved, sys.argv = sys.argv, ["recbole_cmr", *self._argv]
+        try:
+            return super()._load_cmd_line()
+        finally:
+            sys.argv = saved
 
     def _external(self, key, value):
         """``value`` if given, else the setting from files/dict/command line (RecBole's error)."""
@@ -72,3 +95,44 @@ class Config(RecBoleConfig):
             and os.path.isdir(packaged)
         ):
             self.final_config_dict["data_path"] = packaged
+
+
+def _yaml_keys(path):
+    with open(path, encoding="utf-8") as f:
+        try:
+            return set(yaml.safe_load(f) or {})
+        except yaml.YAMLError:
+            return set()
+
+
+@lru_cache(maxsize=None)
+def plugin_model_settings():
+    """``{key: (models...)}`` for the settings that only recbole_cmr's model yaml files define
+    (not RecBole's yaml files, not the plugin's overall.yaml)."""
+    import recbole
+
+    shared = set()
+    for path in glob.glob(os.path.join(os.path.dirname(recbole.__file__), "properties", "**",
+                                       "*.yaml"), recursive=True):
+        shared |= _yaml_keys(path)
+    properties = resource_path("properties")
+    shared |= _yaml_keys(os.path.join(properties, "overall.yaml"))
+    owners = {}
+    for path in sorted(glob.glob(os.path.join(properties, "model", "*.yaml"))):
+        model = os.path.splitext(os.path.basename(path))[0]
+        for key in _yaml_keys(path) - shared:
+            owners.setdefault(key, []).append(model)
+    return {key: tuple(models) for key, models in owners.items()}
+
+
+def check_model_settings(model, settings):
+    """Raise ValueError for a setting in ``settings`` that ``model`` does not read because only
+    other recbole_cmr models define it (it would be silently ignored)."""
+    owners = plugin_model_settings()
+    for key in settings:
+        models = owners.get(key)
+        if models and model not in models:
+            raise ValueError(
+                f"{key} is a setting of {', '.join(models)}; model {model} does not read it. "
+                f"Drop it, or run a model that has it (e.g. --model={models[0]})."
+            )

@@ -19,13 +19,13 @@ import logging
 import sys
 from logging import getLogger
 
-from recbole.utils import calculate_valid_score, init_logger, init_seed, set_color
+from recbole.utils import calculate_valid_score, init_seed, set_color
 
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.federated import train_federated
-from recbole_cmr.results import format_table, log_file_path, results_frame, save_results
+from recbole_cmr.results import format_table, init_run_logger, results_frame, save_results
 from recbole_cmr.trainer import finetune_trainer, keep_pretrained, macro_average, new_market_trainer
 from recbole_cmr.utils import get_model, get_trainer
 
@@ -118,6 +118,9 @@ def _train_transfer(config, train, valid, test, saved, verbose):
     model, trainer = new_market_trainer(config, train[source]._dataset, source, [source])
     per_market = {source: _fit_and_test(config, trainer, source, train, valid, test, saved, verbose)}
     targets = {m: copy.deepcopy(model) for m in train if m != source}
+    for market, target in targets.items():
+        if hasattr(target, "use_market"):  # e.g. market_softmax: the target's own item mask
+            target.use_market(train[market]._dataset)
     per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
     per_market[source]["after_transfer"] = {
         m: trainer_for(config, targets[m]).evaluate(test[source], load_best_model=False)
@@ -173,8 +176,8 @@ def _run(config, saved=True, verbose=True):
     return _summarise(config, per_market)
 
 
-def _report(config, result):
-    """Print the results table and save it (JSON, CSV) beside the log file."""
+def _report(config, result, log_path):
+    """Print the results table and save it (JSON, CSV) beside the run's log file."""
     valid_metric = config["valid_metric"].lower()
     macro = {"valid": result["best_valid_result"], "test": result["test_result"]}
     frame = results_frame(result["per_market"], macro, valid_metric)
@@ -184,15 +187,17 @@ def _report(config, result):
         set_color(f"{config['model']} ({config['train_mode']}) on {config['dataset']}: test results "
                   f"per market, model selected by valid {valid_metric}", "yellow") + "\n" + table
     )
-    log_path = log_file_path()
-    if log_path:
-        paths = save_results(result, frame, log_path)
-        result["results_files"] = list(paths)
-        logger.info(set_color("Results saved to", "blue") + f": {paths[0]}, {paths[1]}")
+    paths = save_results(result, frame, log_path)
+    result["results_files"] = list(paths)
+    logger.info(set_color("Results saved to", "blue") + f": {paths[0]}, {paths[1]}")
 
 
-def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True,
+                    argv=None):
     """Train and evaluate ``model`` on every market of ``dataset``.
+
+    Settings come as in RecBole (config files < ``config_dict`` < command line); ``argv``, a list
+    of ``--key=value`` strings, stands for the command line instead of ``sys.argv``.
 
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result`` and
@@ -201,14 +206,14 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
         ``results_files`` (the saved JSON and CSV table).
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
-                    config_dict=config_dict)
+                    config_dict=config_dict, argv=argv)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    log_path = init_run_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
     result = _run(config, saved=saved)
-    _report(config, result)
+    _report(config, result, log_path)
     return result
 
 
@@ -237,7 +242,7 @@ def load_data_and_model(model_file, config_dict=None):
     config_dict = {**checkpoint["config"], "data_path": checkpoint["data_path"], **(config_dict or {})}
     config = Config(model=checkpoint["model"], dataset=checkpoint["dataset"], config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_run_logger(config)
     dataset = create_dataset(config)
     loaders = data_preparation(config, dataset)
     train, valid, test = ({m: d[m] for m in checkpoint["markets"]} for d in loaders)

@@ -5,6 +5,7 @@ import logging
 import os
 
 import pandas as pd
+from recbole.utils import init_logger
 from tabulate import tabulate
 
 
@@ -25,17 +26,58 @@ def format_table(frame, decimals=4):
     return tabulate(frame, headers="keys", tablefmt="github", floatfmt=f".{decimals}f")
 
 
-def log_file_path():
-    """Path of the log file RecBole's ``init_logger`` opened, or None."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            return handler.baseFilename
-    return None
+RUN_HANDLER = "_recbole_cmr_run"  # marks the log handlers a run installed
 
 
-def save_results(result, frame, base_path):
-    """Write ``<base>.results.json`` (the whole result dict) and ``<base>.results.csv`` (table)."""
-    stem = os.path.splitext(base_path)[0]
+def init_run_logger(config):
+    """RecBole's ``init_logger``, with a log file of this run's own.
+
+    RecBole configures the root logger once per process (``logging.basicConfig``), so a second
+    run (hyper-tuning, a notebook) would keep logging to the first run's file. Here the handlers
+    a previous run installed are closed, RecBole names and opens this run's file
+    (``log/<model>/<model>-<dataset>-<time>-<hash>.log``), and handlers the process had already
+    (a notebook's or pytest's) are kept; RecBole's console handler is added only when there are
+    none.
+
+    Returns:
+        str: path of this run's log file.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, RUN_HANDLER, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    foreign = list(root.handlers)
+    for handler in foreign:
+        root.removeHandler(handler)
+    try:
+        init_logger(config)
+    finally:
+        added = list(root.handlers)
+        for handler in added:
+            root.removeHandler(handler)
+        for handler in foreign:
+            root.addHandler(handler)
+    for handler in added:
+        if foreign and not isinstance(handler, logging.FileHandler):
+            handler.close()  # the process already prints its logs
+            continue
+        setattr(handler, RUN_HANDLER, True)
+        root.addHandler(handler)
+    return next(h.baseFilename for h in added if isinstance(h, logging.FileHandler))
+
+
+def save_results(result, frame, log_path):
+    """Write ``<log>.results.json`` (the whole result dict) and ``<log>.results.csv`` (table)
+    beside the run's log file; a run that would overwrite another's files gets ``-2``, ``-3``, ...
+
+    Returns:
+        tuple: ``(json_path, csv_path)``.
+    """
+    stem = base = os.path.splitext(log_path)[0]
+    n = 1
+    while os.path.exists(stem + ".results.json"):
+        n += 1
+        stem = f"{base}-{n}"
     json_path, csv_path = stem + ".results.json", stem + ".results.csv"
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, default=float)

@@ -11,7 +11,7 @@ from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_
 
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
-from recbole_cmr.utils import matching, save_atomic
+from recbole_cmr.utils import check_patterns, matching, save_atomic, user_set
 
 
 def macro_average(results):
@@ -45,6 +45,23 @@ class MultiMarketTrainerMixin:
                 callback_fn(epoch_idx, valid_score)
 
         return super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        self._loss_position = [epoch_idx, 0]  # epoch, batch: for _check_nan's message
+        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+
+    def _check_nan(self, loss):
+        """Stop on a non-finite training loss (RecBole checks NaN only; Inf too here), naming the
+        market, epoch and batch."""
+        epoch, batch = getattr(self, "_loss_position", ["?", 0])
+        if not torch.isfinite(loss).all():
+            markets = self.checkpoint_info.get("markets") or ["?"]
+            raise ValueError(
+                f"Training loss is {float(loss.detach().sum())} in market [{', '.join(markets)}], "
+                f"epoch {epoch}, batch {batch}: lower learning_rate, set clip_grad_norm, or check "
+                "the data and model settings of that market."
+            )
+        self._loss_position = [epoch, batch + 1]
 
     def _valid_epoch(self, valid_data, show_progress=False):
         if not isinstance(valid_data, Mapping):
@@ -142,9 +159,23 @@ def new_market_trainer(config, dataset, tag, markets):
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, dataset).to(config["device"])
+    check_user_patterns(config, list(model.state_dict()))
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     _set_checkpointing(trainer, config, tag, markets)
     return model, trainer
+
+
+def check_user_patterns(config, names):
+    """The parameter patterns the user set that this run uses must each match a parameter of
+    the model (``names``): ``fed_*_params`` when federated, ``finetune_params`` when fine-tuning."""
+    mode = config["train_mode"]
+    keys = ["fed_shared_params", "fed_local_params"] if mode == "federated" else []
+    if mode == "transfer" or (mode == "federated" and config["finetune"]):
+        keys.append("finetune_params")
+    for key in keys:
+        if user_set(config, key):
+            patterns = config[key] or []
+            check_patterns(names, [patterns] if isinstance(patterns, str) else patterns, key)
 
 
 def _set_checkpointing(trainer, config, tag, markets, **info):

@@ -127,3 +127,45 @@ def _matches(name, pattern):
 def matching(names, patterns):
     """The ``names`` that match any of ``patterns`` (fnmatch globs or regexes), in order."""
     return [n for n in names if any(_matches(n, p) for p in patterns)]
+
+
+def _suggestion(names, pattern):
+    """A pattern in the parameters' own capitalisation that matches, or None.
+
+    ``"*norm*"`` against ``trm_encoder.layer.0.output.LayerNorm.weight`` gives ``"*LayerNorm*"``:
+    each literal piece of the pattern becomes the dotted name part holding it.
+    """
+    near = [n for n in names if fnmatch.fnmatch(n.lower(), pattern.lower())]
+    if not near:
+        return None
+    suggestion = pattern
+    for piece in (p for p in re.split(r"[*?\[\]]+", pattern) if p):
+        parts = [p for p in re.split(r"[.]", near[0]) if piece.lower() in p.lower()]
+        if parts:
+            suggestion = suggestion.replace(piece, parts[0], 1)
+        else:
+            start = near[0].lower().index(piece.lower())
+            suggestion = suggestion.replace(piece, near[0][start:start + len(piece)], 1)
+    return suggestion if matching(names, [suggestion]) else None
+
+
+def check_patterns(names, patterns, key):
+    """Raise ValueError naming ``key`` for a pattern that matches none of ``names``.
+
+    Args:
+        names (Sequence[str]): parameter names of the model.
+        patterns (Sequence[str]): fnmatch globs or regexes (matching is case-sensitive).
+        key (str): the setting the patterns come from (for the message).
+    """
+    for pattern in patterns:
+        if matching(names, [pattern]):
+            continue
+        suggestion = _suggestion(names, pattern)
+        hint = (f'did you mean "{suggestion}"? (matching is case-sensitive)' if suggestion else
+                f"the model's parameters are {list(names)[:12]}{' ...' if len(names) > 12 else ''}")
+        raise ValueError(f'{key}: pattern "{pattern}" matches no parameter of the model; {hint}')
+
+
+def user_set(config, key):
+    """True when ``key`` was set by the user (config file, dict or command line), not a yaml default."""
+    return key in getattr(config, "external_config_dict", {})

@@ -120,3 +120,67 @@ def test_item_text_requested_without_item_file(two_markets):
     _, dataset, _ = _build(two_markets, prepare=False)
     with pytest.raises(ValueError, match=r"has no item text: .*xm2\.item does not exist"):
         dataset.item_text_embedding
+
+
+def _write_user_files(two_markets):
+    """``.user`` files for ``in`` and ``jp``: age (float) and country (token) per user."""
+    root = f"{two_markets['data_path']}/xm2"
+    profiles = {"in": ("IN", 30.0), "jp": ("JP", 50.0)}
+    for market, (country, age) in profiles.items():
+        users = sorted(set(np.loadtxt(f"{root}/{market}.inter", dtype=str, delimiter="\t",
+                                      skiprows=1, usecols=0)))
+        rows = [f"{u}\t{age + i % 3}\t{country}\t{'shared' if i % 2 else market}"
+                for i, u in enumerate(users)]
+        with open(f"{root}/{market}.user", "w") as f:
+            f.write("user_id:token\tage:float\tcountry:token\tsegment:token\n" + "\n".join(rows) + "\n")
+    return {**two_markets, "load_col": None}
+
+
+def _user_rows(ds, split_user_feat=None):
+    """``{user token: (age, country token)}`` from a market dataset (or a pooled split's table)."""
+    feat = ds.user_feat if split_user_feat is None else split_user_feat
+    uid, tokens = np.asarray(feat["user_id"]), ds.field2id_token
+    return {tokens["user_id"][u]: (float(np.asarray(feat["age"])[i]),
+                                   tokens["country"][int(np.asarray(feat["country"])[i])])
+            for i, u in enumerate(uid) if u != 0}
+
+
+def test_token_fields_share_one_vocabulary_across_markets(two_markets):
+    settings = _write_user_files(two_markets)
+    _, dataset, _ = _build(settings, prepare=False)
+    in_ds, jp_ds = dataset.market_datasets["in"], dataset.market_datasets["jp"]
+    for field in ("country", "segment"):
+        assert list(in_ds.field2id_token[field]) == list(jp_ds.field2id_token[field])
+    country = in_ds.field2token_id["country"]
+    assert country["IN"] != country["JP"]
+    for ds, token in ((in_ds, "IN"), (jp_ds, "JP")):  # every user reads its own market's country
+        rows = _user_rows(ds)
+        users = set(ds.field2id_token["user_id"][np.unique(np.asarray(ds.inter_feat["user_id"]))])
+        assert {rows[u][1] for u in users} == {token}
+    assert in_ds.field2token_id["segment"]["shared"] == jp_ds.field2token_id["segment"]["shared"]
+    # user ids stay per market; a market-private field keeps per-market ids too
+    assert in_ds.user_num != jp_ds.user_num
+    _, private, _ = _build(settings, prepare=False, market_private_fields=["segment"])
+    ids = [private.market_datasets[m].field2token_id["segment"] for m in ("in", "jp")]
+    assert set(ids[0]) == {"[PAD]", "in", "shared"} and set(ids[1]) == {"[PAD]", "jp", "shared"}
+    with pytest.raises(ValueError, match=r"market_private_fields \['colour'\].*market \[in\]"):
+        _build(settings, prepare=False, market_private_fields=["colour"])
+
+
+def test_pooled_users_keep_their_own_markets_features(two_markets):
+    settings = _write_user_files(two_markets)
+    _, dataset, (train, _, _) = _build(settings, train_mode="pooled")
+    pooled = pooled_train_data(dataset.config, train)._dataset
+    rows = _user_rows(pooled)
+    expected = {}
+    for market, (country, age) in {"in": ("IN", 30.0), "jp": ("JP", 50.0)}.items():
+        users = sorted(set(np.loadtxt(f"{settings['data_path']}/xm2/{market}.inter", dtype=str,
+                                      delimiter="\t", skiprows=1, usecols=0)))
+        expected.update({f"{market}:{u}": (age + i % 3, country) for i, u in enumerate(users)})
+    seen = set(pooled.field2id_token["user_id"][np.unique(np.asarray(pooled.inter_feat["user_id"]))])
+    assert {u[:3] for u in seen} == {"in:", "jp:"}
+    assert {u: rows[u] for u in seen} == {u: expected[u] for u in seen}
+    batch = next(iter(pooled_train_data(dataset.config, train)))  # the loader joins them too
+    countries = pooled.field2id_token["country"][batch["country"].numpy()]
+    users = pooled.field2id_token["user_id"][batch["user_id"].numpy()]
+    assert all(c == expected[u][1] for u, c in zip(users, countries))

@@ -73,3 +73,20 @@ def test_unknown_model_name(two_markets):
 def test_unknown_train_mode(two_markets):
     with pytest.raises(ValueError, match=r"train_mode \[joint\] must be one of"):
         _run({**two_markets, "train_mode": "joint"})
+
+
+def test_a_setting_only_other_plugin_models_read_is_an_error(two_markets):
+    with pytest.raises(ValueError, match=r"market_softmax is a setting of FeCoSR, FedAvgSASRec, "
+                                         r"PretrainFinetune; model SASRec does not read it"):
+        _run({**two_markets, "market_softmax": True})
+    with pytest.raises(ValueError, match=r"s2ce is a setting of FeCoSR; model FedAvgSASRec"):
+        _run({**two_markets, "s2ce": False}, model="FedAvgSASRec")
+    _assert_nothing_saved(two_markets)
+
+
+def test_a_finetune_pattern_that_matches_nothing_is_an_error(two_markets):
+    """Checked when the first model is built, before any training or file."""
+    with pytest.raises(ValueError, match=r'finetune_params: pattern "\*Item_Embedding\*" .* '
+                                         r'did you mean "\*item_embedding\*"'):
+        _run({**two_markets, "finetune_params": ["*Item_Embedding*"]}, model="PretrainFinetune")
+    _assert_nothing_saved(two_markets)

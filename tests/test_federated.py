@@ -6,7 +6,14 @@ import pytest
 import torch
 from recbole.data.interaction import Interaction
 
-from recbole_cmr import Config, create_dataset, data_preparation, get_trainer, load_data_and_model
+from recbole_cmr import (
+    Config,
+    create_dataset,
+    data_preparation,
+    get_trainer,
+    load_data_and_model,
+    run_recbole_cmr,
+)
 from recbole_cmr.federated import (
     FedAvg,
     FederatedServer,
@@ -30,17 +37,17 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def _data(settings):
-    """Config and fresh ``{market: loader}`` dicts for SASRec on ``xm2``."""
-    config = Config(model="SASRec", dataset="xm2",
+def _data(settings, model="SASRec"):
+    """Config and fresh ``{market: loader}`` dicts for ``model`` on ``xm2``."""
+    config = Config(model=model, dataset="xm2",
                     config_dict={"train_mode": "local", "fed_rounds": 2, **settings})
     return (config, *data_preparation(config, create_dataset(config)))
 
 
 def _server(settings, checkpoint_file=None):
     config, train, valid, test = _data(settings)
-    clients = build_clients(config, train, valid)
-    return FederatedServer(config, clients, checkpoint_file=checkpoint_file), test
+    clients = build_clients(config, train, valid, test)
+    return FederatedServer(config, clients, checkpoint_file=checkpoint_file)
 
 
 # ---- strategies on hand-made tensors ---------------------------------------------------------
@@ -66,15 +73,6 @@ def test_fedavg_is_the_mean_weighted_by_examples():
         get_strategy("nope")
 
 
-def test_local_parameters_never_reach_the_aggregate():
-    state = {"emb.weight": torch.zeros(3, 2), "LayerNorm.weight": torch.ones(2)}
-    shared = select_shared(state, ["*"], ["*LayerNorm*"])
-    updates = [(m, {n: state[n] + i for n in shared}, 10) for i, m in enumerate(["in", "jp"])]
-    new = FedAvg().aggregate(1, updates)
-    assert list(new) == ["emb.weight"]
-    assert torch.allclose(new["emb.weight"], torch.full((3, 2), 0.5))
-
-
 def test_non_finite_updates_are_dropped_with_a_warning(caplog):
     current = {"w": torch.zeros(2)}
     good = {"w": torch.tensor([2.0, 4.0])}
@@ -94,7 +92,7 @@ def test_non_finite_updates_are_dropped_with_a_warning(caplog):
 # ---- the round loop on xm2 -------------------------------------------------------------------
 def test_federated_sasrec_round_loop(two_markets, tmp_path):
     config, train, valid, test = _data({**two_markets, **LOCAL_NORM})
-    clients = build_clients(config, train, valid)
+    clients = build_clients(config, train, valid, test)
     first, second = (c.model.state_dict() for c in clients)
     assert all(torch.equal(first[n], second[n]) for n in first)  # same initial weights
     assert clients[0].local_names and all("LayerNorm" in n for n in clients[0].local_names)
@@ -103,7 +101,10 @@ def test_federated_sasrec_round_loop(two_markets, tmp_path):
     server = FederatedServer(config, clients, checkpoint_file=checkpoint)
     best_score, best_valid = server.fit()
     assert [r["markets"] for r in server.history] == [["in", "jp"], ["in", "jp"]]
-    assert all(r["bytes_up"] == r["bytes_down"] > 0 for r in server.history)
+    shared_bytes = sum(first[n].nelement() * 4 for n in server.shared_names)
+    norm_bytes = sum(first[n].nelement() * 4 for n in clients[0].local_names)
+    assert norm_bytes > 0 and not set(server.shared_names) & set(clients[0].local_names)
+    assert all(r["bytes_up"] == r["bytes_down"] == 2 * shared_bytes for r in server.history)
     assert set(best_valid) == {"in", "jp"} and best_score > 0
 
     # after the broadcast of the best round: shared identical, local (LayerNorm) personal
@@ -111,7 +112,7 @@ def test_federated_sasrec_round_loop(two_markets, tmp_path):
     assert all(torch.equal(first[n], second[n]) for n in server.shared_names)
     assert any(not torch.equal(first[n], second[n]) for n in clients[0].local_names)
 
-    tests = server.evaluate(test)
+    tests = server.evaluate()
     assert set(tests) == {"in", "jp"} and "ndcg@10" in tests["jp"]
     state = torch.load(checkpoint, weights_only=True)
     assert state["round"] == 1 and set(state["clients"]) == {"in", "jp"}
@@ -142,63 +143,126 @@ class _Interrupt(Exception):
 
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(two_markets, tmp_path):
     settings = {**two_markets, **LOCAL_NORM, "fed_rounds": 3}
-    server, test = _server(settings, str(tmp_path / "full.pth"))
+    server = _server(settings, str(tmp_path / "full.pth"))
     server.fit(verbose=False)
-    expected = server.evaluate(test)
+    expected = server.evaluate()
 
     def stop_after_round_1(round_idx, valid_score):
         if round_idx == 1:
             raise _Interrupt
 
     checkpoint = str(tmp_path / "cut.pth")
-    interrupted, _ = _server(settings, checkpoint)
+    interrupted = _server(settings, checkpoint)
     with pytest.raises(_Interrupt):
         interrupted.fit(verbose=False, callback_fn=stop_after_round_1)
 
-    resumed, test = _server(settings)
+    resumed = _server(settings)
     resumed.resume_checkpoint(checkpoint)
     assert resumed.start_round == 2
     resumed.fit(verbose=False)
-    assert resumed.evaluate(test) == expected
+    assert resumed.evaluate() == expected
     assert [r["valid_score"] for r in resumed.history] == [r["valid_score"] for r in server.history]
     assert all(torch.equal(resumed.global_params[n], t) for n, t in server.global_params.items())
 
 
 def test_server_side_only_sees_named_tensors_and_counts(two_markets, monkeypatch):
-    server, _ = _server(two_markets)
-    names = set(server.clients["in"].model.state_dict())
-    received = []
-    collect, aggregate = FederatedServer._collect, server.strategy.aggregate
+    """Everything that crosses the client boundary, both ways: the server hands clients only
+    global shared tensors, a round number and a phase name (never a loader), and gets back the
+    shared tensors (no local LayerNorm), an int count, float metrics and result dicts."""
+    from recbole_cmr.federated import Client
 
-    def spy_collect(self, client_id, update, num_examples, metrics):
-        received.append((client_id, update, num_examples, metrics))
-        return collect(self, client_id, update, num_examples, metrics)
+    server = _server({**two_markets, **LOCAL_NORM})
+    local = set(server.clients["in"].local_names)
+    sent, received = [], []
+    fit, evaluate = Client.fit, Client.evaluate
 
-    def spy_aggregate(round_idx, results):
-        received.extend(results)
-        return aggregate(round_idx, results)
+    def spy_fit(self, global_params, round):
+        sent.append((global_params, round))
+        reply = fit(self, global_params, round)
+        received.append(reply)
+        return reply
 
-    monkeypatch.setattr(FederatedServer, "_collect", spy_collect)
-    monkeypatch.setattr(server.strategy, "aggregate", spy_aggregate)
+    def spy_evaluate(self, global_params, phase="valid"):
+        sent.append((global_params, phase))
+        reply = evaluate(self, global_params, phase)
+        received.append(reply)
+        return reply
+
+    monkeypatch.setattr(Client, "fit", spy_fit)
+    monkeypatch.setattr(Client, "evaluate", spy_evaluate)
     server.fit(verbose=False)
+    server.evaluate()
 
-    assert len(received) == 2 * 2 * 2  # rounds x markets x (collect, aggregate)
-    for client_id, update, num_examples, *metrics in received:
-        assert client_id in {"in", "jp"} and type(num_examples) is int and num_examples > 0
-        assert type(update) is dict and set(update) <= names
-        assert all(type(t) is torch.Tensor for t in update.values())  # plain tensors, detached
-        assert all(isinstance(v, float) for m in metrics for v in m.values())
-        for value in [update, *update.values(), num_examples, *metrics]:
-            assert not isinstance(value, (Interaction, torch.utils.data.DataLoader))
+    assert len(sent) == 2 * 2 * 2 + 2  # rounds x markets x (fit, validate) + test
+    for params, arg in sent:
+        assert type(params) is dict and list(params) == server.shared_names
+        assert all(type(t) is torch.Tensor for t in params.values()) and type(arg) in (int, str)
+    updates = [r for r in received if type(r) is tuple]
+    assert len(updates) == 4
+    for update, num_examples, metrics in updates:
+        assert list(update) == server.shared_names and not set(update) & local
+        assert all(type(t) is torch.Tensor and not t.requires_grad for t in update.values())
+        assert type(num_examples) is int and num_examples > 0
+        assert all(isinstance(v, float) for v in metrics.values())
+    for result in (r for r in received if type(r) is not tuple):
+        assert all(isinstance(v, float) for v in result.values())
+    for value in [p for pair in sent for p in pair] + [u for r in updates for u in r]:
+        assert not isinstance(value, (Interaction, torch.utils.data.DataLoader))
+
+
+def test_local_epochs_train_each_market_that_many_epochs_per_round(two_markets, monkeypatch):
+    server = _server({**two_markets, "fed_local_epochs": 2, "fed_rounds": 2})
+    epochs = {"in": [], "jp": []}
+    for cid, client in server.clients.items():
+        train_epoch = client.trainer._train_epoch
+
+        def spy(data, epoch_idx, show_progress=False, cid=cid, train_epoch=train_epoch):
+            epochs[cid].append(epoch_idx)
+            return train_epoch(data, epoch_idx, show_progress=show_progress)
+
+        monkeypatch.setattr(client.trainer, "_train_epoch", spy)
+    server.fit(verbose=False)
+    assert epochs == {"in": [0, 1, 2, 3], "jp": [0, 1, 2, 3]}
+
+
+def test_eval_step_validates_every_n_rounds(two_markets):
+    server = _server({**two_markets, "fed_rounds": 4, "eval_step": 2})
+    server.fit(verbose=False)
+    scores = [r["valid_score"] for r in server.history]
+    assert scores[0] is None and scores[2] is None and None not in (scores[1], scores[3])
+    assert server.best["round"] in (1, 3)
+    assert server.best_score == max(scores[1], scores[3])
+
+
+def test_general_model_keeps_its_market_sized_user_embeddings_local(two_markets, caplog):
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 2, "state": "INFO",
+                "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}
+    with caplog.at_level(logging.INFO):
+        result = run_recbole_cmr(model="BPR", dataset="xm2", config_dict=settings, saved=False)
+    assert set(result["per_market"]) == {"in", "jp"}
+    assert caplog.text.count("their shape differs between markets") == 1
+    assert "user_embedding.weight" in caplog.text
+    config, train, valid, test = _data({**settings, "train_mode": "federated"}, model="BPR")
+    clients = build_clients(config, train, valid, test)
+    assert [c.shared_names for c in clients] == [["item_embedding.weight"]] * 2
+    shares_users = Config(model="BPR", dataset="xm2",
+                          config_dict={**settings, "fed_shared_params": ["item_*", "user_*"]})
+    with pytest.raises(ValueError, match=r'pattern "user_\*" names \[.user_embedding.weight.\]'):
+        build_clients(shares_users, train, valid)
+
+
+def test_a_pattern_that_matches_nothing_is_an_error_with_a_suggestion(two_markets):
+    with pytest.raises(ValueError, match=r'fed_local_params: pattern "\*norm\*" .* "\*LayerNorm\*"'):
+        _server({**two_markets, "train_mode": "federated", "fed_local_params": ["*norm*"]})
 
 
 def test_client_fraction_half_trains_one_market_per_round_reproducibly(two_markets):
     settings = {**two_markets, "fed_client_fraction": 0.5, "fed_rounds": 3}
     runs = []
     for _ in range(2):
-        server, test = _server(settings)
+        server = _server(settings)
         server.fit(verbose=False)
-        runs.append(([r["markets"] for r in server.history], server.evaluate(test)))
+        runs.append(([r["markets"] for r in server.history], server.evaluate()))
     selections = runs[0][0]
     assert all(len(markets) == 1 for markets in selections)
     assert runs[0] == runs[1]

@@ -6,7 +6,6 @@ import torch
 from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
 from recbole_cmr.federated import FedAvg, build_clients, get_strategy
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
-from recbole_cmr.model.sequential_recommender.market_softmax import foreign_item_mask
 
 from test_fecosr import small_movielens  # noqa: F401  (fixture)
 
@@ -58,7 +57,6 @@ def test_foreign_items_are_the_items_missing_from_the_market_training_data(two_m
         assert mask.shape == (dataset.item_num,) and bool(mask[0])
         assert not mask[seen[seen > 0]].any()
         assert int((~mask).sum()) == len(seen[seen > 0])
-        assert torch.equal(foreign_item_mask(split, dataset.item_num), mask)
     assert (clients[0].model.foreign_items != clients[1].model.foreign_items).any()
 
 
@@ -84,15 +82,64 @@ def test_a_round_keeps_small_market_items_undiluted(two_markets):
     assert not torch.allclose(diluted[only_in], new[only_in])
 
 
+def _scores(result):
+    return {m: (r["valid"], r["test"]) for m, r in result["per_market"].items()}
+
+
 def test_market_softmax_off_is_plain_sasrec_and_on_changes_training(two_markets):
-    settings = {**two_markets, "fed_rounds": 1}
-    plain = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings, saved=False)
-    again = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
-                            config_dict={**settings, "fed_strategy": "fedavg_rows"}, saved=False)
-    assert again["per_market"] == plain["per_market"]  # without market_softmax every row changes
-    masked = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
-                             config_dict={**settings, **ROWS}, saved=False)
-    assert masked["per_market"] != plain["per_market"]
+    settings = {**two_markets, "epochs": 1, "train_mode": "local", "finetune": False}
+    plain = run_recbole_cmr(model="SASRec", dataset="xm2", config_dict=settings, saved=False)
+    off = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings, saved=False)
+    assert _scores(off) == _scores(plain)
+    on = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                         config_dict={**settings, "market_softmax": True}, saved=False)
+    assert _scores(on) != _scores(plain)
+    # without market_softmax every client changes every row, so fedavg_rows is FedAvg exactly
+    federated = {**two_markets, "fed_rounds": 1}
+    fedavg = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=federated, saved=False)
+    rows = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                           config_dict={**federated, "fed_strategy": "fedavg_rows"}, saved=False)
+    assert _scores(rows) == _scores(fedavg)
+
+
+def test_transfer_gives_each_target_its_own_market_mask(two_markets, monkeypatch):
+    """A target's copy of the source model must mask the target's foreign items, not the
+    source's (which masks target positives: an infinite loss)."""
+    from recbole_cmr import quick_start
+
+    targets = {}
+    finetune = quick_start._finetune_local
+
+    def spy(config, models, *args, **kwargs):
+        targets.update(models)
+        for market, model in models.items():  # every target positive is trainable
+            batch = next(iter(args[0][market]))
+            assert not model.foreign_items[batch["item_id"]].any()
+            assert torch.isfinite(model.calculate_loss(batch))
+        return finetune(config, models, *args, **kwargs)
+
+    monkeypatch.setattr(quick_start, "_finetune_local", spy)
+    result = run_recbole_cmr(model="PretrainFinetune", dataset="xm2", saved=False,
+                             config_dict={**two_markets, "epochs": 1, "market_softmax": True})
+    assert list(targets) == ["in"]  # jp is the larger market, so the source
+    assert set(result["per_market"]) == {"in", "jp"}
+
+
+def test_a_non_finite_training_loss_stops_the_run_naming_market_epoch_and_batch(two_markets):
+    from recbole_cmr.trainer import new_market_trainer
+
+    config = Config(model="SASRec", dataset="xm2", config_dict=two_markets)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    model, trainer = new_market_trainer(config, train["jp"]._dataset, "jp", ["jp"])
+    calls = []
+
+    def loss(interaction):
+        calls.append(1)
+        value = torch.tensor(float("inf") if len(calls) == 2 else 1.0)
+        return model.position_embedding.weight.sum() * 0 + value
+
+    with pytest.raises(ValueError, match=r"Training loss is inf in market \[jp\], epoch 3, batch 1"):
+        trainer._train_epoch(train["jp"], 3, loss_func=loss)
 
 
 def test_s2ce_neighbours_stay_inside_the_market(small_movielens):  # noqa: F811

@@ -79,3 +79,24 @@ def test_anomaly_mode_that_recbole_sine_turns_on_is_off_after_import(tmp_path):
     for before in (False, True):
         probe = _run(["-c", ANOMALY_PROBE.format(before=before)], tmp_path)
         assert probe.stdout.split() == ["True", str(before)], probe.stderr[-3000:]
+
+
+def test_main_reads_every_setting_from_the_argv_it_is_given(two_markets, monkeypatch, tmp_path):
+    """``main(argv)`` parses ``argv`` (not ``sys.argv``): ``--topk=[5]`` there shapes the metrics,
+    and a ``--topk`` on the process's own command line is ignored."""
+    import yaml
+
+    from recbole_cmr.__main__ import main
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(yaml.safe_dump({**two_markets, "epochs": 1}))
+    monkeypatch.setattr(sys, "argv", ["pytest", "--topk=[20]", "--seed=99"])
+    result = main(["--model=SASRec", "--dataset=xm2", f"--config_files={settings}", "--topk=[5]",
+                   "--valid_metric=NDCG@5", "--seed=7"])
+    assert set(result["test_result"]) == {"hit@5", "ndcg@5", "mrr@5"}
+    saved = json.loads(open(result["results_files"][0]).read())
+    assert saved["test_result"] == dict(result["test_result"])
+    again = recbole_cmr.run_recbole_cmr(model="SASRec", dataset="xm2", config_file_list=[str(settings)],
+                                        argv=["--topk=[5]", "--valid_metric=NDCG@5", "--seed=7"],
+                                        saved=False)
+    assert again["per_market"]["jp"]["test"] == result["per_market"]["jp"]["test"]

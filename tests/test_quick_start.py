@@ -94,11 +94,42 @@ def test_results_table_is_saved_beside_the_log(two_markets):
     assert saved["test_result"]["ndcg@10"] == pytest.approx(table.loc["macro", "ndcg@10"])
 
 
-def test_recbole_general_model_runs_through_the_plugin(two_markets):
-    result = run_recbole_cmr(model="BPR", dataset="xm2", config_dict={**two_markets, "epochs": 1},
-                             saved=False)
-    assert set(result["per_market"]) == {"in", "jp"}
-    assert result["test_result"]["hit@10"] >= 0
+def test_recbole_general_model_learns_through_the_plugin(two_markets):
+    settings = {**two_markets, "learning_rate": 0.01}
+    untrained = run_recbole_cmr(model="BPR", dataset="xm2", saved=False,
+                                config_dict={**settings, "epochs": 0})
+    trained = run_recbole_cmr(model="BPR", dataset="xm2", saved=False,
+                              config_dict={**settings, "epochs": 3})
+    assert set(trained["per_market"]) == {"in", "jp"}
+    for market in ("in", "jp"):
+        assert trained["per_market"][market]["test"]["hit@10"] > \
+            untrained["per_market"][market]["test"]["hit@10"]
+    # 3 epochs: several times the hit rate of the random initial model
+    assert trained["test_result"]["hit@10"] > 3 * untrained["test_result"]["hit@10"]
+
+
+def test_two_runs_in_one_process_write_their_own_logs_and_results(two_markets, tmp_path):
+    """Hyper-tuning and notebooks run several models in one process: each run keeps its own
+    log file and results files, named by its own model and dataset."""
+    settings = {**two_markets, "epochs": 1, "state": "INFO"}
+    first = run_recbole_cmr(model="SASRec", dataset="xm2", saved=False, config_dict=settings)
+    second = run_recbole_cmr(model="GRU4Rec", dataset="xm2", saved=False, config_dict=settings)
+    again = run_recbole_cmr(model="GRU4Rec", dataset="xm2", saved=False, config_dict=settings)
+    files = [r["results_files"] for r in (first, second, again)]
+    assert len({f for pair in files for f in pair}) == 6
+    for result, (json_path, csv_path) in zip((first, second, again), files):
+        model = result["model"]
+        assert os.path.basename(json_path).startswith(f"{model}-xm2-")
+        assert os.path.dirname(json_path) == str(tmp_path / "log" / model)
+        saved = json.load(open(json_path))
+        assert saved["model"] == model and saved["test_result"] == dict(result["test_result"])
+        assert pd.read_csv(csv_path, index_col="market").loc["macro", "ndcg@10"] == \
+            pytest.approx(result["test_result"]["ndcg@10"])
+    [sasrec_log] = (tmp_path / "log" / "SASRec").glob("*.log")
+    text = sasrec_log.read_text()
+    assert "SASRec (local) on xm2" in text and "GRU4Rec" not in text
+    assert "GRU4Rec (local) on xm2" in "".join(
+        p.read_text() for p in (tmp_path / "log" / "GRU4Rec").glob("*.log"))
 
 
 def test_federated_train_mode_through_the_quick_start(two_markets):

@@ -44,25 +44,32 @@ class MarketDatasetMixin:
     def __str__(self):
         return set_color(f"[market {self.market}] ", "pink") + super().__str__()
 
+    def field_group(self, field):
+        """The fields RecBole remaps together with ``field`` (its alias group, else itself)."""
+        for fields in self.alias.values():
+            if field in fields:
+                return list(fields)
+        return [field]
+
     def remap_to_global(self, field, lut, global_tokens, global_token_id):
-        """Re-number ``field`` and its aliases with ``lut`` (local id -> global id).
+        """Re-number the token field ``field`` and its aliases with ``lut`` (local id -> global id).
 
         Args:
-            field (str): ``uid_field`` or ``iid_field``.
+            field (str): a token or token_seq field (user id, item id or any feature).
             lut (np.ndarray): shape ``[num(field)]``, ``lut[0] == 0`` (padding).
             global_tokens (np.ndarray): shape ``[n_global]``, token of each global id.
             global_token_id (dict): token -> global id.
         """
-        alias = "user_id" if field == self.uid_field else "item_id"
-        for f in self.alias[alias]:
+        for f in self.field_group(field):
             for feat in self.field2feats(f):
                 if self.field2type[f] == FeatureType.TOKEN:
-                    feat[f] = lut[feat[f].values]
+                    feat[f] = lut[feat[f].values.astype(np.int64)]
                 else:
                     feat[f] = [lut[np.asarray(seq, dtype=np.int64)] for seq in feat[f].values]
             self.field2id_token[f] = global_tokens
             self.field2token_id[f] = global_token_id
-        self._reindex_feat_table(field, len(global_tokens))
+        if field in (self.uid_field, self.iid_field):
+            self._reindex_feat_table(field, len(global_tokens))
 
     def _reindex_feat_table(self, field, n_global):
         """Give the user/item feature table one row per global id (missing rows filled)."""
@@ -235,9 +242,9 @@ class MultiMarketDataset:
             check_market_file(config, market)
         dataset_class = market_dataset_class(config)
         self.market_datasets = {m: self._load_market(dataset_class, m) for m in self.markets}
-        self._share_items()
+        self._share_vocabularies()
         if global_users:
-            self._separate_users()
+            self._pool_user_features()
         # before build(): sequential augmentation drops each user's first item from inter_feat
         self.catalogues = {m: ds.item_ids for m, ds in self.market_datasets.items()}
         for ds in self.market_datasets.values():
@@ -259,25 +266,90 @@ class MultiMarketDataset:
             raise empty
         return ds
 
-    def _share_items(self):
-        iid = self.config["ITEM_ID_FIELD"]
-        datasets = self.market_datasets.values()
-        tokens, token_id = _global_vocabulary([ds.field2id_token[iid] for ds in datasets])
-        for ds in datasets:
-            lut = np.array([token_id[t] for t in ds.field2id_token[iid]], dtype=np.int64)
-            ds.remap_to_global(iid, lut, tokens, token_id)
-        self.item_tokens, self.item_token_id = tokens, token_id
+    def _share_vocabularies(self):
+        """One id space per token field across markets.
 
-    def _separate_users(self):
+        Item ids and every other token / token_seq field get the union of the markets'
+        vocabularies, so one token means one id everywhere. User ids and the fields named in
+        ``market_private_fields`` stay per market; in pooled training they are made disjoint
+        (tokens prefixed with the market) instead.
+        """
+        private = self._private_fields()
+        datasets = list(self.market_datasets.values())
+        done = set()
+        for field in datasets[0].field2id_token:
+            group = datasets[0].field_group(field)
+            if done.intersection(group):
+                continue
+            done.update(group)
+            if not private.intersection(group):
+                self._remap_markets(field, {m: ds.field2id_token[field]
+                                            for m, ds in self.market_datasets.items()})
+            elif self.global_users:
+                self._remap_markets(field, {
+                    m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
+                    for m, ds in self.market_datasets.items()
+                })
+        iid = self.config["ITEM_ID_FIELD"]
+        self.item_tokens = datasets[0].field2id_token[iid]
+        self.item_token_id = datasets[0].field2token_id[iid]
+
+    def _private_fields(self):
+        """The user id and ``market_private_fields`` (checked: token fields of every market)."""
+        named = self.config["market_private_fields"] or []
+        named = [named] if isinstance(named, str) else list(named)
+        for market, ds in self.market_datasets.items():
+            unknown = [f for f in named if f not in ds.field2id_token]
+            if unknown:
+                raise ValueError(
+                    f"market_private_fields {unknown} are not token fields of market [{market}] "
+                    f"(its token fields: {sorted(ds.field2id_token)})."
+                )
+            mismatch = sorted(set(ds.field2id_token) ^ set(self._first().field2id_token))
+            if mismatch:
+                raise ValueError(
+                    f"Market [{market}] and market [{self.markets[0]}] differ in token fields "
+                    f"{mismatch}: every market's .inter/.user files must have the same columns "
+                    "(or select them with load_col)."
+                )
+        return {self.config["USER_ID_FIELD"], *named}
+
+    def _first(self):
+        return self.market_datasets[self.markets[0]]
+
+    def _remap_markets(self, field, local_tokens):
+        """Give ``field`` the union vocabulary of ``local_tokens`` (``{market: tokens}``, each
+        starting with ``[PAD]``) in every market."""
+        tokens, token_id = _global_vocabulary(list(local_tokens.values()))
+        for market, ds in self.market_datasets.items():
+            lut = np.array([token_id[t] for t in local_tokens[market]], dtype=np.int64)
+            ds.remap_to_global(field, lut, tokens, token_id)
+        self.owned_ids = getattr(self, "owned_ids", {})
+        self.owned_ids[field] = {m: np.array([token_id[t] for t in local_tokens[m][1:]],
+                                             dtype=np.int64) for m in local_tokens}
+
+    def _pool_user_features(self):
+        """Pooled training: every market gets the user feature rows of all markets (user ids are
+        disjoint then), so a pooled model reads each user's own market's features."""
         uid = self.config["USER_ID_FIELD"]
-        prefixed = [
-            np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[uid][1:]])
-            for m, ds in self.market_datasets.items()
-        ]
-        tokens, token_id = _global_vocabulary(prefixed)
-        for ds, local in zip(self.market_datasets.values(), prefixed):
-            lut = np.array([token_id[t] for t in local], dtype=np.int64)
-            ds.remap_to_global(uid, lut, tokens, token_id)
+        tables = {m: ds.user_feat for m, ds in self.market_datasets.items()
+                  if ds.user_feat is not None}
+        if not tables:
+            return
+        if len(tables) < len(self.markets) or len({tuple(sorted(t.columns)) for t in tables.values()}) > 1:
+            raise ValueError(
+                "pooled training needs the same user feature fields in every market: "
+                + "; ".join(f"{os.path.join(self.config['data_path'], m + '.user')}: "
+                            f"{sorted(t.columns) if t is not None else 'missing'}"
+                            for m, t in ((m, tables.get(m)) for m in self.markets))
+            )
+        owned = self.owned_ids[uid]
+        pooled = pd.concat([t[t[uid].isin(owned[m])] for m, t in tables.items()], ignore_index=True)
+        full = pd.DataFrame({uid: np.arange(len(self._first().field2id_token[uid]))})
+        pooled = pd.merge(full, pooled, on=uid, how="left")
+        for ds in self.market_datasets.values():
+            ds.user_feat = pooled.copy()
+            ds._fill_nan()
 
     @property
     def item_num(self):

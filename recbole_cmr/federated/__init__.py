@@ -3,7 +3,7 @@
 No federated framework is imported; the contracts map one-to-one onto Flower's::
 
     Client.fit(global_params, round) -> (update, num_examples, metrics)
-    Client.evaluate(global_params, loader) -> RecBole result dict
+    Client.evaluate(global_params, phase) -> RecBole result dict
     Strategy.aggregate(round, [(client_id, update, num_examples)]) -> dict[str, Tensor]
 
 ``train_federated`` is the quick start's entry (same return shape as the local mode).

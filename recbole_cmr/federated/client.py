@@ -3,10 +3,11 @@
 The contract maps one-to-one onto Flower's ``NumPyClient``/``ClientApp``::
 
     client.fit(global_params, round) -> (update, num_examples, metrics)
-    client.evaluate(global_params, loader) -> RecBole result dict
+    client.evaluate(global_params, phase) -> RecBole result dict
 
-Only ``update`` (named tensors), ``num_examples`` (an int) and ``metrics`` (floats) leave the
-client; its interactions, its non-shared parameters and its optimizer state stay here.
+Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats) and evaluation
+results leave the client; its interactions (train, valid and test loaders), its non-shared
+parameters and its optimizer state stay here.
 """
 
 import numpy as np
@@ -29,19 +30,21 @@ class Client:
             client's own model; its optimizer, ``clip_grad_norm`` and logging are used as is.
         train_data (TrainDataLoader): the market's RecBole training loader.
         valid_data (AbstractDataLoader, optional): the market's validation loader.
+        test_data (AbstractDataLoader, optional): the market's test loader.
         shared (Sequence[str]): patterns of the aggregated parameters (``fed_shared_params``).
         local (Sequence[str]): patterns of the parameters kept on the client (``fed_local_params``).
         local_epochs (int): local epochs per round (``fed_local_epochs``).
         show_progress (bool): RecBole's per-epoch progress bars.
     """
 
-    def __init__(self, client_id, trainer, train_data, valid_data=None, shared=("*",), local=(),
-                 local_epochs=1, show_progress=False):
+    def __init__(self, client_id, trainer, train_data, valid_data=None, test_data=None,
+                 shared=("*",), local=(), local_epochs=1, show_progress=False):
         self.client_id = client_id
         self.trainer = trainer
         self.model = trainer.model
         self.train_data = train_data
         self.valid_data = valid_data
+        self.test_data = test_data
         self.local_epochs = local_epochs
         self.show_progress = show_progress
         state = self.model.state_dict()
@@ -52,6 +55,13 @@ class Client:
         trainer.eval_collector.data_collect(train_data)
         if (trainer.config["train_neg_sample_args"] or {}).get("dynamic", False):
             train_data.get_model(self.model)
+
+    def keep_local(self, names):
+        """Stop sharing ``names``: they become local parameters of this client."""
+        names = set(names)
+        self.shared_names = [n for n in self.shared_names if n not in names]
+        shared = set(self.shared_names)
+        self.local_names = [n for n in self.model.state_dict() if n not in shared]
 
     def get_parameters(self):
         """The shared parameters, ``{name: tensor}`` (detached copies)."""
@@ -87,8 +97,13 @@ class Client:
             losses.append(sum(loss) if isinstance(loss, tuple) else loss)
         return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses))}
 
-    def evaluate(self, global_params, loader):
-        """RecBole's result on ``loader`` with the global shared + this client's local parameters."""
+    def evaluate(self, global_params, phase="valid"):
+        """RecBole's result on this client's own ``phase`` loader (``valid`` or ``test``) with the
+        global shared + this client's local parameters."""
+        loader = {"valid": self.valid_data, "test": self.test_data}.get(phase)
+        if loader is None:
+            raise ValueError(f"Client [{self.client_id}] has no {phase} data "
+                             "(phase must be 'valid' or 'test', given to the Client).")
         self.set_parameters(global_params)
         return self.trainer.evaluate(
             loader, load_best_model=False, show_progress=self.show_progress

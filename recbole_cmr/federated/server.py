@@ -176,6 +176,8 @@ class FederatedServer:
         self.best, self.history = None, []
 
     def _warn_unmatched_patterns(self, client):
+        """A default pattern that matches nothing (FeCoSR's ``*adapter*`` with ``adaptation:
+        False``) is only logged; one the user set is an error (``check_user_patterns``)."""
         names = list(client.model.state_dict())
         for key in ("fed_shared_params", "fed_local_params"):
             for pattern in setting(self.config, key):
@@ -229,18 +231,15 @@ class FederatedServer:
             "valid_time": 0.0,
         }  # "round_time" is added by fit
 
-    def _evaluate(self, global_params, loaders):
-        """``{market: result}``: each market's ``loaders[market]`` on ``global_params`` + its
-        own local parameters."""
-        return {cid: self.clients[cid].evaluate(global_params, loader)
-                for cid, loader in loaders.items()}
+    def _evaluate(self, global_params, phase):
+        """``{market: result}``: each client evaluates ``global_params`` + its own local
+        parameters on its own ``phase`` data (the server never holds a loader)."""
+        return {cid: client.evaluate(global_params, phase) for cid, client in self.clients.items()}
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
         start = time()
-        per_market = self._evaluate(
-            self.global_params, {cid: c.valid_data for cid, c in self.clients.items()}
-        )
+        per_market = self._evaluate(self.global_params, "valid")
         score = calculate_valid_score(macro_average(per_market), self.valid_metric)
         self.best_score, self.cur_step, stop, improved = early_stopping(
             score, self.best_score, self.cur_step, max_step=self.stopping_step, bigger=self.bigger
@@ -319,15 +318,15 @@ class FederatedServer:
             client.set_parameters(self.best["global"])
             client.load_local_state(self.best["local"][cid])
 
-    def evaluate(self, eval_data, load_best=True):
-        """``{market: RecBole result}`` on ``eval_data`` (``{market: loader}``).
+    def evaluate(self, phase="test", load_best=True):
+        """``{market: RecBole result}`` of every client on its own ``phase`` data.
 
         Uses the best round's global and local parameters unless ``load_best`` is False.
         """
         if load_best and self.best is not None:
             self.load_best()
-            return self._evaluate(self.best["global"], eval_data)
-        return self._evaluate(self.global_params, eval_data)
+            return self._evaluate(self.best["global"], phase)
+        return self._evaluate(self.global_params, phase)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, round_idx):
@@ -416,11 +415,46 @@ class FederatedServer:
         )
 
 
-def build_clients(config, train, valid, verbose=False):
+def market_dependent(clients):
+    """Names of the shared parameters whose shape differs between clients, e.g. the user
+    embeddings of a general model (one row per user of the market)."""
+    shapes = {}
+    for client in clients:
+        for name, tensor in client.model.state_dict().items():
+            shapes.setdefault(name, set()).add(tuple(tensor.shape))
+    return [n for n in clients[0].shared_names if len(shapes[n]) > 1]
+
+
+def keep_market_dependent_local(config, clients):
+    """Parameters whose shape depends on the market cannot be averaged: they stay on each
+    client (logged once). A ``fed_shared_params`` pattern that names only such parameters is
+    an error."""
+    private = market_dependent(clients)
+    if not private:
+        return
+    for pattern in setting(config, "fed_shared_params"):
+        named = matching(list(clients[0].model.state_dict()), [pattern])
+        if named and set(named) <= set(private):
+            shapes = {c.client_id: tuple(c.model.state_dict()[named[0]].shape) for c in clients}
+            raise ValueError(
+                f'fed_shared_params: pattern "{pattern}" names {named}, whose shape differs '
+                f"between markets ({named[0]}: {shapes}); such parameters cannot be averaged. "
+                "Drop the pattern (they then stay local to each market)."
+            )
+    getLogger().info(set_color("Parameters kept local, their shape differs between markets", "blue")
+                     + f": {private}")
+    for client in clients:
+        client.keep_local(private)
+
+
+def build_clients(config, train, valid, test=None, verbose=False):
     """One :class:`Client` per market, each with its own model built from the same seed.
 
+    Parameters whose shape depends on the market stay local (:func:`keep_market_dependent_local`).
+
     Args:
-        train, valid (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``.
+        train, valid, test (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``
+            (``test`` optional: without it the clients cannot be tested).
     """
     clients = []
     for market in train:
@@ -428,10 +462,11 @@ def build_clients(config, train, valid, verbose=False):
         if verbose and not clients:
             getLogger().info(model)
         clients.append(Client(
-            market, trainer, train[market], valid[market],
+            market, trainer, train[market], valid[market], (test or {}).get(market),
             shared=setting(config, "fed_shared_params"), local=setting(config, "fed_local_params"),
             local_epochs=setting(config, "fed_local_epochs"),
         ))
+    keep_market_dependent_local(config, clients)
     return clients
 
 
@@ -473,7 +508,7 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     if resume_file and pretrained_file:
         raise ValueError("Set either fed_resume (continue a run) or fed_pretrained (reuse a "
                          "finished run's federated stage), not both.")
-    clients = build_clients(config, train, valid, verbose=verbose)
+    clients = build_clients(config, train, valid, test, verbose=verbose)
     server = FederatedServer(
         config, clients, checkpoint_file=checkpoint_file(config, "federated") if saved else None
     )
@@ -482,7 +517,7 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     if pretrained_file:
         server.load_pretrained(pretrained_file)
     server.fit(verbose=verbose)
-    tests = server.evaluate(test)
+    tests = server.evaluate("test")
     if saved and verbose:
         getLogger().info(
             set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}"

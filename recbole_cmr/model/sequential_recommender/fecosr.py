@@ -85,12 +85,26 @@ class FeCoSR(MarketSoftmax, SASRec):
         )
         if self.item_embedding.text_proj is not None:
             self._init_weights(self.item_embedding.text_proj)
-        self.s2ce = None
-        if config["s2ce"]:
-            if self.foreign_items is not None:  # neighbours only among the market's own items
-                text = text.masked_fill(self.foreign_items[:, None], 0.0)
-            self.s2ce = S2CELoss(text, config["s2ce_eps"], config["s2ce_tau"], config["s2ce_topk"])
+        self.s2ce_args = (config["s2ce_eps"], config["s2ce_tau"], config["s2ce_topk"])
+        self.s2ce_text = text if config["s2ce"] else None  # [n_items, D], kept for use_market
+        self.s2ce = self._s2ce_loss()
         self.stage = "pretrain"
+
+    def _s2ce_loss(self):
+        """The S²CE loss over the text neighbours among the market's own items (all items when
+        ``market_softmax`` is off); None when ``s2ce`` is off."""
+        if self.s2ce_text is None:
+            return None
+        text = self.s2ce_text
+        if self.foreign_items is not None:
+            text = text.masked_fill(self.foreign_items[:, None].to(text.device), 0.0)
+        return S2CELoss(text, *self.s2ce_args).to(self.item_embedding.embedding.weight.device)
+
+    def use_market(self, dataset):
+        """Re-point the market mask and, with it, the S²CE neighbours (see ``MarketSoftmax``)."""
+        super().use_market(dataset)
+        if self.foreign_items is not None:
+            self.s2ce = self._s2ce_loss()
 
     @staticmethod
     def _item_text(dataset, config):

@@ -26,6 +26,13 @@ class MarketSoftmax:
             mask = foreign_item_mask(dataset, self.n_items)
         self.register_buffer("foreign_items", mask, persistent=False)  # None: not masked
 
+    def use_market(self, dataset):
+        """Point the model at the market of ``dataset`` (its training split): the foreign-item mask
+        is rebuilt from it. A model copied into another market (``train_mode: transfer``) must be
+        re-pointed, or it trains on the first market's mask (masked positives, infinite loss)."""
+        if self.foreign_items is not None:
+            self.foreign_items = foreign_item_mask(dataset, self.n_items).to(self.foreign_items.device)
+
     def train_logits(self, interaction):
         """Scores of every item for each training sequence, ``[B, n_items]``; items foreign to
         the market are ``-inf`` when ``market_softmax`` is on."""
