@@ -16,6 +16,9 @@
   checks every gradient, which makes SASRec train about 1.7 x slower on CPU (same numbers).
   :func:`import_models_keeping_anomaly_mode` imports RecBole's models and restores the mode the
   process had (call ``torch.autograd.set_detect_anomaly(True)`` afterwards to debug a NaN).
+* RecBole's evaluation ``Collector.get_data_struct`` calls ``.cpu()`` on the int and Counter it
+  stores for ItemCoverage, GiniIndex, AveragePopularity and TailPercentage, so those metrics crash;
+  the plugin's trainers use ``recbole_cmr.trainer.Collector``, which passes them through.
 """
 
 import enum
@@ -106,3 +109,4 @@ def load_checkpoint(path, map_location="cpu"):
 install_numpy_aliases()
 silence_known_warnings()
 import_models_keeping_anomaly_mode()
+

@@ -1,5 +1,6 @@
 """Trainers: RecBole's own, with multi-market validation and weights-only checkpoints."""
 
+import copy
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -7,11 +8,30 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from recbole.evaluator import Collector as RecBoleCollector
 from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_color
 
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.utils import check_patterns, matching, save_atomic, user_set
+
+
+class Collector(RecBoleCollector):
+    """RecBole's evaluation ``Collector``; its ``get_data_struct`` calls ``.cpu()`` on every
+    entry, so the int and Counter entries that ItemCoverage, GiniIndex, AveragePopularity and
+    TailPercentage need (``data.num_items``, ``data.count_items``) crash RecBole 1.2.1. Here
+    non-tensor entries are passed through as they are."""
+
+    def get_data_struct(self):
+        data = self.data_struct._data_dict
+        plain = {k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}
+        for key in plain:
+            del data[key]
+        returned = super().get_data_struct()
+        for key, value in plain.items():
+            self.data_struct.set(key, value)
+            returned.set(key, copy.deepcopy(value))
+        return returned
 
 
 def macro_average(results):
@@ -33,6 +53,10 @@ class MultiMarketTrainerMixin:
     """
 
     checkpoint_info = {}
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.eval_collector = Collector(config)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
             callback_fn=None):
@@ -77,13 +101,24 @@ class MultiMarketTrainerMixin:
         if load_best_model:
             self.load_best_model(model_file)
         if isinstance(eval_data, Mapping):
-            return {
-                market: super(MultiMarketTrainerMixin, self).evaluate(
-                    loader, load_best_model=False, show_progress=show_progress
-                )
-                for market, loader in eval_data.items()
-            }
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
+            return {market: self._evaluate_market(loader, show_progress)
+                    for market, loader in eval_data.items()}
+        return self._evaluate_market(eval_data, show_progress)
+
+    def _evaluate_market(self, loader, show_progress):
+        """RecBole's ``evaluate`` of one market's loader, with the catalogue-size metrics
+        (ItemCoverage, GiniIndex, AveragePopularity, TailPercentage) over that market: its
+        catalogue (``data.num_items``, padding included as RecBole counts it) and its training
+        item counts (``data.count_items``), not the shared item table or pooled counts."""
+        dataset = getattr(loader, "_dataset", None)
+        train = getattr(dataset, "market_train", None)
+        if train is not None:
+            struct, register = self.eval_collector.data_struct, self.eval_collector.register
+            if register.need("data.num_items"):
+                struct.set("data.num_items", len(dataset.market_catalogue) + 1)
+            if register.need("data.count_items"):
+                struct.set("data.count_items", train.item_counter)
+        return super().evaluate(loader, load_best_model=False, show_progress=show_progress)
 
     def load_best_model(self, model_file=None):
         """Load the model weights of a checkpoint (default: this trainer's best)."""

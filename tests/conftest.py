@@ -51,6 +51,18 @@ def two_markets(tmp_path):
     }
 
 
+def shared_data(*parts):
+    """A path under ``../shared/data`` (beside the repo). Absent: the test is skipped, except
+    under CI (``CI=true``), where the data must be there and its absence fails the test."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"real data not available: {path}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + " (CI=true: the shared data folder must be present)")
+        pytest.skip(message)
+    return path
+
+
 def files_under(path):
     """Every file below ``path`` (for checking that nothing was written)."""
     return sorted(str(p) for p in Path(path).rglob("*") if p.is_file()) if os.path.exists(path) else []

@@ -1,4 +1,4 @@
-"""Tests of recbole_cmr.data.convert on the real public files in /work/shared/data."""
+"""Tests of recbole_cmr.data.convert on the real public files in ../shared/data."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from recbole_cmr.data.convert import (
 )
 from recbole_cmr.data.convert import atomic
 from recbole_cmr.data.convert.__main__ import main
+from conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 XMREC_COUNTS = {  # market: (users, items, interactions), from the data README
     "ca": (4668, 5735, 44779),
     "de": (1851, 2179, 17300),
@@ -38,11 +38,8 @@ RATING_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
 
 
 def data(*parts: str) -> Path:
-    """A path under the shared data folder; skip the test when it is absent."""
-    path = DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path}")
-    return path
+    """A path under the shared data folder (skipped when absent, a failure under ``CI=true``)."""
+    return shared_data(*parts)
 
 
 def read(path: Path) -> pd.DataFrame:

@@ -110,8 +110,10 @@ def test_item_text_embeddings_from_the_shared_item_file(two_markets, tmp_path, c
     has_text = emb.abs().sum(dim=1) > 0
     assert has_text.sum() == len(with_text)
     assert bool(has_text[dataset.item_token_id[with_text[0]]])
-    assert f"{len(tokens) - len(with_text)}" in caplog.text  # items without text: one warning
-    assert "2" in caplog.text and "NOT_IN_ANY_MARKET" in caplog.text  # unknown items ignored
+    missing = len(tokens) - len(with_text)
+    assert f"{missing} of {len(tokens)} items have no text" in caplog.text
+    assert "ignoring text of 2 tokens that are not in the item vocabulary" in caplog.text
+    assert "NOT_IN_ANY_MARKET_1" in caplog.text
     # cached on disk: a fresh dataset reuses the file instead of encoding again
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
@@ -184,3 +186,68 @@ def test_pooled_users_keep_their_own_markets_features(two_markets):
     countries = pooled.field2id_token["country"][batch["country"].numpy()]
     users = pooled.field2id_token["user_id"][batch["user_id"].numpy()]
     assert all(c == expected[u][1] for u, c in zip(users, countries))
+
+
+def _tiny_markets(root):
+    """Market ``a`` (4 items; user u1 has all of them) and market ``b`` (3 other items)."""
+    (root / "tiny").mkdir(parents=True)
+    rows = {"a": [("u1", i, t) for t, i in enumerate(["i1", "i2", "i3", "i4"])]
+            + [("u2", i, t) for t, i in enumerate(["i2", "i1", "i3"])],
+            "b": [(u, i, t) for u in ("v1", "v2") for t, i in enumerate(["i5", "i6", "i7"])]}
+    for market, inters in rows.items():
+        lines = [f"{u}\t{i}\t{t}" for u, i, t in inters]
+        (root / "tiny" / f"{market}.inter").write_text(
+            "user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(lines) + "\n")
+
+
+def test_sampling_over_a_market_everyone_bought_out_is_a_clear_error(two_markets, tmp_path):
+    """uni99 for a general model (negatives exclude all the user's items) in market ``a``: u1 has
+    every item of its catalogue, so RecBole's sampler (which checks the global item count) would
+    loop forever; the plugin names market and cure."""
+    import signal
+
+    _tiny_markets(tmp_path / "data")
+    settings = {**two_markets, "eval_args": {**two_markets["eval_args"], "mode": "uni99"}}
+
+    def hang(*_):
+        raise TimeoutError("the sampler loops forever")
+
+    signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=r"Market \[a\]: 1 user\(s\) .* every one of the "
+                                             r"market's 4 items.*user_inter_num_interval"):
+            config = Config(model="BPR", dataset="tiny", config_dict=settings)
+            data_preparation(config, create_dataset(config))
+    finally:
+        signal.alarm(0)
+    # sequential models' negatives exclude only the positive item: uni99 works there
+    config = Config(model="SASRec", dataset="tiny", config_dict=settings)
+    data_preparation(config, create_dataset(config))
+
+
+def test_catalogue_size_metrics_count_the_markets_own_items(two_markets, monkeypatch):
+    """ItemCoverage and GiniIndex divide by the market's catalogue, and AveragePopularity reads the
+    market's own training counts, also when one pooled model is evaluated per market."""
+    from recbole.evaluator.metrics import GiniIndex
+
+    from recbole_cmr.trainer import new_market_trainer
+
+    metrics = {"metrics": ["Hit", "ItemCoverage", "GiniIndex", "AveragePopularity"]}
+    config, dataset, (train, _, test) = _build(two_markets, train_mode="pooled", **metrics)
+    model, trainer = new_market_trainer(config, pooled_train_data(config, train)._dataset,
+                                        "pooled", ["in", "jp"])
+    trainer.eval_collector.data_collect(pooled_train_data(config, train))
+    structs = []
+    evaluate = trainer.evaluator.evaluate
+    monkeypatch.setattr(trainer.evaluator, "evaluate", lambda s: structs.append(s) or evaluate(s))
+    results = trainer.evaluate(test, load_best_model=False)
+    for (market, result), struct in zip(results.items(), structs):
+        n_items = len(dataset.catalogue(market)) + 1
+        assert n_items < dataset.item_num
+        items = struct.get("rec.items").numpy()[:, :10]
+        assert result["itemcoverage@10"] == round(len(np.unique(items)) / n_items, 4)
+        assert result["giniindex@10"] == round(GiniIndex(config).get_gini(items, n_items), 4)
+        counts = train[market]._dataset.item_counter
+        popularity = np.mean([[counts.get(int(i), 0) for i in row] for row in items])
+        assert result["averagepopularity@10"] == pytest.approx(popularity, abs=1e-4)

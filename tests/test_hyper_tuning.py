@@ -1,6 +1,7 @@
 """RecBole's HyperTuning driving the plugin's objective function."""
 
 import pandas as pd
+import pytest
 from recbole.trainer import HyperTuning
 
 from recbole_cmr import objective_function
@@ -16,17 +17,26 @@ def test_objective_returns_what_hypertuning_reads(two_markets):
 
 
 def test_two_trials_write_best_params_and_trial_table(two_markets, tmp_path):
+    """Each trial's row is what a plain run with its settings gives, and the best one is kept."""
+    import json
+
+    alone = {lr: objective_function({**two_markets, "model": "SASRec", "dataset": "xm2",
+                                     "learning_rate": lr}, saved=False)["best_valid_score"]
+             for lr in (0.01, 0.001)}
+    assert alone[0.01] != alone[0.001]
     params = tmp_path / "params.hyper"
     params.write_text("learning_rate choice [0.01,0.001]\n")
     best, result, (best_json, trials_csv) = run_hyper(
         "SASRec", "xm2", str(params), algo="exhaustive", config_dict=two_markets,
         output_dir=str(tmp_path / "hyper"),
     )
-    assert best["learning_rate"] in (0.01, 0.001)
     trials = pd.read_csv(trials_csv)
-    assert len(trials) == 2
-    assert trials["best_valid_score"].max() == result["best_valid_score"]
-    assert "best_params" in open(best_json).read()
+    scores = {float(p.split(":")[1].strip(" ,")): s
+              for p, s in zip(trials["params"], trials["best_valid_score"])}
+    assert scores == pytest.approx(alone)
+    assert best["learning_rate"] == max(alone, key=alone.get)
+    saved = json.load(open(best_json))
+    assert saved["best_params"] == best and saved["best_valid_score"] == pytest.approx(max(alone.values()))
 
 
 def test_recbole_hypertuning_random_search(two_markets, tmp_path):
@@ -37,3 +47,7 @@ def test_recbole_hypertuning_random_search(two_markets, tmp_path):
                      algo="random", max_evals=2)
     hp.run()
     assert len(hp.params2result) == 2
+    dropouts = [float(p.split(":")[1]) for p in hp.params2result]
+    assert all(0.1 <= d <= 0.5 for d in dropouts) and dropouts[0] != dropouts[1]
+    results = list(hp.params2result.values())
+    assert results[0]["best_valid_score"] != results[1]["best_valid_score"]

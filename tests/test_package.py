@@ -26,9 +26,28 @@ def test_properties_and_default_dataset_are_found():
 
 
 def test_public_api():
-    for name in ("run_recbole_cmr", "objective_function", "load_data_and_model", "Config",
-                 "create_dataset", "data_preparation", "get_model", "get_trainer"):
-        assert callable(getattr(recbole_cmr, name))
+    """The names RecBole users know, each doing the plugin-aware thing."""
+    from recbole.config import Config as RecBoleConfig
+    from recbole.model.sequential_recommender import SASRec
+    from recbole.trainer import Trainer
+
+    from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
+    from recbole_cmr.trainer import MultiMarketTrainerMixin
+
+    assert set(recbole_cmr.__all__) == {
+        "Config", "MultiMarketDataset", "create_dataset", "data_preparation", "get_model",
+        "get_trainer", "load_data_and_model", "objective_function", "run_recbole_cmr"}
+    assert recbole_cmr.get_model("FeCoSR") is FeCoSR  # the plugin's own model first
+    assert recbole_cmr.get_model("SASRec") is SASRec  # then RecBole's
+    trainer = recbole_cmr.get_trainer(FeCoSR.type, "FeCoSR")
+    assert issubclass(trainer, MultiMarketTrainerMixin) and issubclass(trainer, Trainer)
+    config = recbole_cmr.Config(model="FeCoSR", dataset="xmrec-mini", config_dict={"markets": ["in"]})
+    assert isinstance(config, RecBoleConfig) and config["train_mode"] == "federated"
+    assert config["data_path"] == resource_path("dataset", "xmrec-mini")  # the shipped data
+    dataset = recbole_cmr.create_dataset(config)
+    assert isinstance(dataset, recbole_cmr.MultiMarketDataset) and dataset.markets == ["in"]
+    train, valid, test = recbole_cmr.data_preparation(config, dataset)
+    assert list(train) == list(valid) == list(test) == ["in"]
 
 
 def _run(args, cwd):

@@ -11,7 +11,8 @@ import torch
 
 from recbole_cmr.data import text
 
-ML1M_ITEM = "/work/shared/data/movielens_titles/ml-1m.item"
+from conftest import shared_data  # noqa: E402
+
 HEADER = "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token"
 ROWS = [  # five real rows of ml-1m.item
     "Toy Story (1995)\tToy Story\t1995\tAnimation Children's Comedy",
@@ -55,7 +56,7 @@ def loads(monkeypatch, minilm):
 
 
 def test_rows_are_real_ml1m_rows():
-    with open(ML1M_ITEM, encoding="utf-8") as f:
+    with open(shared_data("movielens_titles", "ml-1m.item"), encoding="utf-8") as f:
         lines = f.read().splitlines()
     assert lines[0] == HEADER
     assert set(ROWS) <= set(lines[1:])

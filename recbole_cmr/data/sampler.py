@@ -16,6 +16,30 @@ class CatalogueSamplerMixin:
         self.catalogue = None if catalogue is None else np.asarray(catalogue, dtype=np.int64)
         super().__init__(*args, **kwargs)
 
+    def get_used_ids(self):
+        """RecBole's used ids, checked against the market's catalogue.
+
+        RecBole's own guard compares a user's items with the global item count; over one
+        market's catalogue, a user who has every catalogue item would make the sampler loop
+        forever (it resamples until it draws an unused item).
+        """
+        used = super().get_used_ids()
+        if self.catalogue is None:
+            return used
+        last = used[self.phases[-1]] if isinstance(used, dict) else used
+        catalogue = set(self.catalogue.tolist())
+        full = [u for u, items in enumerate(last) if len(items) >= len(catalogue) and catalogue <= items]
+        if full or len(catalogue) < 2:
+            market = getattr((getattr(self, "datasets", None) or [None])[0], "market", "?")
+            raise ValueError(
+                f"Market [{market}]: {len(full)} user(s) (e.g. internal id {full[:3]}) have "
+                f"interacted with every one of the market's {len(catalogue)} items, so no negative "
+                "item can be sampled for them (training negatives or uni/pop evaluation). Filter "
+                "them with user_inter_num_interval, or evaluate that market with full ranking "
+                "(eval_args mode: full)."
+            )
+        return used
+
     def _uni_sampling(self, sample_num):
         if self.catalogue is None:
             return super()._uni_sampling(sample_num)

@@ -32,6 +32,8 @@ def market_loaders(config, dataset, built, catalogue, item_num):
 
     Negatives come from the market's ``catalogue`` and full ranking masks foreign items.
     """
+    for split in built:  # for the catalogue-size metrics (MultiMarketTrainerMixin.evaluate)
+        split.market_catalogue, split.market_train = catalogue, built[0]
     foreign = _foreign_items(item_num, catalogue)
     restrict = catalogue if len(foreign) else None
     samplers = create_market_samplers(config, dataset, built, restrict)
