@@ -10,7 +10,9 @@ from recbole_cmr.data import pooled_train_data
 
 
 def _build(settings, prepare=True, **extra):
-    config = Config(model="SASRec", dataset="xm2", config_dict={**settings, **extra})
+    """Config, dataset and loaders; shared ids (``train_mode: federated``) unless ``extra`` says."""
+    config = Config(model="SASRec", dataset="xm2",
+                    config_dict={**settings, "train_mode": "federated", **extra})
     dataset = create_dataset(config)
     return config, dataset, data_preparation(config, dataset) if prepare else None
 
@@ -35,6 +37,29 @@ def test_one_item_token_is_one_id_in_every_market(two_markets):
     raw = np.loadtxt(f"{two_markets['data_path']}/xm2/in.inter", dtype=str, delimiter="\t",
                      skiprows=1, usecols=1)
     assert sorted(_tokens(dataset, "in")) == sorted(raw)
+
+
+def test_local_mode_keeps_plain_recboles_ids_in_every_market(two_markets, tmp_path):
+    """train_mode local: each market is the dataset plain RecBole makes of its file alone."""
+    import shutil
+
+    from recbole.config import Config as RecBoleConfig
+    from recbole.data import create_dataset as recbole_create_dataset
+
+    _, local, _ = _build(two_markets, prepare=False, train_mode="local")
+    assert not local.shared_ids
+    with pytest.raises(ValueError, match="own item ids"):
+        local.item_num
+    for market in ("in", "jp"):
+        ds = local.market_datasets[market]
+        (tmp_path / "solo" / market).mkdir(parents=True)
+        shutil.copy(f"{two_markets['data_path']}/xm2/{market}.inter", tmp_path / "solo" / market)
+        alone = recbole_create_dataset(RecBoleConfig(
+            model="SASRec", dataset=market, config_dict={
+                **two_markets, "data_path": str(tmp_path / "solo"), "train_neg_sample_args": None}))
+        assert list(ds.field2id_token["item_id"]) == list(alone.field2id_token["item_id"])
+        assert ds.item_num == alone.item_num == len(local.catalogue(market)) + 1
+        assert list(ds.inter_feat["item_id"]) == list(alone.inter_feat["item_id"])
 
 
 def test_users_stay_per_market_unless_pooled(two_markets):
@@ -217,7 +242,8 @@ def test_sampling_over_a_market_everyone_bought_out_is_a_clear_error(two_markets
     try:
         with pytest.raises(ValueError, match=r"Market \[a\]: 1 user\(s\) .* every one of the "
                                              r"market's 4 items.*user_inter_num_interval"):
-            config = Config(model="BPR", dataset="tiny", config_dict=settings)
+            config = Config(model="BPR", dataset="tiny",
+                            config_dict={**settings, "train_mode": "federated"})
             data_preparation(config, create_dataset(config))
     finally:
         signal.alarm(0)

@@ -40,7 +40,7 @@ def _one_torch_thread():
 def _data(settings, model="SASRec"):
     """Config and fresh ``{market: loader}`` dicts for ``model`` on ``xm2``."""
     config = Config(model=model, dataset="xm2",
-                    config_dict={"train_mode": "local", "fed_rounds": 2, **settings})
+                    config_dict={"train_mode": "federated", "fed_rounds": 2, **settings})
     return (config, *data_preparation(config, create_dataset(config)))
 
 
@@ -176,9 +176,10 @@ def test_server_side_only_sees_named_tensors_and_counts(two_markets, monkeypatch
     sent, received = [], []
     fit, evaluate = Client.fit, Client.evaluate
 
-    def spy_fit(self, global_params, round):
+    def spy_fit(self, global_params, round, config=None):
+        assert type(config) is dict and all(type(v) is float for v in config.values())
         sent.append((global_params, round))
-        reply = fit(self, global_params, round)
+        reply = fit(self, global_params, round, config)
         received.append(reply)
         return reply
 
@@ -216,9 +217,9 @@ def test_local_epochs_train_each_market_that_many_epochs_per_round(two_markets, 
     for cid, client in server.clients.items():
         train_epoch = client.trainer._train_epoch
 
-        def spy(data, epoch_idx, show_progress=False, cid=cid, train_epoch=train_epoch):
+        def spy(data, epoch_idx, cid=cid, train_epoch=train_epoch, **kwargs):
             epochs[cid].append(epoch_idx)
-            return train_epoch(data, epoch_idx, show_progress=show_progress)
+            return train_epoch(data, epoch_idx, **kwargs)
 
         monkeypatch.setattr(client.trainer, "_train_epoch", spy)
     server.fit(verbose=False)

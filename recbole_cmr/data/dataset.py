@@ -223,26 +223,37 @@ def _global_vocabulary(token_arrays):
 
 
 class MultiMarketDataset:
-    """A thin container over per-market RecBole datasets sharing one item id space.
+    """A thin container over per-market RecBole datasets.
+
+    With ``shared_ids`` (every train mode but ``local``) the markets share one item id space and
+    one vocabulary per token field; in ``local`` mode each market keeps the ids plain RecBole
+    gives its file alone, so a market trains and ranks exactly as in plain RecBole.
 
     Attributes:
         markets (list[str]): market names, in config order.
         market_datasets (dict[str, Dataset]): RecBole dataset of each market.
-        item_num (int): number of global item ids, padding included.
+        shared_ids (bool): whether ids are shared across markets.
+        item_num (int): number of shared item ids, padding included (``shared_ids`` only).
         global_users (bool): whether user ids are disjoint across markets (pooled training).
     """
 
-    def __init__(self, config, global_users=False):
+    def __init__(self, config, global_users=False, shared_ids=True):
         self.config = config
         self.dataset_name = config["dataset"]
         self.logger = getLogger()
         self.global_users = global_users
+        self.shared_ids = shared_ids or global_users
         self.markets = resolve_markets(config)
         for market in self.markets:
             check_market_file(config, market)
         dataset_class = market_dataset_class(config)
         self.market_datasets = {m: self._load_market(dataset_class, m) for m in self.markets}
-        self._share_vocabularies()
+        iid = config["ITEM_ID_FIELD"]
+        if self.shared_ids:
+            self._share_vocabularies()
+        self.item_tokens, _ = _global_vocabulary(
+            [ds.field2id_token[iid] for ds in self.market_datasets.values()])
+        self.item_token_id = {t: i for i, t in enumerate(self.item_tokens)} if self.shared_ids else None
         if global_users:
             self._pool_user_features()
         # before build(): sequential augmentation drops each user's first item from inter_feat
@@ -290,9 +301,6 @@ class MultiMarketDataset:
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
                     for m, ds in self.market_datasets.items()
                 })
-        iid = self.config["ITEM_ID_FIELD"]
-        self.item_tokens = datasets[0].field2id_token[iid]
-        self.item_token_id = datasets[0].field2token_id[iid]
 
     def _private_fields(self):
         """The user id and ``market_private_fields`` (checked: token fields of every market)."""
@@ -353,6 +361,9 @@ class MultiMarketDataset:
 
     @property
     def item_num(self):
+        if not self.shared_ids:
+            raise ValueError("In train_mode local every market has its own item ids: use "
+                             "dataset.market_datasets[market].item_num.")
         return len(self.item_tokens)
 
     def catalogue(self, market):
@@ -365,12 +376,15 @@ class MultiMarketDataset:
 
     @cached_property
     def item_text_embedding(self):
-        """Sentence embedding of each item's text, ``torch.FloatTensor [item_num, dim]``."""
+        """Sentence embedding of each item's text, ``torch.FloatTensor [item_num, dim]`` (rows
+        in shared-id order; in local mode a market's own: ``market_datasets[m].item_text_embedding``)."""
+        self.item_num  # noqa: B018  (the shared ids must exist)
         return item_text_embedding(self.config, self.item_tokens)
 
     def __str__(self):
         lines = [set_color(f"{self.dataset_name}", "pink") + f": {len(self.markets)} markets, "
-                 f"{self.item_num - 1} items in all"]
+                 f"{len(self.item_tokens) - 1} items in all"
+                 + ("" if self.shared_ids else " (each market with its own item ids)")]
         for m, ds in self.market_datasets.items():
             lines.append(
                 f"  {m}: {ds.inter_num} inters, {len(np.unique(ds.inter_feat[ds.uid_field]))} "

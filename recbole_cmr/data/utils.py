@@ -17,9 +17,12 @@ from recbole_cmr.data.sampler import create_market_samplers
 def create_dataset(config):
     """Load the markets of ``config['dataset']`` as a :class:`MultiMarketDataset`.
 
-    User ids are made disjoint across markets when ``train_mode`` is ``pooled``.
+    Markets share item ids (and token vocabularies) unless ``train_mode`` is ``local``, where
+    each market keeps plain RecBole's ids; user ids are made disjoint across markets when
+    ``train_mode`` is ``pooled``.
     """
-    return MultiMarketDataset(config, global_users=config["train_mode"] == "pooled")
+    return MultiMarketDataset(config, global_users=config["train_mode"] == "pooled",
+                              shared_ids=config["train_mode"] != "local")
 
 
 def _foreign_items(item_num, catalogue):
@@ -56,7 +59,8 @@ def data_preparation(config, dataset):
     train, valid, test = {}, {}, {}
     for market, built in dataset.build().items():
         train[market], valid[market], test[market] = market_loaders(
-            config, dataset.market_datasets[market], built, dataset.catalogue(market), dataset.item_num
+            config, dataset.market_datasets[market], built, dataset.catalogue(market),
+            dataset.market_datasets[market].item_num,
         )
     _log_loaders(config)
     return train, valid, test

@@ -18,16 +18,32 @@ from recbole_cmr.federated.server import (
     train_federated,
 )
 from recbole_cmr.federated.strategy import (
+    FedAdagrad,
+    FedAdam,
     FedAvg,
+    FedAvgM,
+    FedAvgRows,
+    FedProx,
+    FedYogi,
+    ServerOptimizer,
     Strategy,
     get_strategy,
+    make_strategy,
     register_strategy,
     select_shared,
 )
 
 __all__ = [
     "Client",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
+    "FedAvgRows",
+    "FedProx",
+    "FedYogi",
+    "ServerOptimizer",
+    "make_strategy",
     "FederatedServer",
     "Strategy",
     "aggregate_round",

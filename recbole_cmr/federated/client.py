@@ -76,12 +76,14 @@ class Client:
             )
         self.model.load_state_dict(params, strict=False)
 
-    def fit(self, global_params, round):
+    def fit(self, global_params, round, config=None):
         """Train ``local_epochs`` epochs from the global shared parameters.
 
         Args:
             global_params (dict[str, Tensor]): the server's shared parameters (not modified).
             round (int): 0-based round index (epoch ``round * local_epochs + e`` for RecBole).
+            config (dict, optional): the strategy's instructions for this round (Flower's fit
+                config); ``proximal_mu > 0`` adds FedProx's proximal term to the loss.
 
         Returns:
             tuple: ``(update, num_examples, metrics)``: the new *values* (not deltas) of the
@@ -89,13 +91,30 @@ class Client:
             the mean over local epochs of RecBole's epoch loss (the sum of the batch losses).
         """
         self.set_parameters(global_params)
+        mu = float((config or {}).get("proximal_mu", 0.0))
+        loss_func = self.proximal_loss(global_params, mu) if mu > 0 else None
         losses = []
         for epoch in range(self.local_epochs):
             loss = self.trainer._train_epoch(
-                self.train_data, round * self.local_epochs + epoch, show_progress=self.show_progress
+                self.train_data, round * self.local_epochs + epoch, loss_func=loss_func,
+                show_progress=self.show_progress,
             )
             losses.append(sum(loss) if isinstance(loss, tuple) else loss)
         return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses))}
+
+    def proximal_loss(self, global_params, mu):
+        """The model's loss plus FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the shared
+        trainable parameters (a model returning a tuple of losses gets it as one more part)."""
+        params = dict(self.model.named_parameters())
+        anchors = [(params[n], global_params[n].detach().clone().to(params[n].device))
+                   for n in self.shared_names if n in params]
+
+        def loss(interaction):
+            base = self.model.calculate_loss(interaction)
+            proximal = mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchors)
+            return (*base, proximal) if isinstance(base, tuple) else base + proximal
+
+        return loss
 
     def evaluate(self, global_params, phase="valid"):
         """RecBole's result on this client's own ``phase`` loader (``valid`` or ``test``) with the

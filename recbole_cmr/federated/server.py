@@ -6,7 +6,8 @@ Settings (defaults in properties/overall.yaml)::
     fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
     fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
                                 #   drawn with a generator seeded by `seed` (reproducible).
-    fed_strategy: fedavg        # (str) fedavg or fedavg_rows (recbole_cmr.federated.strategy).
+    fed_strategy: fedavg        # (str) fedavg, fedavg_rows, fedavgm, fedadam, fedyogi, fedadagrad,
+                                #   fedprox (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
     fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
-from recbole_cmr.federated.strategy import get_strategy, matching
+from recbole_cmr.federated.strategy import make_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
 from recbole_cmr.utils import save_atomic
 
@@ -154,7 +155,7 @@ class FederatedServer:
     def __init__(self, config, clients, strategy=None, checkpoint_file=None):
         self.config = config
         self.clients = {c.client_id: c for c in clients}
-        self.strategy = strategy or get_strategy(setting(config, "fed_strategy"))(config)
+        self.strategy = strategy or make_strategy(config)
         self.rounds = setting(config, "fed_rounds")
         self.fraction = setting(config, "fed_client_fraction")
         if not 0 < self.fraction <= 1:
@@ -212,7 +213,8 @@ class FederatedServer:
         results, losses, bytes_up = [], [], 0
         self.strategy.configure_round(round_idx, self.global_params)
         for client_id in selected:
-            reply = self.clients[client_id].fit(self.global_params, round_idx)
+            reply = self.clients[client_id].fit(self.global_params, round_idx,
+                                                self.strategy.client_config(round_idx))
             client_id, update, num_examples, metrics = self._collect(client_id, *reply)
             results.append((client_id, update, num_examples))
             losses.append(metrics.get("loss", np.nan))
@@ -349,6 +351,7 @@ class FederatedServer:
             "history": checkpoint_safe(self.history),
             "global": self.global_params,
             "clients": {cid: c.private_state() for cid, c in self.clients.items()},
+            "strategy": self.strategy.state_dict(),
             "rng": get_rng_states(self.rng),
         }
         save_atomic(state, self.checkpoint_file)
@@ -409,6 +412,7 @@ class FederatedServer:
         for cid, client in self.clients.items():
             client.load_private_state(checkpoint["clients"][cid])
             client.set_parameters(self.global_params)
+        self.strategy.load_state_dict(checkpoint.get("strategy") or {"state": {}})
         set_rng_states(checkpoint["rng"], self.rng)
         self.logger.info(
             f"Checkpoint loaded. Resume federated training from round {self.start_round}"
@@ -467,6 +471,10 @@ def build_clients(config, train, valid, test=None, verbose=False):
             local_epochs=setting(config, "fed_local_epochs"),
         ))
     keep_market_dependent_local(config, clients)
+    if config["eta_l"] is not None:  # Flower's name for the client learning rate
+        for client in clients:
+            for group in client.trainer.optimizer.param_groups:
+                group["lr"] = float(config["eta_l"])
     return clients
 
 

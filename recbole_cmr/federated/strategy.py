@@ -81,6 +81,18 @@ class Strategy(abc.ABC):
             global_params (dict[str, Tensor]): the values the clients start this round from.
         """
 
+    def client_config(self, round):
+        """What the clients are told with this round's parameters (Flower's fit ``config``),
+        e.g. FedProx's ``proximal_mu``: a ``{str: float}`` dict."""
+        return {}
+
+    def state_dict(self):
+        """The strategy's state across rounds (server moments), saved in round checkpoints."""
+        return {}
+
+    def load_state_dict(self, state):
+        """Restore :meth:`state_dict` output (a resumed run)."""
+
     @abc.abstractmethod
     def aggregate(self, round, results):
         """Combine the clients' updates into the new global shared parameters.
@@ -205,3 +217,204 @@ class FedAvgRows(Strategy):
             name: rowwise_mean([update[name] for _, update, _ in results], counts, self.current[name])
             for name in names
         }
+
+
+# ---- server optimizers (Reddi et al., "Adaptive Federated Optimization", ICLR 2021) ----------
+# Settings as Flower names them; ``None`` takes the strategy's own default (Flower's).
+SERVER_SETTINGS = ("eta", "beta_1", "beta_2", "tau", "server_learning_rate", "server_momentum")
+
+
+class ServerOptimizer(Strategy):
+    """Base of the strategies that treat the averaged update as a pseudo-gradient.
+
+    Each round: ``avg`` = FedAvg of the updates (per row with ``fed_rowwise: True``, as
+    ``fedavg_rows``), ``delta = avg - x`` (float64), then :meth:`step` turns ``delta`` into the
+    server's move, with per-tensor state (moments) that :meth:`state_dict` exposes for resuming.
+    With ``fed_rowwise`` only the rows some client changed this round move and update their
+    state (lazily, as a sparse optimizer does); the other rows keep value and state bit for bit.
+    Integer tensors (counters) get the plain average.
+    """
+
+    settings = ()  # the SERVER_SETTINGS keys this strategy reads
+    defaults = {}
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        config = config or {}
+        for key in self.settings:
+            value = _get(config, key)
+            setattr(self, key, self.defaults[key] if value is None else float(value))
+        rowwise = bool(_get(config, "fed_rowwise"))
+        self.average = FedAvgRows(config) if rowwise else FedAvg(config)
+        self.rowwise = rowwise
+        self.current, self.state = None, {}
+
+    def configure_round(self, round, global_params):
+        self.current = global_params
+        self.average.configure_round(round, global_params)
+
+    def aggregate(self, round, results):
+        if self.current is None:
+            raise RuntimeError(f"{type(self).__name__} needs the round's global parameters: "
+                               "call configure_round first.")
+        average = self.average.aggregate(round, results)
+        new = {}
+        for name, value in average.items():
+            x = self.current[name]
+            if not x.is_floating_point():
+                new[name] = value
+                continue
+            delta = value.double() - x.double()
+            state = self.state.get(name) or self.init_state(delta)
+            move, new_state = self.step(delta, state, round)
+            if self.rowwise:
+                changed = (delta != 0).reshape(delta.shape[0], -1).any(1) if delta.dim() else delta != 0
+                keep = changed.reshape(-1, *([1] * (delta.dim() - 1))) if delta.dim() else changed
+                move = torch.where(keep, move, torch.zeros_like(move))
+                new_state = {k: torch.where(keep, v, state[k]) for k, v in new_state.items()}
+            self.state[name] = new_state
+            new[name] = cast_like(x.double() + move, x.dtype)
+        return new
+
+    def init_state(self, delta):
+        """The state of a tensor before its first step: ``{name: float64 tensor}``."""
+        return {}
+
+    @abc.abstractmethod
+    def step(self, delta, state, round):
+        """``(move, new_state)``: the change of the global value, from the pseudo-gradient
+        ``delta = average - current`` (float64, any shape) and the tensor's state."""
+
+    def state_dict(self):
+        return {"state": self.state}
+
+    def load_state_dict(self, state):
+        self.state = {name: dict(s) for name, s in state["state"].items()}
+
+
+def _get(config, key):
+    try:
+        return config[key]
+    except (KeyError, TypeError):
+        return None
+
+
+@register_strategy("fedavgm")
+class FedAvgM(ServerOptimizer):
+    """FedAvgM (Hsu et al., 2019), as Flower's ``FedAvgM``: momentum ``v = server_momentum * v +
+    (current - average)``, ``x -= server_learning_rate * v``. With lr 1 and momentum 0 it is FedAvg."""
+
+    settings = ("server_learning_rate", "server_momentum")
+    defaults = {"server_learning_rate": 1.0, "server_momentum": 0.0}
+
+    def init_state(self, delta):
+        return {"momentum": torch.zeros_like(delta)}
+
+    def step(self, delta, state, round):
+        momentum = self.server_momentum * state["momentum"] - delta
+        return -self.server_learning_rate * momentum, {"momentum": momentum}
+
+
+class _AdaptiveServer(ServerOptimizer):
+    """FedAdam / FedYogi / FedAdagrad: ``m = beta_1 m + (1 - beta_1) delta``, ``v`` by the
+    subclass, ``x += eta * m / (sqrt(v) + tau)``; ``v`` starts at ``tau**2`` (the paper's
+    ``v_{-1} >= tau^2``), ``m`` at 0; no bias correction (Reddi et al., Algorithm 2)."""
+
+    settings = ("eta", "beta_1", "beta_2", "tau")
+
+    def init_state(self, delta):
+        return {"m": torch.zeros_like(delta), "v": torch.full_like(delta, self.tau ** 2)}
+
+    def step(self, delta, state, round):
+        m = self.beta_1 * state["m"] + (1 - self.beta_1) * delta
+        v = self.second_moment(state["v"], delta * delta)
+        return self.eta * m / (v.sqrt() + self.tau), {"m": m, "v": v}
+
+    @abc.abstractmethod
+    def second_moment(self, v, delta2):
+        """The new ``v`` from the old one and ``delta ** 2``."""
+
+
+@register_strategy("fedadam")
+class FedAdam(_AdaptiveServer):
+    """FedAdam: ``v = beta_2 v + (1 - beta_2) delta^2`` (Flower's defaults)."""
+
+    defaults = {"eta": 1e-1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9}
+
+    def second_moment(self, v, delta2):
+        return self.beta_2 * v + (1 - self.beta_2) * delta2
+
+
+@register_strategy("fedyogi")
+class FedYogi(_AdaptiveServer):
+    """FedYogi: ``v = v - (1 - beta_2) delta^2 sign(v - delta^2)`` (Flower's defaults)."""
+
+    defaults = {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+
+    def second_moment(self, v, delta2):
+        return v - (1 - self.beta_2) * delta2 * torch.sign(v - delta2)
+
+
+@register_strategy("fedadagrad")
+class FedAdagrad(_AdaptiveServer):
+    """FedAdagrad: ``v = v + delta^2`` (Flower's defaults: ``beta_1`` 0, so ``m = delta``)."""
+
+    settings = ("eta", "beta_1", "tau")
+    defaults = {"eta": 1e-1, "beta_1": 0.0, "tau": 1e-9}
+
+    def second_moment(self, v, delta2):
+        return v + delta2
+
+
+@register_strategy("fedprox")
+class FedProx(Strategy):
+    """FedProx (Li et al., 2020), as Flower's ``FedProx``: FedAvg on the server (per row with
+    ``fed_rowwise``), and each client adds ``proximal_mu / 2 * ||w - w_global||^2`` over the shared
+    parameters to its loss (:meth:`client_config` sends ``proximal_mu``). ``proximal_mu: 0`` is
+    FedAvg bit for bit."""
+
+    settings = ("proximal_mu",)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.proximal_mu = float(_get(config, "proximal_mu") or 0.0)
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu [{self.proximal_mu}] must be >= 0.")
+        self.average = FedAvgRows(config) if _get(config, "fed_rowwise") else FedAvg(config)
+
+    def configure_round(self, round, global_params):
+        self.average.configure_round(round, global_params)
+
+    def client_config(self, round):
+        return {"proximal_mu": self.proximal_mu}
+
+    def aggregate(self, round, results):
+        return self.average.aggregate(round, results)
+
+
+STRATEGY_SETTINGS = (*SERVER_SETTINGS, "proximal_mu")
+
+
+def make_strategy(config):
+    """The strategy ``fed_strategy`` names, built from ``config``.
+
+    ``fed_rowwise: True`` turns ``fedavg`` into ``fedavg_rows`` and makes the server optimizers
+    and FedProx average per row. A strategy setting the chosen strategy does not read (e.g.
+    ``server_momentum`` with ``fedadam``) is an error, not silently ignored.
+    """
+    name = str(config["fed_strategy"]).lower()
+    cls = get_strategy(name)
+    external = getattr(config, "external_config_dict", {})
+    reads = getattr(cls, "settings", ())
+    for key in STRATEGY_SETTINGS:
+        if key in external and external[key] is not None and key not in reads:
+            readers = sorted(n for n, c in _STRATEGIES.items() if key in getattr(c, "settings", ()))
+            raise ValueError(f"{key} is a setting of fed_strategy {readers}; fed_strategy "
+                             f"[{name}] does not read it.")
+    if _get(config, "fed_rowwise"):
+        if cls is FedAvg:
+            cls = FedAvgRows
+        elif not (cls is FedAvgRows or issubclass(cls, (ServerOptimizer, FedProx))):
+            raise ValueError(f"fed_rowwise applies to fedavg, fedavg_rows, fedprox and the server "
+                             f"optimizers, not to fed_strategy [{name}].")
+    return cls(config)
