@@ -53,7 +53,7 @@ def _log_market(market, stage=""):
     getLogger().info(set_color(f"======== market {market} {stage}========", "yellow"))
 
 
-def _train_local(config, train, valid, test, saved, verbose):
+def _train_local(config, train, valid, test, saved, verbose, info=None):
     """One model per market. Returns ``{market: {valid, test, checkpoint}}``."""
     per_market = {}
     for market in train:
@@ -79,16 +79,19 @@ def _finetune_local(config, models, train, valid, test, saved, verbose):
     return per_market
 
 
-def _train_federated(config, train, valid, test, saved, verbose):
+def _train_federated(config, train, valid, test, saved, verbose, info=None):
     """Federated pretraining over all markets, then (``finetune: True``) local fine-tuning.
 
     With fine-tuning, each market also records its federated (pre-fine-tuning) results under
-    ``federated``.
+    ``federated``. ``info["federated_rounds"]`` gets the rounds' summary (best round, wall time,
+    macro valid score per round).
     """
-    models = {}
+    models, rounds = {}, {}
     federated = train_federated(config, train, valid, test, saved, verbose,
                                 resume_file=config["fed_resume"], models_out=models,
-                                pretrained_file=config["fed_pretrained"])
+                                pretrained_file=config["fed_pretrained"], rounds_out=rounds)
+    if info is not None:
+        info["federated_rounds"] = rounds
     if not config["finetune"]:
         return federated
     per_market = _finetune_local(config, models, train, valid, test, saved, verbose)
@@ -107,7 +110,7 @@ def source_market(config, train):
     return source
 
 
-def _train_transfer(config, train, valid, test, saved, verbose):
+def _train_transfer(config, train, valid, test, saved, verbose, info=None):
     """One-to-one transfer: train on the source market, fine-tune a copy on each target.
 
     The source market keeps its own model's results, plus ``after_transfer``: its test results
@@ -134,7 +137,7 @@ def trainer_for(config, model):
     return get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
 
 
-def _train_pooled(config, train, valid, test, saved, verbose):
+def _train_pooled(config, train, valid, test, saved, verbose, info=None):
     """One model on all markets' training data, validated on the macro average."""
     pooled = pooled_train_data(config, train)
     model, trainer = new_market_trainer(config, pooled._dataset, "pooled", list(train))
@@ -172,8 +175,9 @@ def _run(config, saved=True, verbose=True):
     train, valid, test = data_preparation(config, dataset)
     trainer_fn = {"local": _train_local, "pooled": _train_pooled,
                   "federated": _train_federated, "transfer": _train_transfer}
-    per_market = trainer_fn[config["train_mode"]](config, train, valid, test, saved, verbose)
-    return _summarise(config, per_market)
+    info = {}
+    per_market = trainer_fn[config["train_mode"]](config, train, valid, test, saved, verbose, info)
+    return {**_summarise(config, per_market), **info}
 
 
 def _report(config, result, log_path):
@@ -187,6 +191,10 @@ def _report(config, result, log_path):
         set_color(f"{config['model']} ({config['train_mode']}) on {config['dataset']}: test results "
                   f"per market, model selected by valid {valid_metric}", "yellow") + "\n" + table
     )
+    rounds = result.get("federated_rounds")
+    if rounds and rounds["best_round"] is not None:
+        logger.info(set_color("Federated stage", "blue") + f": best round {rounds['best_round']} "
+                    f"of {rounds['rounds']} (0-based), rounds took {rounds['rounds_wall_s'] / 60:.1f} min")
     paths = save_results(result, frame, log_path)
     result["results_files"] = list(paths)
     logger.info(set_color("Results saved to", "blue") + f": {paths[0]}, {paths[1]}")
@@ -202,8 +210,10 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result`` and
         ``test_result`` (macro averages over markets, as RecBole's ``run_recbole`` returns them),
-        ``model``, ``per_market`` (``{market: {"valid", "test", "checkpoint"}}``) and
-        ``results_files`` (the saved JSON and CSV table).
+        ``model``, ``per_market`` (``{market: {"valid", "test", "checkpoint"}}``),
+        ``results_files`` (the saved JSON and CSV table) and, for federated training,
+        ``federated_rounds`` (``best_round``, ``rounds``, ``rounds_wall_s`` and the per-round
+        ``history`` of macro valid score, train loss and seconds).
     """
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list,
                     config_dict=config_dict, argv=argv)

@@ -145,6 +145,14 @@ def test_federated_train_mode_through_the_quick_start(two_markets):
         state = torch.load(res["checkpoint"], weights_only=True)
         assert state["markets"] == [market] and state["train_mode"] == "federated"
     assert result["best_valid_result"] is not None
+    rounds = result["federated_rounds"]
+    scores = [r["valid_score"] for r in rounds["history"]]
+    assert rounds["rounds"] == len(scores) == 2 and None not in scores
+    assert rounds["best_round"] == scores.index(max(scores))
+    assert result["best_valid_score"] == pytest.approx(max(scores), abs=1e-6)
+    assert rounds["rounds_wall_s"] == pytest.approx(sum(r["round_time"] for r in rounds["history"]), abs=0.1)
+    saved = json.load(open(result["results_files"][0]))
+    assert saved["federated_rounds"]["best_round"] == rounds["best_round"]
 
 
 def test_federated_run_resumes_from_its_round_checkpoint(two_markets, tmp_path):

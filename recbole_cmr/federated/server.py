@@ -494,8 +494,19 @@ def export_best(server, verbose=True):
     return paths
 
 
+def round_summary(server):
+    """``{"best_round", "rounds", "rounds_wall_s", "history"}`` of a server's rounds: the best
+    validated round (0-based), how many rounds ran, their wall time, and per round the macro valid
+    score (None where not validated), mean train loss and seconds."""
+    history = [{"round": r["round"], "valid_score": r["valid_score"],
+                "train_loss": r["train_loss"], "round_time": round(r["round_time"], 3)}
+               for r in server.history]
+    return {"best_round": server.best["round"] if server.best else None, "rounds": len(history),
+            "rounds_wall_s": round(sum(r["round_time"] for r in history), 1), "history": history}
+
+
 def train_federated(config, train, valid, test, saved=True, verbose=True, resume_file=None,
-                    models_out=None, pretrained_file=None):
+                    models_out=None, pretrained_file=None, rounds_out=None):
     """Federated training over all markets; the quick start's ``train_mode: federated``.
 
     Args:
@@ -508,6 +519,7 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
             taken as this run's federated stage (see :meth:`FederatedServer.load_pretrained`).
         models_out (dict, optional): filled with ``{market: model}`` holding the best round's
             parameters (for a later local fine-tuning stage).
+        rounds_out (dict, optional): filled with :func:`round_summary` of the run.
 
     Returns:
         dict: ``{market: {"valid": best valid result, "test": test result, "checkpoint": path}}``
@@ -534,6 +546,8 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     best_valid = server.best_valid or {}
     if models_out is not None:
         models_out.update({cid: client.model for cid, client in server.clients.items()})
+    if rounds_out is not None:
+        rounds_out.update(round_summary(server))
     return {
         m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints.get(m)}
         for m in test

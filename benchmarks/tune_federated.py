@@ -1,0 +1,116 @@
+"""Validation-only search over the federated stage: strategy, server learning rate, local epochs
+and proximal term, for FedAvg-SASRec on one seed.
+
+    python benchmarks/tune_federated.py --dataset movielens-markets            # the whole grid
+    python benchmarks/tune_federated.py --dataset movielens-markets --only fedavgm-m0.9
+    python benchmarks/tune_federated.py --dataset movielens-markets --summarise-only
+
+Every grid point is FedAvg-SASRec with the cross-market benchmark's settings (cross_market.py:
+same backbone, batch size, protocol and seed 2020), a budget of ``--rounds`` rounds and early
+stopping after ``stopping_step`` validations without improvement. Only validation is recorded:
+the macro valid NDCG@10 per round (full ranking), the best round and the wall time of the rounds;
+test metrics are never read, so the choice cannot lean on them. Each point writes
+``results/<dataset>-tuning/<point>.json`` as it ends and is skipped when that file exists (with
+the same settings); ``results/<dataset>-tuning.csv`` is rebuilt from the files, best first.
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from cross_market import RESULTS, ensure_dataset, run_settings
+
+SEED = 2020
+# (name, settings), in the order they run; E = fed_local_epochs.
+GRID = [
+    ("fedavg-E1", {"fed_strategy": "fedavg"}),
+    ("fedavgm-m0.9-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.9}),
+    ("fedavg-E3", {"fed_strategy": "fedavg", "fed_local_epochs": 3}),
+    ("fedadam-eta0.01-E1", {"fed_strategy": "fedadam", "eta": 0.01, "tau": 1e-3}),
+    ("fedavgm-lr2-m0.5-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 2.0,
+                             "server_momentum": 0.5}),
+    ("fedavgm-m0.9-E2", {"fed_strategy": "fedavgm", "server_momentum": 0.9, "fed_local_epochs": 2}),
+    ("fedyogi-eta0.01-E1", {"fed_strategy": "fedyogi", "eta": 0.01}),
+    ("fedprox-mu0.01-E3", {"fed_strategy": "fedprox", "proximal_mu": 0.01, "fed_local_epochs": 3}),
+    ("fedadagrad-eta0.01-E1", {"fed_strategy": "fedadagrad", "eta": 0.01, "tau": 1e-3}),
+    ("fedavg-E5", {"fed_strategy": "fedavg", "fed_local_epochs": 5}),
+]
+
+
+def point_settings(dataset, name, rounds):
+    """``config_dict`` of one grid point: the benchmark's FedAvg-SASRec settings + the point's."""
+    _, settings = run_settings(dataset, "FedAvg-SASRec", SEED)
+    return {**settings, **dict(GRID)[name], "fed_rounds": rounds}
+
+
+def run_point(dataset, name, rounds, out_file):
+    """Train the federated stage of one grid point; write its validation record."""
+    from recbole_cmr import run_recbole_cmr
+
+    settings = point_settings(dataset, name, rounds)
+    start = time.time()
+    result = run_recbole_cmr(model="FedAvgSASRec", dataset=dataset, config_dict=settings,
+                             saved=False)
+    rounds_info = result["federated_rounds"]
+    record = {"point": name, "dataset": dataset, "seed": SEED, "settings": settings,
+              "selected_by": "macro valid ndcg@10 (full ranking)",
+              "best_valid_ndcg@10": result["best_valid_score"],
+              "best_valid_per_market": {m: r["valid"]["ndcg@10"] for m, r in result["per_market"].items()},
+              "best_round": rounds_info["best_round"], "rounds": rounds_info["rounds"],
+              "rounds_wall_s": rounds_info["rounds_wall_s"], "wall_s": round(time.time() - start, 1),
+              "history": rounds_info["history"]}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=float))
+    os.replace(tmp, out_file)
+
+
+def summarise(dataset):
+    """Rebuild ``<dataset>-tuning.csv`` (best valid first) from the point files; returns rows."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted((RESULTS / f"{dataset}-tuning").glob("*.json")):
+        record = json.loads(path.read_text())
+        scores = [r["valid_score"] for r in record["history"] if r["valid_score"] is not None]
+        at = {f"valid@{k}": max(scores[:k]) if len(scores) >= k else None for k in (10, 20, 40)}
+        point = dict(GRID).get(record["point"], {})
+        rows.append({"point": record["point"], "fed_strategy": point.get("fed_strategy"),
+                     "params": json.dumps({k: v for k, v in point.items() if k != "fed_strategy"}),
+                     "best_valid_ndcg@10": round(record["best_valid_ndcg@10"], 6),
+                     "best_round": record["best_round"] + 1, "rounds": record["rounds"],
+                     "rounds_wall_min": round(record["rounds_wall_s"] / 60, 1),
+                     "min_per_round": round(record["rounds_wall_s"] / 60 / max(record["rounds"], 1), 2),
+                     **at})
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame = frame.sort_values("best_valid_ndcg@10", ascending=False)
+        frame.to_csv(RESULTS / f"{dataset}-tuning.csv", index=False)
+        print(frame.to_string(index=False))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="movielens-markets")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--only", nargs="*", help="grid points to run (default: all, in order)")
+    parser.add_argument("--summarise-only", action="store_true")
+    args = parser.parse_args()
+    if not args.summarise_only:
+        ensure_dataset(args.dataset)
+        for name in args.only or [n for n, _ in GRID]:
+            out_file = RESULTS / f"{args.dataset}-tuning" / f"{name}.json"
+            if out_file.exists() and json.loads(out_file.read_text())["settings"] == json.loads(
+                    json.dumps(point_settings(args.dataset, name, args.rounds))):
+                print(f"done already: {out_file.name}", flush=True)
+                continue
+            print(f"running {name} on {args.dataset}", flush=True)
+            run_point(args.dataset, name, args.rounds, out_file)
+    summarise(args.dataset)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad) and FedProx: one-round updates by
+hand, FedProx at mu 0 is FedAvg, resumed runs restore the server's moments."""
+
+import math
+
+import pytest
+import torch
+
+from recbole_cmr import Config
+from recbole_cmr.federated import FedAvg, make_strategy
+
+from test_federated import _Interrupt, _one_torch_thread, _server  # noqa: F401  (fixture)
+
+X0 = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
+ROUND0 = [("a", {"w": torch.tensor([2.0, 2.0]), "steps": torch.tensor(5)}, 1),
+          ("b", {"w": torch.tensor([0.0, 4.0]), "steps": torch.tensor(1)}, 3)]
+# FedAvg of ROUND0: w = [0.5, 3.5] (delta [-0.5, 1.5]), steps = 2
+ROUND1 = [("a", {"w": torch.tensor([1.0, 3.0]), "steps": torch.tensor(2)}, 1),
+          ("b", {"w": torch.tensor([1.0, 3.0]), "steps": torch.tensor(2)}, 3)]
+
+
+def _two_rounds(name, **settings):
+    strategy = make_strategy({"fed_strategy": name, **settings})
+    strategy.configure_round(0, X0)
+    x1 = {**X0, **strategy.aggregate(0, ROUND0)}
+    strategy.configure_round(1, x1)
+    x2 = {**x1, **strategy.aggregate(1, [(c, {**u, "w": u["w"] + (x1["w"] - torch.tensor([0.75, 2.75]))}, n)
+                                          for c, u, n in ROUND1])}
+    return x1, x2
+
+
+def _close(tensor, values):
+    return torch.allclose(tensor.double(), torch.tensor(values, dtype=torch.float64), atol=1e-6)
+
+
+def test_fedavgm_by_hand():
+    x1, x2 = _two_rounds("fedavgm", server_learning_rate=0.5, server_momentum=0.9)
+    # round 0: v = x - avg = [0.5, -1.5]; x1 = x0 - 0.5 v
+    assert _close(x1["w"], [0.75, 2.75]) and int(x1["steps"]) == 2  # integers: plain mean
+    # round 1 (clients send x1-relative [1, 3]): delta = avg - x1 = [0.25, 0.25]
+    # v = 0.9 * [0.5, -1.5] - [0.25, 0.25] = [0.2, -1.6]; x2 = x1 - 0.5 v
+    assert _close(x2["w"], [0.65, 3.55])
+
+
+def test_fedavgm_with_lr_1_and_no_momentum_is_fedavg():
+    strategy = make_strategy({"fed_strategy": "fedavgm"})
+    strategy.configure_round(0, X0)
+    assert torch.equal(strategy.aggregate(0, ROUND0)["w"], FedAvg().aggregate(0, ROUND0)["w"])
+
+
+def _adaptive_by_hand(second_moment, eta, beta_1, tau, deltas):
+    """Reddi et al., Algorithm 2, written out for 2-element tensors: the x after each round."""
+    x, m, v, out = [1.0, 2.0], [0.0, 0.0], [tau ** 2] * 2, []
+    for delta in deltas:
+        m = [beta_1 * mi + (1 - beta_1) * d for mi, d in zip(m, delta)]
+        v = [second_moment(vi, d * d) for vi, d in zip(v, delta)]
+        x = [xi + eta * mi / (math.sqrt(vi) + tau) for xi, mi, vi in zip(x, m, v)]
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("name, settings, second_moment", [
+    ("fedadam", {"eta": 0.1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+     lambda v, d2: 0.99 * v + 0.01 * d2),
+    ("fedyogi", {"eta": 0.01, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+     lambda v, d2: v - 0.01 * d2 * math.copysign(1.0, v - d2) if v != d2 else v),
+    ("fedadagrad", {"eta": 0.1, "beta_1": 0.0, "tau": 1e-3}, lambda v, d2: v + d2),
+])
+def test_adaptive_server_optimizers_by_hand(name, settings, second_moment):
+    x1, x2 = _two_rounds(name, **settings)
+    # round 1's clients send [1, 3] shifted by (x1 - [0.75, 2.75]): delta = [1, 3] - [0.75, 2.75]
+    expected = _adaptive_by_hand(second_moment, settings["eta"], settings["beta_1"], settings["tau"],
+                                 [[-0.5, 1.5], [0.25, 0.25]])
+    assert _close(x1["w"], expected[0]) and _close(x2["w"], expected[1])
+    assert int(x1["steps"]) == 2
+
+
+def test_rowwise_server_steps_leave_unchanged_rows_and_their_moments_alone():
+    current = {"emb": torch.zeros(3, 2)}
+    update = {"emb": torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 0.0]])}
+    strategy = make_strategy({"fed_strategy": "fedadam", "fed_rowwise": True})
+    strategy.configure_round(0, current)
+    new = strategy.aggregate(0, [("a", update, 1)])["emb"]
+    assert torch.equal(new[1], torch.zeros(2))  # no client changed row 1
+    assert (new[0] > 0).all() and new[2][0] > 0
+    state = strategy.state_dict()["state"]["emb"]
+    assert torch.equal(state["m"][1], torch.zeros(2))
+    # plain FedAdam moves row 1 too once it has momentum
+    plain = make_strategy({"fed_strategy": "fedadam"})
+    plain.configure_round(0, current)
+    first = plain.aggregate(0, [("a", update, 1)])
+    plain.configure_round(1, first)
+    moved = plain.aggregate(1, [("a", {"emb": first["emb"].clone()}, 1)])["emb"]
+    assert not torch.equal(moved[0], first["emb"][0])
+
+
+def test_a_setting_the_strategy_does_not_read_is_an_error(two_markets):
+    config = Config(model="SASRec", dataset="xm2", config_dict={
+        **two_markets, "train_mode": "federated", "fed_strategy": "fedadam", "server_momentum": 0.9})
+    with pytest.raises(ValueError, match=r"server_momentum is a setting of fed_strategy \['fedavgm'\]"):
+        make_strategy(config)
+
+
+# ---- on real markets --------------------------------------------------------------------------
+def _fit(settings):
+    server = _server(settings)
+    server.fit(verbose=False)
+    return server
+
+
+def test_fedprox_with_mu_0_is_fedavg_bit_for_bit_and_mu_pulls_clients_to_the_global(two_markets):
+    fedavg = _fit(two_markets)
+    prox0 = _fit({**two_markets, "fed_strategy": "fedprox", "proximal_mu": 0.0})
+    assert all(torch.equal(prox0.global_params[n], t) for n, t in fedavg.global_params.items())
+    assert prox0.evaluate() == fedavg.evaluate()
+
+    def drift(mu):
+        server = _server({**two_markets, "fed_strategy": "fedprox", "proximal_mu": mu})
+        start = server.global_params
+        update, _, _ = server.clients["jp"].fit(start, 0, server.strategy.client_config(0))
+        return sum(float(((update[n] - start[n]) ** 2).sum()) for n in start)
+
+    assert drift(10.0) < drift(0.0)
+
+
+def test_a_resumed_fedadam_run_restores_the_server_moments(two_markets, tmp_path):
+    settings = {**two_markets, "fed_strategy": "fedadam", "eta": 0.01, "fed_rounds": 3}
+    full = _server(settings, str(tmp_path / "full.pth"))
+    full.fit(verbose=False)
+
+    def stop_after_round_1(round_idx, valid_score):
+        if round_idx == 1:
+            raise _Interrupt
+
+    cut = _server(settings, str(tmp_path / "cut.pth"))
+    with pytest.raises(_Interrupt):
+        cut.fit(verbose=False, callback_fn=stop_after_round_1)
+    resumed = _server(settings)
+    resumed.resume_checkpoint(str(tmp_path / "cut.pth"))
+    moments = resumed.strategy.state_dict()["state"]
+    assert moments and all(s["v"].abs().sum() > 0 for s in moments.values())
+    resumed.fit(verbose=False)
+    assert resumed.evaluate() == full.evaluate()
+    assert all(torch.equal(resumed.global_params[n], t) for n, t in full.global_params.items())
+    for name, state in full.strategy.state_dict()["state"].items():
+        assert all(torch.equal(state[k], resumed.strategy.state_dict()["state"][name][k]) for k in state)
+
