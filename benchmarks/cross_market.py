@@ -144,12 +144,23 @@ NOT_ROUNDS = ("fed_rounds", "fed_resume")
 NOT_PROTOCOL = ("data_path", "checkpoint_dir", "text_cache_dir", *NOT_ROUNDS)
 
 
+# Code changes that change a model's numbers at unchanged settings; a run file recorded under an
+# older revision is stale (rerun, left out of summaries). Absent = 1.
+# Local 2: train_mode local is plain RecBole (each market its own item ids; before, every market
+# trained its softmax over the shared item table).
+REVISIONS = {"Local": 2}
+
+
 def stale_keys(record):
-    """Settings recorded in a run file that differ from what the harness would run now."""
+    """Settings recorded in a run file that differ from what the harness would run now
+    (``revision`` when the model's code changed since)."""
     _, current = run_settings(record["dataset"], record["name"], record["seed"])
     current = json.loads(json.dumps(current))
-    return sorted(k for k, v in record["settings"].items()
-                  if k not in NOT_PROTOCOL and k in current and current[k] != v)
+    changed = sorted(k for k, v in record["settings"].items()
+                     if k not in NOT_PROTOCOL and k in current and current[k] != v)
+    if record.get("revision", 1) != REVISIONS.get(record["name"], 1):
+        changed.append("revision")
+    return changed
 
 
 def round_checkpoint(model, dataset, settings, finished):
@@ -247,10 +258,12 @@ def run_one(dataset, name, seed, out_file):
             per_market[market]["kept_pretrained"] = r["kept_pretrained"]
         if "after_transfer" in r:
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
+    if result.get("federated_rounds"):  # best round, rounds' wall time, valid per round
+        record_extra["federated_rounds"] = result["federated_rounds"]
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
-              "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
-              "wall_s": round(prior_s + time.time() - start, 1), **record_extra,
-              "per_market": per_market}
+              "seed": seed, "revision": REVISIONS.get(name, 1), "selected_by": SELECTED_BY,
+              "settings": settings, "wall_s": round(prior_s + time.time() - start, 1),
+              **record_extra, "per_market": per_market}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
@@ -290,6 +303,11 @@ def summarise_protocol(runs, protocol):
         summary["models"][name] = {"per_market": {m: table[m] for m in markets},
                                    "macro": table["macro"], "runs": len(mine),
                                    "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+        rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds", {}).get("rounds")]
+        if rounds and not any("federated_stage" in r for r in mine):
+            summary["models"][name]["rounds_to_best"] = _mean_std(
+                [r["best_round"] + 1 for r in rounds])[0]
+            summary["models"][name]["rounds_wall_s"] = _mean_std([r["rounds_wall_s"] for r in rounds])[0]
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
@@ -376,14 +394,17 @@ def markdown(dataset, summaries):
             continue
         markets = list(next(iter(models.values()))["per_market"])
         lines += [f"## Test protocol: {summary['protocol']} (seeds {summary['seeds']})", "",
-                  "| model | " + " | ".join(markets) + " | macro NDCG@10 | macro Hit@10 | macro MRR@10 | wall (min) |",
-                  "|---" * (len(markets) + 5) + "|"]
+                  "| model | " + " | ".join(markets) + " | macro NDCG@10 | macro Hit@10 | macro MRR@10 "
+                  "| wall (min) | rounds to best | rounds (min) |",
+                  "|---" * (len(markets) + 7) + "|"]
         for name, entry in models.items():
             cells = [_cell(entry["per_market"][m]["ndcg@10"], entry["per_market"][m]["ndcg@10_std"])
                      for m in markets]
             macro = entry["macro"]
             cells += [_cell(macro["ndcg@10"], macro["ndcg@10_std"]),
-                      f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}"]
+                      f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}",
+                      f"{entry['rounds_to_best']:.0f}" if "rounds_to_best" in entry else "–",
+                      f"{entry['rounds_wall_s'] / 60:.1f}" if "rounds_wall_s" in entry else "–"]
             mark = " †" if "federated_stage_of" in entry else ""
             lines.append(f"| {name}{mark} (n={entry['runs']}) | " + " | ".join(cells) + " |")
         if any("federated_stage_of" in entry for entry in models.values()):
@@ -428,6 +449,44 @@ def gain_chart(dataset, summary, path):
     fig.savefig(path, dpi=120)
 
 
+def rounds_chart(dataset, runs, path):
+    """Macro valid NDCG@10 per round of every federated run that recorded its rounds (first seed
+    of each), with Pooled's best macro valid NDCG@10 as a horizontal line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no chart written")
+        return
+    curves = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        history = (run.get("federated_rounds") or {}).get("history")
+        if history and run["name"] not in curves and "federated_stage" not in run:
+            curves[run["name"]] = (run["seed"], [(h["round"] + 1, h["valid_score"]) for h in history
+                                                 if h["valid_score"] is not None])
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (seed, points) in curves.items():
+        ax.plot(*zip(*points), label=f"{name} (seed {seed})")
+    pooled = [r for r in runs if r["name"] == "Pooled"]
+    if pooled:
+        import numpy as np
+
+        best = np.mean([np.mean([m["valid"]["ndcg@10"] for m in r["per_market"].values()])
+                        for r in pooled])
+        ax.axhline(best, color="grey", linestyle="--", label=f"Pooled best valid ({len(pooled)} seeds)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("macro valid NDCG@10 (full ranking)")
+    ax.set_title(f"{dataset}: federated stage per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def summarise(dataset):
     runs = []
     for path in sorted((RESULTS / dataset).glob("*-seed*.json")):
@@ -447,6 +506,7 @@ def summarise(dataset):
     text = markdown(dataset, summaries)
     (RESULTS / f"{dataset}.md").write_text(text)
     gain_chart(dataset, summaries[0], RESULTS / f"{dataset}-gain.png")
+    rounds_chart(dataset, runs, RESULTS / f"{dataset}-rounds.png")
     print(text)
 
 

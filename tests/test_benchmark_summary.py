@@ -110,3 +110,28 @@ def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_p
     os.utime(whole, (1, 1))  # the cut file is the newest
     path, state = harness.round_checkpoint("FeCoSR", "xmrec", settings, finished=False)
     assert path == str(whole) and state["round"] == 5
+
+
+def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness):
+    fed = [_run("FedAvg-SASRec", seed, {"a": 0.1}) for seed in (2020, 2021)]
+    for run, best, wall in zip(fed, (4, 9), (120.0, 240.0)):
+        run["federated_rounds"] = {"best_round": best, "rounds": best + 3, "rounds_wall_s": wall,
+                                   "history": []}
+    summary = harness.summarise_protocol(fed + [_run("Local", 2020, {"a": 0.1})], "full")
+    entry = summary["models"]["FedAvg-SASRec"]
+    assert entry["rounds_to_best"] == pytest.approx(7.5)  # rounds 5 and 10 (1-based)
+    assert entry["rounds_wall_s"] == pytest.approx(180.0)
+    assert "rounds_to_best" not in summary["models"]["Local"]
+    row = next(line for line in harness.markdown("toy", [summary]).splitlines()
+               if line.startswith("| FedAvg-SASRec"))
+    assert row.endswith("| 8 | 3.0 |")
+
+
+def test_a_run_from_an_older_model_revision_is_stale(harness):
+    _, settings = harness.run_settings("xmrec", "Local", 2020)
+    record = {"name": "Local", "dataset": "xmrec", "seed": 2020, "settings": settings}
+    assert harness.stale_keys(record) == ["revision"]  # trained over the shared item table
+    assert harness.stale_keys({**record, "revision": harness.REVISIONS["Local"]}) == []
+    _, fed = harness.run_settings("xmrec", "FedAvg-SASRec", 2020)
+    assert harness.stale_keys({"name": "FedAvg-SASRec", "dataset": "xmrec", "seed": 2020,
+                               "settings": fed}) == []
