@@ -7,10 +7,12 @@ and proximal term, for FedAvg-SASRec on one seed.
 
 Every grid point is FedAvg-SASRec with the cross-market benchmark's settings (cross_market.py:
 same backbone, batch size, protocol and seed 2020), a budget of ``--rounds`` rounds and early
-stopping after ``stopping_step`` validations without improvement. Only validation is recorded:
+stopping after ``stopping_step`` validations without improvement. A short budget screens the
+grid (``--rounds 15``: the valid score after 15 rounds); the promising points then run the full
+budget (40 rounds, the convergence target). Only validation is recorded:
 the macro valid NDCG@10 per round (full ranking), the best round and the wall time of the rounds;
 test metrics are never read, so the choice cannot lean on them. Each point writes
-``results/<dataset>-tuning/<point>.json`` as it ends and is skipped when that file exists (with
+``results/<dataset>-tuning/<point>-r<rounds>.json`` as it ends and is skipped when that file exists (with
 the same settings); ``results/<dataset>-tuning.csv`` is rebuilt from the files, best first.
 """
 
@@ -26,15 +28,18 @@ SEED = 2020
 # (name, settings), in the order they run; E = fed_local_epochs.
 GRID = [
     ("fedavg-E1", {"fed_strategy": "fedavg"}),
+    ("fedavgm-lr2-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 2.0}),
+    ("fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.5}),
     ("fedavgm-m0.9-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.9}),
-    ("fedavg-E3", {"fed_strategy": "fedavg", "fed_local_epochs": 3}),
+    ("fedavgm-lr3-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 3.0}),
     ("fedadam-eta0.01-E1", {"fed_strategy": "fedadam", "eta": 0.01, "tau": 1e-3}),
-    ("fedavgm-lr2-m0.5-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 2.0,
-                             "server_momentum": 0.5}),
-    ("fedavgm-m0.9-E2", {"fed_strategy": "fedavgm", "server_momentum": 0.9, "fed_local_epochs": 2}),
     ("fedyogi-eta0.01-E1", {"fed_strategy": "fedyogi", "eta": 0.01}),
-    ("fedprox-mu0.01-E3", {"fed_strategy": "fedprox", "proximal_mu": 0.01, "fed_local_epochs": 3}),
     ("fedadagrad-eta0.01-E1", {"fed_strategy": "fedadagrad", "eta": 0.01, "tau": 1e-3}),
+    ("fedavg-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003}),
+    ("fedavgm-lr2-etal0.003-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 2.0,
+                                  "eta_l": 0.003}),
+    ("fedavg-E3", {"fed_strategy": "fedavg", "fed_local_epochs": 3}),
+    ("fedprox-mu0.01-E3", {"fed_strategy": "fedprox", "proximal_mu": 0.01, "fed_local_epochs": 3}),
     ("fedavg-E5", {"fed_strategy": "fedavg", "fed_local_epochs": 5}),
 ]
 
@@ -75,9 +80,10 @@ def summarise(dataset):
     for path in sorted((RESULTS / f"{dataset}-tuning").glob("*.json")):
         record = json.loads(path.read_text())
         scores = [r["valid_score"] for r in record["history"] if r["valid_score"] is not None]
-        at = {f"valid@{k}": max(scores[:k]) if len(scores) >= k else None for k in (10, 20, 40)}
+        at = {f"valid@{k}": max(scores[:k]) if len(scores) >= k else None for k in (5, 10, 15, 20, 40)}
         point = dict(GRID).get(record["point"], {})
-        rows.append({"point": record["point"], "fed_strategy": point.get("fed_strategy"),
+        rows.append({"point": record["point"], "budget": record["settings"]["fed_rounds"],
+                     "fed_strategy": point.get("fed_strategy"),
                      "params": json.dumps({k: v for k, v in point.items() if k != "fed_strategy"}),
                      "best_valid_ndcg@10": round(record["best_valid_ndcg@10"], 6),
                      "best_round": record["best_round"] + 1, "rounds": record["rounds"],
@@ -102,7 +108,7 @@ def main():
     if not args.summarise_only:
         ensure_dataset(args.dataset)
         for name in args.only or [n for n, _ in GRID]:
-            out_file = RESULTS / f"{args.dataset}-tuning" / f"{name}.json"
+            out_file = RESULTS / f"{args.dataset}-tuning" / f"{name}-r{args.rounds}.json"
             if out_file.exists() and json.loads(out_file.read_text())["settings"] == json.loads(
                     json.dumps(point_settings(args.dataset, name, args.rounds))):
                 print(f"done already: {out_file.name}", flush=True)

@@ -145,3 +145,20 @@ def test_a_resumed_fedadam_run_restores_the_server_moments(two_markets, tmp_path
     for name, state in full.strategy.state_dict()["state"].items():
         assert all(torch.equal(state[k], resumed.strategy.state_dict()["state"][name][k]) for k in state)
 
+
+
+def test_fed_rowwise_composes_with_fedavg_and_fedprox_and_refuses_other_strategies():
+    from recbole_cmr.federated import FedAvgRows, Strategy, register_strategy
+
+    assert type(make_strategy({"fed_strategy": "fedavg", "fed_rowwise": True})) is FedAvgRows
+    prox = make_strategy({"fed_strategy": "fedprox", "fed_rowwise": True, "proximal_mu": 0.1})
+    assert type(prox.average) is FedAvgRows and prox.client_config(0) == {"proximal_mu": 0.1}
+
+    @register_strategy("median_for_test")
+    class Median(Strategy):
+        def aggregate(self, round, results):
+            return {}
+
+    assert type(make_strategy({"fed_strategy": "median_for_test"})) is Median
+    with pytest.raises(ValueError, match=r"fed_rowwise applies to .* not to fed_strategy \[median_for_test\]"):
+        make_strategy({"fed_strategy": "median_for_test", "fed_rowwise": True})

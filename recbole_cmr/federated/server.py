@@ -10,6 +10,9 @@ Settings (defaults in properties/overall.yaml)::
                                 #   fedprox (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
     fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
+    fed_rowwise: False          # (bool) Per-row averaging under any strategy (see strategy.py).
+    server_learning_rate, server_momentum, eta, beta_1, beta_2, tau, proximal_mu, eta_l
+                                # Flower's names for the strategies' settings (strategy.py).
 
 RecBole's own keys keep their meaning, counted in rounds: ``eval_step`` (validate every n rounds),
 ``stopping_step`` (patience, in validations), ``valid_metric`` (macro average over markets),
