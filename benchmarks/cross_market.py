@@ -148,7 +148,11 @@ NOT_PROTOCOL = ("data_path", "checkpoint_dir", "text_cache_dir", *NOT_ROUNDS)
 # older revision is stale (rerun, left out of summaries). Absent = 1.
 # Local 2: train_mode local is plain RecBole (each market its own item ids; before, every market
 # trained its softmax over the shared item table).
-REVISIONS = {"Local": 2}
+# FedAvg-SASRec / FeCoSR* 2: federated rounds at client learning rate 0.003 (eta_l, the tuned
+# yaml default; before: 0.001).
+FEDERATED = ["FedAvg-SASRec", "FeCoSR", "FeCoSR-noS2CE", "FeCoSR-noAdapt", "FeCoSR+MS",
+             "FedAvg-SASRec+MS", "FeCoSR+keep", "FeCoSR-noS2CE+keep"]
+REVISIONS = {"Local": 2, **dict.fromkeys(FEDERATED, 2)}
 
 
 def stale_keys(record):

@@ -30,6 +30,9 @@ GRID = [
     ("fedavg-E1", {"fed_strategy": "fedavg"}),
     ("fedavgm-lr2-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 2.0}),
     ("fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.5}),
+    ("fedavgm-m0.7-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.7}),
+    ("fedavgm-m0.5-etal0.002-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.5,
+                                   "eta_l": 0.002}),
     ("fedavgm-m0.9-E1", {"fed_strategy": "fedavgm", "server_momentum": 0.9}),
     ("fedavgm-lr3-E1", {"fed_strategy": "fedavgm", "server_learning_rate": 3.0}),
     ("fedadam-eta0.01-E1", {"fed_strategy": "fedadam", "eta": 0.01, "tau": 1e-3}),
@@ -44,10 +47,21 @@ GRID = [
 ]
 
 
+# Every point starts from plain FedAvg at the client learning rate ``learning_rate``, whatever
+# defaults the yaml files hold (None = the strategy's own default / learning_rate).
+BASE = {"fed_strategy": "fedavg", "eta_l": None,
+        "server_learning_rate": None, "server_momentum": None}
+
+
 def point_settings(dataset, name, rounds):
     """``config_dict`` of one grid point: the benchmark's FedAvg-SASRec settings + the point's."""
     _, settings = run_settings(dataset, "FedAvg-SASRec", SEED)
-    return {**settings, **dict(GRID)[name], "fed_rounds": rounds}
+    return {**settings, **BASE, **dict(GRID)[name], "fed_rounds": rounds}
+
+
+def _comparable(settings):
+    """Settings without the None pins (a record from before the pins holds the same run)."""
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if v is not None}
 
 
 def run_point(dataset, name, rounds, out_file):
@@ -109,8 +123,8 @@ def main():
         ensure_dataset(args.dataset)
         for name in args.only or [n for n, _ in GRID]:
             out_file = RESULTS / f"{args.dataset}-tuning" / f"{name}-r{args.rounds}.json"
-            if out_file.exists() and json.loads(out_file.read_text())["settings"] == json.loads(
-                    json.dumps(point_settings(args.dataset, name, args.rounds))):
+            if out_file.exists() and _comparable(json.loads(out_file.read_text())["settings"]) \
+                    == _comparable(point_settings(args.dataset, name, args.rounds)):
                 print(f"done already: {out_file.name}", flush=True)
                 continue
             print(f"running {name} on {args.dataset}", flush=True)

@@ -132,6 +132,6 @@ def test_a_run_from_an_older_model_revision_is_stale(harness):
     record = {"name": "Local", "dataset": "xmrec", "seed": 2020, "settings": settings}
     assert harness.stale_keys(record) == ["revision"]  # trained over the shared item table
     assert harness.stale_keys({**record, "revision": harness.REVISIONS["Local"]}) == []
-    _, fed = harness.run_settings("xmrec", "FedAvg-SASRec", 2020)
-    assert harness.stale_keys({"name": "FedAvg-SASRec", "dataset": "xmrec", "seed": 2020,
-                               "settings": fed}) == []
+    _, pooled = harness.run_settings("xmrec", "Pooled", 2020)  # no revision yet: 1
+    assert harness.stale_keys({"name": "Pooled", "dataset": "xmrec", "seed": 2020,
+                               "settings": pooled}) == []

@@ -95,7 +95,7 @@ def test_market_softmax_off_is_plain_sasrec_and_on_changes_training(two_markets)
                          config_dict={**settings, "market_softmax": True}, saved=False)
     assert _scores(on) != _scores(plain)
     # without market_softmax every client changes every row, so fedavg_rows is FedAvg exactly
-    federated = {**two_markets, "fed_rounds": 1}
+    federated = {**two_markets, "fed_rounds": 1, "fed_strategy": "fedavg"}
     fedavg = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=federated, saved=False)
     rows = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
                            config_dict={**federated, "fed_strategy": "fedavg_rows"}, saved=False)
