@@ -10,7 +10,7 @@ from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_cmr import compat  # noqa: F401  (numpy aliases before RecBole's own shim runs)
-from recbole_cmr.utils import get_model, resource_path
+from recbole_cmr.utils import canonical_model_name, get_model, resource_path
 
 
 class Config(RecBoleConfig):
@@ -57,6 +57,9 @@ class Config(RecBoleConfig):
     def _get_model_and_dataset(self, model, dataset):
         model = self._external("model", model)
         if isinstance(model, str):
+            model = canonical_model_name(model)
+            if "model" in self.external_config_dict:
+                self.external_config_dict["model"] = model
             model_class = get_model(model)
         else:
             model_class, model = model, model.__name__

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+from recbole.data.interaction import Interaction
 from recbole.evaluator import Collector as RecBoleCollector
 from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_color
 
@@ -167,12 +168,46 @@ class MultiMarketTrainerMixin:
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
 
 
+class MultiTaskTrainerMixin:
+    """Evaluation of a multi-task model (``model.multi_task``, e.g. MMoE): RecBole's Evaluator
+    runs once per task, with the model predicting that task (``model.eval_task``) and the task's
+    label (``model.task_labels``) as RecBole's label, so each market's result holds
+    ``<metric>_<task>`` for every task and ``<metric>``, the mean over tasks (``valid_metric:
+    AUC`` selects on the macro AUC over tasks)."""
+
+    def _evaluate_market(self, loader, show_progress):
+        per_task = {}
+        try:
+            for t, task in enumerate(self.model.task_names):
+                self.model.eval_task = t
+                per_task[task] = super()._evaluate_market(loader, show_progress)
+        finally:
+            self.model.eval_task = 0
+        metrics = list(next(iter(per_task.values())))
+        decimals = self.config["metric_decimal_place"]
+        result = OrderedDict(
+            (m, round(float(np.mean([r[m] for r in per_task.values()])), decimals)) for m in metrics)
+        for task, res in per_task.items():
+            result.update((f"{m}_{task}", v) for m, v in res.items())
+        return result
+
+    def _neg_sample_batch_eval(self, batched_data):
+        interaction, scores, positive_u, positive_i = super()._neg_sample_batch_eval(batched_data)
+        label = self.model.task_labels(interaction)[:, self.model.eval_task]
+        interaction = Interaction({**interaction.interaction, self.config["LABEL_FIELD"]: label})
+        return interaction, scores, positive_u, positive_i
+
+
 @lru_cache(maxsize=None)
-def plugin_trainer(trainer_class):
-    """``trainer_class`` (a RecBole trainer) with :class:`MultiMarketTrainerMixin` mixed in."""
-    if issubclass(trainer_class, MultiMarketTrainerMixin):
+def plugin_trainer(trainer_class, multi_task=False):
+    """``trainer_class`` (a RecBole trainer) with :class:`MultiMarketTrainerMixin` mixed in (and
+    :class:`MultiTaskTrainerMixin` for multi-task models)."""
+    mixins = (MultiTaskTrainerMixin,) if multi_task else ()
+    if not issubclass(trainer_class, MultiMarketTrainerMixin):
+        mixins += (MultiMarketTrainerMixin,)
+    if not mixins:
         return trainer_class
-    return type(trainer_class.__name__, (MultiMarketTrainerMixin, trainer_class), {})
+    return type(trainer_class.__name__, (*mixins, trainer_class), {})
 
 
 def checkpoint_file(config, tag):

@@ -70,12 +70,22 @@ def _unknown_model(model_name, module=None):
     )
 
 
+# Names a paper uses that are not Python identifiers -> the model class.
+MODEL_ALIASES = {"PF-MSMTrec": "PFMSMTrec"}
+
+
+def canonical_model_name(model_name):
+    """``model_name`` with paper spellings resolved (``PF-MSMTrec`` -> ``PFMSMTrec``)."""
+    return MODEL_ALIASES.get(model_name, model_name)
+
+
 def get_model(model_name):
     """Return the model class named ``model_name``: recbole_cmr's own first, then RecBole's.
 
     Raises:
         ValueError: no such model in either package.
     """
+    model_name = canonical_model_name(model_name)
     module = _model_module(model_name)
     if module is not None:
         if hasattr(module, model_name):
@@ -111,7 +121,11 @@ def get_trainer(model_type, model_name):
     own = getattr(plugin_trainers, model_name + "Trainer", None)
     if own is not None:
         return own
-    return plugin_trainers.plugin_trainer(get_recbole_trainer(model_type, model_name))
+    try:
+        multi_task = bool(getattr(get_model(model_name), "multi_task", False))
+    except ValueError:
+        multi_task = False
+    return plugin_trainers.plugin_trainer(get_recbole_trainer(model_type, model_name), multi_task)
 
 
 def _matches(name, pattern):

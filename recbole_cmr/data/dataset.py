@@ -155,26 +155,40 @@ def atomic_header(path, field_separator="\t"):
     return fields
 
 
-def discover_markets(data_path):
-    """Markets of a dataset folder: the stems of its ``<market>.inter`` files, sorted."""
+def inter_file_suffix(config):
+    """``".inter"``, or ``".<first benchmark file>.inter"`` with RecBole's ``benchmark_filename``
+    (``<market>.train.inter``, ``<market>.valid.inter``, ``<market>.test.inter``)."""
+    files = config["benchmark_filename"]
+    return f".{files[0]}.inter" if files else ".inter"
+
+
+def market_inter_files(config, market):
+    """The interaction files of ``market``: ``[<market>.inter]`` or one per benchmark file."""
+    files = config["benchmark_filename"]
+    names = [f"{market}.{f}.inter" for f in files] if files else [f"{market}.inter"]
+    return [os.path.join(config["data_path"], n) for n in names]
+
+
+def discover_markets(data_path, suffix=".inter"):
+    """Markets of a dataset folder: the stems of its ``<market><suffix>`` files, sorted."""
     if not os.path.isdir(data_path):
         raise FileNotFoundError(
             f"Dataset folder [{data_path}] does not exist. Set `data_path` (the parent folder) and "
             "`dataset` (the folder name) so that <data_path>/<dataset>/<market>.inter exist."
         )
     markets = sorted(
-        f[: -len(".inter")]
+        f[: -len(suffix)]
         for f in os.listdir(data_path)
-        if f.endswith(".inter") and "." not in f[: -len(".inter")]
+        if f.endswith(suffix) and "." not in f[: -len(suffix)]
     )
     if not markets:
-        raise FileNotFoundError(f"Dataset folder [{data_path}] holds no <market>.inter file.")
+        raise FileNotFoundError(f"Dataset folder [{data_path}] holds no <market>{suffix} file.")
     return markets
 
 
 def resolve_markets(config):
     """The markets to load: ``config['markets']`` (checked against the folder) or all of them."""
-    available = discover_markets(config["data_path"])
+    available = discover_markets(config["data_path"], inter_file_suffix(config))
     wanted = config["markets"]
     if wanted is None:
         return available
@@ -192,13 +206,14 @@ def resolve_markets(config):
 
 
 def check_market_file(config, market):
-    """Check that ``<market>.inter`` has a typed header with the user, item (and time) fields."""
-    path = os.path.join(config["data_path"], market + ".inter")
-    fields = atomic_header(path, config["field_separator"])
+    """Check the typed header of each of ``market``'s interaction files: the user, item (and
+    time) fields, and the ``label_fields``. Returns the header of the first file."""
+    headers = {path: atomic_header(path, config["field_separator"])
+               for path in market_inter_files(config, market)}
+    path, fields = next(iter(headers.items()))
     required = [config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]]
     if config["eval_args"]["order"] == "TO":
         required.append(config["TIME_FIELD"])
-    missing = [f for f in required if f not in fields]
     load_col = (config["load_col"] or {}).get("inter")
     if config["load_col"] and config["TIME_FIELD"] in required and (
         load_col is None or config["TIME_FIELD"] not in load_col
@@ -208,11 +223,75 @@ def check_market_file(config, market):
             f"not load [{config['TIME_FIELD']}] from {path}: add it to load_col['inter'] "
             "(or set load_col: ~ to load every column)."
         )
-    if missing:
-        raise ValueError(
-            f"{path}: fields {missing} are missing from the header (found {list(fields)}). "
-            "Rename the columns or set USER_ID_FIELD / ITEM_ID_FIELD / TIME_FIELD."
-        )
+    for file, header in headers.items():
+        missing = [f for f in required if f not in header]
+        if missing:
+            raise ValueError(
+                f"{file}: fields {missing} are missing from the header (found {list(header)}). "
+                "Rename the columns or set USER_ID_FIELD / ITEM_ID_FIELD / TIME_FIELD."
+            )
+        labels = [f for f in label_fields(config) if f not in header]
+        if labels:
+            raise ValueError(f"{file}: label fields {labels} (label_fields / LABEL_FIELD) are "
+                             f"missing from the header (found {list(header)}).")
+        if header != fields:
+            raise ValueError(schema_difference(file, header, path, fields))
+    return fields
+
+
+def schema_difference(file, header, reference_file, reference):
+    """The message for two atomic files of one dataset whose columns differ."""
+    diff = sorted(set(header) ^ set(reference))
+    typed = sorted(f for f in set(header) & set(reference) if header[f] != reference[f])
+    what = (f"fields {diff} are in one file only" if diff else
+            f"field(s) {typed} have other types ({', '.join(f'{f}:{header[f]}' for f in typed)} vs "
+            f"{', '.join(f'{f}:{reference[f]}' for f in typed)})" if typed else "the column order differs")
+    return (f"{file} and {reference_file} have different schemas: {what}; every market's "
+            "files must have the same typed columns.")
+
+
+def label_fields(config):
+    """The label fields of a labeled evaluation: ``label_fields`` (multi-task) or, in RecBole's
+    ``labeled`` mode, ``LABEL_FIELD``; none otherwise."""
+    named = config["label_fields"]
+    if named:
+        return [named] if isinstance(named, str) else list(named)
+    modes = config["eval_args"]["mode"]
+    labeled = "labeled" in (modes.values() if isinstance(modes, dict) else [modes])
+    return [config["LABEL_FIELD"]] if labeled and config["threshold"] is None else []
+
+
+def check_feature_fields(config, markets):
+    """Every field the yaml names for loading (``load_col``) or as a numerical feature
+    (``numerical_features``) must be a column of the dataset's files (RecBole would silently
+    skip it)."""
+    path = config["data_path"]
+    files = {"inter": market_inter_files(config, markets[0])[0],
+             "user": os.path.join(path, f"{markets[0]}.user"),
+             "item": os.path.join(path, f"{config['dataset']}.item")}
+    headers = {k: atomic_header(f, config["field_separator"]) for k, f in files.items()
+               if os.path.isfile(f)}
+    for source, fields in (config["load_col"] or {}).items():
+        if source not in headers:
+            continue
+        absent = [f for f in fields if f not in headers[source]]
+        if absent:
+            raise ValueError(f"load_col['{source}'] names fields {absent} that {files[source]} "
+                             f"does not have (its fields: {list(headers[source])}).")
+    leak = [f for f in config["numerical_features"] or [] if f in label_fields(config)]
+    if leak:
+        raise ValueError(f"numerical_features {leak} are label fields: a model must not read its "
+                         "labels as features.")
+    every = set().union(*headers.values()) if headers else set()
+    absent = [f for f in config["numerical_features"] or [] if f not in every]
+    if absent:
+        raise ValueError(f"numerical_features names fields {absent} that no file of dataset "
+                         f"[{config['dataset']}] has ({', '.join(headers_files(files, headers))}).")
+
+
+def headers_files(files, headers):
+    """``["<file>: [fields]", ...]`` of the files read."""
+    return [f"{files[k]}: {list(h)}" for k, h in headers.items()]
 
 
 def _global_vocabulary(token_arrays):
@@ -244,10 +323,16 @@ class MultiMarketDataset:
         self.global_users = global_users
         self.shared_ids = shared_ids or global_users
         self.markets = resolve_markets(config)
-        for market in self.markets:
-            check_market_file(config, market)
+        headers = {m: check_market_file(config, m) for m in self.markets}
+        first = self.markets[0]
+        for market, header in headers.items():
+            if header != headers[first]:
+                raise ValueError(schema_difference(market_inter_files(config, market)[0], header,
+                                                   market_inter_files(config, first)[0], headers[first]))
+        check_feature_fields(config, self.markets)
         dataset_class = market_dataset_class(config)
         self.market_datasets = {m: self._load_market(dataset_class, m) for m in self.markets}
+        self._check_labels()
         iid = config["ITEM_ID_FIELD"]
         if self.shared_ids:
             self._share_vocabularies()
@@ -277,12 +362,25 @@ class MultiMarketDataset:
             raise empty
         return ds
 
+    def _check_labels(self):
+        """Label fields hold 0/1 only (AUC and LogLoss need binary labels)."""
+        for field in label_fields(self.config):
+            for market, ds in self.market_datasets.items():
+                values = np.asarray(ds.inter_feat[field])
+                bad = values[(values != 0) & (values != 1)]
+                if len(bad):
+                    raise ValueError(
+                        f"Label field [{field}] of {', '.join(market_inter_files(self.config, market))} "
+                        f"holds {float(bad[0]):g}: labels must be 0 or 1 (set `threshold` to "
+                        "binarise a rating)."
+                    )
+
     def _share_vocabularies(self):
         """One id space per token field across markets.
 
         Item ids and every other token / token_seq field get the union of the markets'
-        vocabularies, so one token means one id everywhere. User ids and the fields named in
-        ``market_private_fields`` stay per market; in pooled training they are made disjoint
+        vocabularies, so one token means one id everywhere. User ids (unless
+        ``shared_user_ids``) and the fields named in ``market_private_fields`` stay per market; in pooled training they are made disjoint
         (tokens prefixed with the market) instead.
         """
         private = self._private_fields()
@@ -320,7 +418,8 @@ class MultiMarketDataset:
                     f"{mismatch}: every market's .inter/.user files must have the same columns "
                     "(or select them with load_col)."
                 )
-        return {self.config["USER_ID_FIELD"], *named}
+        uid = [] if self.config["shared_user_ids"] else [self.config["USER_ID_FIELD"]]
+        return {*uid, *named}
 
     def _first(self):
         return self.market_datasets[self.markets[0]]

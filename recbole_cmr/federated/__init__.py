@@ -5,11 +5,13 @@ No federated framework is imported; the contracts map one-to-one onto Flower's::
     Client.fit(global_params, round) -> (update, num_examples, metrics)
     Client.evaluate(global_params, phase) -> RecBole result dict
     Strategy.aggregate(round, [(client_id, update, num_examples)]) -> dict[str, Tensor]
+        (a personalized strategy: -> {client_id: dict[str, Tensor]}, each node its own FitIns)
 
 ``train_federated`` is the quick start's entry (same return shape as the local mode).
 """
 
 from recbole_cmr.federated.client import Client
+from recbole_cmr.federated.personalized import PersonalizedConflictAverse
 from recbole_cmr.federated.server import (
     FederatedServer,
     aggregate_round,
@@ -42,6 +44,7 @@ __all__ = [
     "FedAvgRows",
     "FedProx",
     "FedYogi",
+    "PersonalizedConflictAverse",
     "ServerOptimizer",
     "make_strategy",
     "FederatedServer",

@@ -99,6 +99,15 @@ def aggregate_round(strategy, round_idx, results, current):
     return {**current, **strategy.aggregate(round_idx, kept)}
 
 
+def aggregate_personalized(strategy, round_idx, results, starts):
+    """Each client's new parameters from a personalized ``strategy``: ``{client_id: params}``
+    for the clients in ``starts`` (their values before this round); a client whose update was
+    dropped (NaN/Inf) keeps its start."""
+    kept = drop_non_finite(round_idx, results)
+    new = strategy.aggregate(round_idx, kept) if kept else {}
+    return {cid: {**start, **new.get(cid, {})} for cid, start in starts.items()}
+
+
 def select_clients(rng, client_ids, fraction):
     """The ``max(1, round(fraction * n))`` clients trained this round, in ``client_ids`` order.
 
@@ -148,6 +157,8 @@ class FederatedServer:
 
     Attributes:
         global_params (dict[str, Tensor]): the current global shared parameters.
+        personal (dict[str, dict[str, Tensor]]): under a personalized strategy (PF-MSMTrec's),
+            each client's own shared parameters (empty otherwise).
         best (dict): ``round``, ``global``, ``local`` (``{market: local params}``) and ``valid``
             (``{market: result}``) of the best validated round.
         history (list[dict]): one record per round: ``round``, ``markets`` (trained),
@@ -173,6 +184,7 @@ class FederatedServer:
         self.rng = random.Random(config["seed"])
         self.logger = getLogger()
         self.global_params = clients[0].get_parameters()
+        self.personal = {}  # {client_id: params} once a personalized strategy has aggregated
         self.shared_names = list(self.global_params)
         self._warn_unmatched_patterns(clients[0])
         self.start_round, self.cur_step, self.stopped = 0, 0, False
@@ -187,6 +199,12 @@ class FederatedServer:
             for pattern in setting(self.config, key):
                 if not matching(names, [pattern]):
                     self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
+
+    def params_for(self, client_id, personal=None, global_params=None):
+        """The shared parameters client ``client_id`` starts from: its own under a personalized
+        strategy, else the global ones (of ``personal``/``global_params`` when given)."""
+        personal = self.personal if personal is None else personal
+        return personal.get(client_id, self.global_params if global_params is None else global_params)
 
     @property
     def best_valid(self):
@@ -214,37 +232,45 @@ class FederatedServer:
         start = time()
         selected = select_clients(self.rng, list(self.clients), self.fraction)
         results, losses, bytes_up = [], [], 0
-        self.strategy.configure_round(round_idx, self.global_params)
+        starts = {cid: self.params_for(cid) for cid in selected}
+        personalized = getattr(self.strategy, "personalized", False)
+        self.strategy.configure_round(round_idx, starts if personalized else self.global_params)
         for client_id in selected:
-            reply = self.clients[client_id].fit(self.global_params, round_idx,
+            reply = self.clients[client_id].fit(starts[client_id], round_idx,
                                                 self.strategy.client_config(round_idx))
             client_id, update, num_examples, metrics = self._collect(client_id, *reply)
             results.append((client_id, update, num_examples))
             losses.append(metrics.get("loss", np.nan))
             bytes_up += nbytes(update)
         trained = time()
-        self.global_params = aggregate_round(self.strategy, round_idx, results, self.global_params)
+        if personalized:
+            self.personal = {**{c: self.params_for(c) for c in self.clients},
+                             **aggregate_personalized(self.strategy, round_idx, results, starts)}
+        else:
+            self.global_params = aggregate_round(self.strategy, round_idx, results,
+                                                 self.global_params)
         return {
             "round": round_idx,
             "markets": selected,
             "train_loss": float(np.mean(losses)),
             "bytes_up": bytes_up,
-            "bytes_down": nbytes(self.global_params) * len(selected),
+            "bytes_down": sum(nbytes(self.params_for(c)) for c in selected),
             "train_time": trained - start,
             "aggregate_time": time() - trained,
             "valid_score": None,
             "valid_time": 0.0,
         }  # "round_time" is added by fit
 
-    def _evaluate(self, global_params, phase):
-        """``{market: result}``: each client evaluates ``global_params`` + its own local
-        parameters on its own ``phase`` data (the server never holds a loader)."""
-        return {cid: client.evaluate(global_params, phase) for cid, client in self.clients.items()}
+    def _evaluate(self, phase, personal=None, global_params=None):
+        """``{market: result}``: each client evaluates its shared parameters (:meth:`params_for`)
+        + its own local parameters on its own ``phase`` data (the server never holds a loader)."""
+        return {cid: client.evaluate(self.params_for(cid, personal, global_params), phase)
+                for cid, client in self.clients.items()}
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
         start = time()
-        per_market = self._evaluate(self.global_params, "valid")
+        per_market = self._evaluate("valid")
         score = calculate_valid_score(macro_average(per_market), self.valid_metric)
         self.best_score, self.cur_step, stop, improved = early_stopping(
             score, self.best_score, self.cur_step, max_step=self.stopping_step, bigger=self.bigger
@@ -258,6 +284,7 @@ class FederatedServer:
         self.best = {
             "round": round_idx,
             "global": {n: t.clone() for n, t in self.global_params.items()},
+            "personal": {cid: {n: t.clone() for n, t in p.items()} for cid, p in self.personal.items()},
             "local": {cid: c.local_state() for cid, c in self.clients.items()},
             "valid": per_market,
         }
@@ -320,7 +347,8 @@ class FederatedServer:
         if self.best is None:
             return
         for cid, client in self.clients.items():
-            client.set_parameters(self.best["global"])
+            client.set_parameters(self.params_for(cid, self.best.get("personal") or {},
+                                                  self.best["global"]))
             client.load_local_state(self.best["local"][cid])
 
     def evaluate(self, phase="test", load_best=True):
@@ -330,8 +358,8 @@ class FederatedServer:
         """
         if load_best and self.best is not None:
             self.load_best()
-            return self._evaluate(self.best["global"], phase)
-        return self._evaluate(self.global_params, phase)
+            return self._evaluate(phase, self.best.get("personal") or {}, self.best["global"])
+        return self._evaluate(phase)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, round_idx):
@@ -353,6 +381,7 @@ class FederatedServer:
             "best": self.best and checkpoint_safe(self.best),
             "history": checkpoint_safe(self.history),
             "global": self.global_params,
+            "personal": self.personal,
             "clients": {cid: c.private_state() for cid, c in self.clients.items()},
             "strategy": self.strategy.state_dict(),
             "rng": get_rng_states(self.rng),
@@ -392,6 +421,8 @@ class FederatedServer:
         self.best = {**best, "global": {n: stored[n] for n in self.shared_names}}
         self.best_score, self.history = checkpoint["best_valid_score"], checkpoint["history"]
         self.global_params = self.best["global"]
+        self.personal = {cid: {n: p[n] for n in self.shared_names}
+                         for cid, p in (best.get("personal") or {}).items()}
         self.start_round, self.stopped = checkpoint["round"] + 1, True
         self.checkpoint_file = str(pretrained_file)
         self.logger.info(
@@ -412,9 +443,10 @@ class FederatedServer:
         self.best_score, self.best = checkpoint["best_valid_score"], checkpoint["best"]
         self.history = checkpoint["history"]
         self.global_params = checkpoint["global"]
+        self.personal = checkpoint.get("personal") or {}
         for cid, client in self.clients.items():
             client.load_private_state(checkpoint["clients"][cid])
-            client.set_parameters(self.global_params)
+            client.set_parameters(self.params_for(cid))
         self.strategy.load_state_dict(checkpoint.get("strategy") or {"state": {}})
         set_rng_states(checkpoint["rng"], self.rng)
         self.logger.info(
@@ -468,9 +500,10 @@ def build_clients(config, train, valid, test=None, verbose=False):
         model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
         if verbose and not clients:
             getLogger().info(model)
+        local = [*setting(config, "fed_local_params"), *getattr(model, "federated_local_params", [])]
         clients.append(Client(
             market, trainer, train[market], valid[market], (test or {}).get(market),
-            shared=setting(config, "fed_shared_params"), local=setting(config, "fed_local_params"),
+            shared=setting(config, "fed_shared_params"), local=local,
             local_epochs=setting(config, "fed_local_epochs"),
         ))
     keep_market_dependent_local(config, clients)

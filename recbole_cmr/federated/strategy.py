@@ -199,6 +199,8 @@ class FedAvgRows(Strategy):
     has a non-zero gradient there, so weight decay (an L2 term on every row) turns it into FedAvg.
     """
 
+    supports_rowwise = True
+
     def __init__(self, config=None):
         super().__init__(config)
         self.current = None
@@ -236,6 +238,7 @@ class ServerOptimizer(Strategy):
     """
 
     settings = ()  # the SERVER_SETTINGS keys this strategy reads
+    supports_rowwise = True  # fed_rowwise: averages per row
     defaults = {}
 
     def __init__(self, config=None):
@@ -374,6 +377,7 @@ class FedProx(Strategy):
     FedAvg bit for bit."""
 
     settings = ("proximal_mu",)
+    supports_rowwise = True
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -414,7 +418,7 @@ def make_strategy(config):
     if _get(config, "fed_rowwise"):
         if cls is FedAvg:
             cls = FedAvgRows
-        elif not (cls is FedAvgRows or issubclass(cls, (ServerOptimizer, FedProx))):
-            raise ValueError(f"fed_rowwise applies to fedavg, fedavg_rows, fedprox and the server "
-                             f"optimizers, not to fed_strategy [{name}].")
+        elif not getattr(cls, "supports_rowwise", False):
+            raise ValueError(f"fed_rowwise applies to fedavg, fedavg_rows, fedprox, pfmsmtrec and "
+                             f"the server optimizers, not to fed_strategy [{name}].")
     return cls(config)

@@ -12,7 +12,9 @@ import shlex
 import sys
 from pathlib import Path
 
+from .aliccp import convert_aliccp
 from .aliexpress import convert_aliexpress
+from .ml100k_scenarios import convert_ml100k_scenarios
 from .movielens import convert_movielens
 from .unisrec import convert_unisrec
 from .xmrec import convert_xmrec
@@ -24,6 +26,8 @@ EXAMPLES = f"""examples:
   {PROG} unisrec /work/shared/data/amazon_scientific/full --out dataset
   {PROG} movielens /work/shared/data/movielens_titles --out dataset
   {PROG} aliexpress --market nl=train_nl.csv --test-market nl=test_nl.csv --out dataset
+  {PROG} ml100k-scenarios --out dataset
+  {PROG} ali-ccp --train train.csv --valid val.csv --test test.csv --out dataset
 """
 
 
@@ -53,7 +57,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser with the four subcommands."""
+    """The argparse parser with one subcommand per format."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Convert public data sets to multi-market RecBole atomic datasets: "
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_unisrec(sub, common)
     _add_movielens(sub, common)
     _add_aliexpress(sub, common)
+    _add_ml100k_scenarios(sub, common)
+    _add_aliccp(sub, common)
     return parser
 
 
@@ -139,6 +145,41 @@ def _add_aliexpress(sub, parents) -> None:
     p.set_defaults(run=lambda a, cmd: convert_aliexpress(
         _unique(a.markets, "--market"), a.out, overwrite=a.overwrite,
         test_markets=_unique(a.test_markets, "--test-market"), name=a.name, command=cmd))
+
+
+def _add_ml100k_scenarios(sub, parents) -> None:
+    p = sub.add_parser("ml100k-scenarios", parents=parents,
+                       help="MovieLens-100K ratings -> 4 age-band CTR scenarios",
+                       description="RecBole's atomic ml-100k files -> scenarios under25, 25to34, "
+                       "35to44, 45plus by user age; each rating a click (conversion: rating >= "
+                       "4) followed by sampled unrated movies as non-clicks; per-scenario .user "
+                       "and a shared .item (release year, genre).")
+    p.add_argument("src", type=Path, nargs="?",
+                   help="folder with ml-100k.inter, ml-100k.user, ml-100k.item (default: the "
+                   "copy in the recbole package, recbole/dataset_example/ml-100k)")
+    p.add_argument("--name", default="ml100k-scenarios",
+                   help="dataset name (default: ml100k-scenarios)")
+    p.add_argument("--seed", type=int, default=2026,
+                   help="seed of the negative sampling (default: 2026)")
+    p.add_argument("--negatives", type=positive_int, default=4, metavar="N",
+                   help="sampled non-clicked movies per rating (default: 4)")
+    p.set_defaults(run=lambda a, cmd: convert_ml100k_scenarios(
+        a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
+        command=cmd))
+
+
+def _add_aliccp(sub, parents) -> None:
+    p = sub.add_parser("ali-ccp", parents=parents,
+                       help="Ali-CCP train/valid/test CSVs -> one market per scenario",
+                       description="Ali-CCP CSVs (click, purchase, feature columns, D* dense "
+                       "columns; column 301 = scenario) -> scenario<v>.{train,valid,test}.inter "
+                       "per scenario value v (RecBole benchmark_filename: [train, valid, test]).")
+    p.add_argument("--train", type=Path, required=True, metavar="CSV", help="train CSV")
+    p.add_argument("--valid", type=Path, required=True, metavar="CSV", help="validation CSV")
+    p.add_argument("--test", type=Path, required=True, metavar="CSV", help="test CSV")
+    p.add_argument("--name", default="ali-ccp", help="dataset name (default: ali-ccp)")
+    p.set_defaults(run=lambda a, cmd: convert_aliccp(
+        a.train, a.valid, a.test, a.out, overwrite=a.overwrite, name=a.name, command=cmd))
 
 
 def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:

@@ -5,7 +5,8 @@ MMoE/PLE/AITM baselines): ``search_id, categorical_1..16, numerical_1..63, click
 Output: ``<market>.inter`` from the train CSV and, when a test CSV is given for the market,
 ``<market>.test.inter`` with the same fields.  ``search_id`` and ``categorical_k`` are
 tokens, ``numerical_k``, ``click`` and ``conversion`` floats; values are copied verbatim
-(after checking that the float columns parse).  There is no user/item column and no .item.
+(after checking that the float columns parse and that the labels are 0 or 1).  There is no
+user/item column and no .item.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from .atomic import (
     AtomicDataset,
     call_repr,
+    check_binary,
     check_names,
     check_target,
     parse_float,
@@ -46,12 +48,14 @@ DESCRIPTION = (
 
 
 def read_market(path: str | Path) -> pd.DataFrame:
-    """One AliExpress CSV as strings, after checking the columns and the float values."""
+    """One AliExpress CSV as strings, after checking the columns, float values and 0/1 labels."""
     path = Path(path)
     logger.info("reading %s", path)
     df = require_rows(read_table(path, ",", list(FIELDS)), path)
     for col, ftype in FIELDS.items():
-        if ftype == "float":
+        if col in LABELS:
+            check_binary(df[col], col, path)
+        elif ftype == "float":
             parse_float(df[col], col, path)
     extra = [c for c in df.columns if c not in FIELDS]
     if extra:
@@ -83,7 +87,7 @@ def build_aliexpress(
         fmt="aliexpress",
         fields=dict(FIELDS),
         markets={m: read_market(p) for m, p in markets.items()},
-        test_markets={m: read_market(p) for m, p in test_markets.items()},
+        splits={m: {"test": read_market(p)} for m, p in test_markets.items()},
         sources=paths,
         description=DESCRIPTION,
         command=command

@@ -1,9 +1,11 @@
 """Shared reading/validation helpers and the ONE atomic writer of multi-market datasets.
 
 A multi-market dataset is a folder ``<out>/<name>/`` with one ``<market>.inter`` per market
-(RecBole atomic file: tab separated, typed header such as ``user_id:token``), an optional
-shared ``<name>.item`` and a ``README.md`` describing its provenance.  Everything is written
-into a temporary sibling folder and renamed into place only when complete.
+(RecBole atomic file: tab separated, typed header such as ``user_id:token``) and/or split files
+``<market>.<suffix>.inter`` (e.g. RecBole's ``benchmark_filename`` train/valid/test), optional
+per-market ``<market>.user`` files, an optional shared ``<name>.item`` and a ``README.md``
+describing its provenance.  Everything is written into a temporary sibling folder and renamed
+into place only when complete.
 
 Only stdlib, numpy and pandas are imported here (no recbole, no torch).
 """
@@ -40,19 +42,27 @@ class AtomicDataset:
     """An in-memory multi-market dataset, ready for :func:`write_dataset`.
 
     ``fields`` maps the ``.inter`` columns (in output order) to RecBole types; every frame in
-    ``markets`` (and ``test_markets``, written as ``<market>.test.inter``) must hold them.
-    ``items`` (optional) is the shared item table typed by ``item_fields``; only items that
-    occur in a written market are kept.
+    ``markets`` (written as ``<market>.inter``) and in ``splits`` (``{market: {suffix: frame}}``,
+    written as ``<market>.<suffix>.inter``) must hold them.  A market may have a plain file,
+    split files or both.  ``items`` (optional) is the shared item table typed by
+    ``item_fields``; only items that occur in a written market are kept.  ``users`` (optional)
+    maps a market to its user table typed by ``user_fields`` (written as ``<market>.user``):
+    every user of the market's interaction files needs a row, and only those users are kept.
+    ``sources`` are listed in the README with their SHA-256, relative to ``source_root`` when
+    it is set (for files inside an installed package, whose absolute path varies).
     """
 
     name: str
     fmt: str
     fields: dict[str, str]
     markets: dict[str, pd.DataFrame]
-    test_markets: dict[str, pd.DataFrame] = field(default_factory=dict)
+    splits: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)
     items: pd.DataFrame | None = None
     item_fields: dict[str, str] = field(default_factory=dict)
+    users: dict[str, pd.DataFrame] = field(default_factory=dict)
+    user_fields: dict[str, str] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
+    source_root: Path | None = None
     description: str = ""
     notes: list[str] = field(default_factory=list)
     command: str = ""
@@ -146,6 +156,19 @@ def parse_float(values: pd.Series, column: str, path: Path) -> pd.Series:
             f"{values.iloc[pos]!r} on data line {pos + 1}"
         )
     return num.astype(float)
+
+
+def check_binary(values: pd.Series, column: str, path: Path) -> pd.Series:
+    """Parse a label column as floats that must all be 0 or 1; ValueError naming a bad value."""
+    num = parse_float(values, column, path)
+    bad = ~num.isin((0.0, 1.0))
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        raise ValueError(
+            f"{path}: column {column!r} must be 0 or 1, found {values.iloc[pos]!r} on data line "
+            f"{pos + 1} ({int(bad.sum())} bad value(s))"
+        )
+    return num
 
 
 def parse_dates(values: pd.Series, column: str, path: Path, fmt: str = "%Y-%m-%d") -> pd.Series:
@@ -256,12 +279,12 @@ def check_target(out: str | os.PathLike, name: str, overwrite: bool) -> Path:
 def write_dataset(ds: AtomicDataset, out: str | os.PathLike, overwrite: bool = False) -> Path:
     """Validate ``ds`` and write it atomically to ``<out>/<ds.name>``; return that path."""
     target = check_target(out, ds.name, overwrite)
-    items = _validate(ds)
+    items, users = _validate(ds)
     created = _make_parents(Path(out))
     tmp = Path(tempfile.mkdtemp(prefix=f".{ds.name}.", suffix=".tmp", dir=out))
     try:
         os.chmod(tmp, 0o755)
-        stats = _write_files(ds, items, tmp)
+        stats = _write_files(ds, items, users, tmp)
         (tmp / "README.md").write_text(_readme(ds, stats), encoding="utf-8")
         _swap_into_place(tmp, target, overwrite)
     except BaseException:
@@ -273,32 +296,57 @@ def write_dataset(ds: AtomicDataset, out: str | os.PathLike, overwrite: bool = F
     return target
 
 
-def _validate(ds: AtomicDataset) -> pd.DataFrame | None:
-    """Check names, fields, non-empty markets and user disjointness; return the item table."""
-    check_names(ds.name, list(ds.markets) + list(ds.test_markets))
-    if not ds.markets:
+def _validate(ds: AtomicDataset) -> tuple[pd.DataFrame | None, dict[str, pd.DataFrame]]:
+    """Check names, fields, non-empty markets and user disjointness; return the item table
+    and the per-market user tables."""
+    check_names(ds.name, _market_names(ds))
+    for market, parts in ds.splits.items():
+        for suffix in parts:
+            if not MARKET_RE.match(suffix or ""):
+                raise ValueError(
+                    f"market {market!r}: invalid split suffix {suffix!r} "
+                    "(letters, digits, '_', '-')"
+                )
+    if not _market_names(ds):
         raise ValueError(f"dataset {ds.name!r}: no market to write")
-    for fields in (ds.fields, ds.item_fields):
+    for fields in (ds.fields, ds.item_fields, ds.user_fields):
         bad = {c: t for c, t in fields.items() if t not in FIELD_TYPES}
         if bad:
             raise ValueError(f"dataset {ds.name!r}: unsupported field type(s) {bad}")
-    extra = sorted(set(ds.test_markets) - set(ds.markets))
-    if extra:
-        raise ValueError(f"test market(s) {', '.join(extra)} have no training market")
-    for label, frame in _inter_frames(ds):
-        require_columns(frame.columns, list(ds.fields), Path(f"{label}.inter"))
+    for stem, _, frame in _inter_frames(ds):
+        require_columns(frame.columns, list(ds.fields), Path(f"{stem}.inter"))
         if len(frame) == 0:
-            raise ValueError(f"market {label!r} is empty (no interactions left)")
+            raise ValueError(f"market {stem!r} is empty (no interactions left)")
     _check_user_disjoint(ds)
-    return _items_in_markets(ds)
+    return _items_in_markets(ds), _users_of_markets(ds)
+
+
+def _market_names(ds: AtomicDataset) -> list[str]:
+    """Every market of ``ds``: those with a plain file first, then split-only ones."""
+    return list(dict.fromkeys([*ds.markets, *ds.splits]))
+
+
+def _market_frames(ds: AtomicDataset, market: str):
+    """Yield (file stem, frame) for the .inter files of one market: plain, then splits."""
+    if market in ds.markets:
+        yield market, ds.markets[market]
+    for suffix, frame in ds.splits.get(market, {}).items():
+        yield f"{market}.{suffix}", frame
 
 
 def _inter_frames(ds: AtomicDataset):
-    """Yield (file stem, frame) for every .inter file of ``ds``."""
-    for market, frame in ds.markets.items():
-        yield market, frame
-        if market in ds.test_markets:
-            yield f"{market}.test", ds.test_markets[market]
+    """Yield (file stem, market, frame) for every .inter file of ``ds``, market by market."""
+    for market in _market_names(ds):
+        for stem, frame in _market_frames(ds, market):
+            yield stem, market, frame
+
+
+def _market_users(ds: AtomicDataset) -> dict[str, np.ndarray]:
+    """The user tokens of each market's interaction files (first-seen order)."""
+    frames: dict[str, list[pd.Series]] = {}
+    for _, market, frame in _inter_frames(ds):
+        frames.setdefault(market, []).append(frame["user_id"])
+    return {m: pd.unique(pd.concat(cols)) for m, cols in frames.items()}
 
 
 def _check_user_disjoint(ds: AtomicDataset) -> None:
@@ -306,11 +354,41 @@ def _check_user_disjoint(ds: AtomicDataset) -> None:
     if "user_id" not in ds.fields:
         return
     owner: dict[str, str] = {}
-    for market, frame in ds.markets.items():
-        for user in pd.unique(frame["user_id"]):
+    for market, users in _market_users(ds).items():
+        for user in users:
             other = owner.setdefault(user, market)
             if other != market:
                 raise ValueError(f"user {user!r} occurs in markets {other!r} and {market!r}")
+
+
+def _users_of_markets(ds: AtomicDataset) -> dict[str, pd.DataFrame]:
+    """Each ``<market>.user`` table, checked to cover the market's users and restricted to them."""
+    if not ds.users:
+        return {}
+    unknown = [m for m in ds.users if m not in _market_names(ds)]
+    if unknown:
+        raise ValueError(f"user table(s) for unknown market(s) {', '.join(unknown)}")
+    if "user_id" not in ds.user_fields or "user_id" not in ds.fields:
+        raise ValueError(
+            f"dataset {ds.name!r}: user tables need a user_id field in .inter and .user"
+        )
+    used = _market_users(ds)
+    tables = {}
+    for market, table in ds.users.items():
+        path = Path(f"{market}.user")
+        require_columns(table.columns, list(ds.user_fields), path)
+        dup = table["user_id"][table["user_id"].duplicated()]
+        if len(dup):
+            raise ValueError(f"{path}: user {dup.iloc[0]!r} has more than one row")
+        have = set(table["user_id"])
+        missing = [u for u in used[market] if u not in have]
+        if missing:
+            raise ValueError(
+                f"{path}: no row for {len(missing)} user(s) of market {market!r}, first "
+                f"{missing[0]!r}"
+            )
+        tables[market] = table.loc[table["user_id"].isin(set(used[market])), list(ds.user_fields)]
+    return tables
 
 
 def _items_in_markets(ds: AtomicDataset) -> pd.DataFrame | None:
@@ -320,7 +398,7 @@ def _items_in_markets(ds: AtomicDataset) -> pd.DataFrame | None:
     require_columns(ds.items.columns, list(ds.item_fields), Path(f"{ds.name}.item"))
     if "item_id" not in ds.item_fields:
         raise ValueError(f"{ds.name}.item: the item table needs an item_id field")
-    used = pd.unique(pd.concat([f["item_id"] for _, f in _inter_frames(ds)]))
+    used = pd.unique(pd.concat([f["item_id"] for _, _, f in _inter_frames(ds)]))
     table = ds.items.drop_duplicates("item_id").set_index("item_id")
     table = table.reindex(sorted(used)).rename_axis("item_id").reset_index()
     return table[list(ds.item_fields)]
@@ -363,12 +441,19 @@ def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _write_files(ds: AtomicDataset, items: pd.DataFrame | None, folder: Path) -> dict:
-    """Write every .inter file and the .item file; return per-file (users, items, rows)."""
+def _write_files(
+    ds: AtomicDataset, items: pd.DataFrame | None, users: dict[str, pd.DataFrame], folder: Path
+) -> dict:
+    """Write every .inter, .user and .item file; return per-file (users, items, rows)."""
     stats = {}
-    for stem, frame in _inter_frames(ds):
-        write_atomic(frame, ds.fields, folder / f"{stem}.inter")
-        stats[f"{stem}.inter"] = _counts(frame)
+    for market in _market_names(ds):
+        for stem, frame in _market_frames(ds, market):
+            write_atomic(frame, ds.fields, folder / f"{stem}.inter")
+            stats[f"{stem}.inter"] = _counts(frame)
+        if market in users:
+            table = users[market]
+            write_atomic(table, ds.user_fields, folder / f"{market}.user")
+            stats[f"{market}.user"] = (len(table), "-", len(table))
     if items is not None:
         write_atomic(items, ds.item_fields, folder / f"{ds.name}.item")
         stats[f"{ds.name}.item"] = ("-", len(items), len(items))
@@ -387,16 +472,19 @@ def write_atomic(frame: pd.DataFrame, fields: Mapping[str, str], path: Path) -> 
 def _format_column(values: pd.Series, ftype: str) -> pd.Series:
     """Text for one column: floats without a spurious '.0', tokens without tabs/newlines."""
     if ftype == "float" and pd.api.types.is_numeric_dtype(values):
-        return pd.Series([_fmt_float(v) for v in values.to_numpy(dtype=float)], index=values.index)
+        return pd.Series(_fmt_floats(values.to_numpy(dtype=float)), index=values.index)
     return clean_text(values)
 
 
-def _fmt_float(value: float) -> str:
-    if np.isnan(value):
-        return ""
-    if np.isfinite(value) and value.is_integer() and abs(value) < 2**53:
-        return str(int(value))
-    return repr(float(value))
+def _fmt_floats(values: np.ndarray) -> np.ndarray:
+    """Whole numbers (below 2**53) as integers, NaN as empty, any other value by ``repr``."""
+    text = np.full(len(values), "", dtype=object)
+    whole = np.isfinite(values) & (np.abs(values) < 2**53)
+    whole[whole] = values[whole] == np.trunc(values[whole])
+    text[whole] = values[whole].astype(np.int64).astype(str)
+    other = ~whole & ~np.isnan(values)
+    text[other] = [repr(float(v)) for v in values[other]]
+    return text
 
 
 def _counts(frame: pd.DataFrame) -> tuple:
@@ -422,16 +510,26 @@ def _readme(ds: AtomicDataset, stats: dict) -> str:
         lines += ["## Origin", "", ds.description.strip(), ""]
     if ds.sources:
         lines += ["Source files (SHA-256):", ""]
-        lines += [f"- `{p}` ({sha256(Path(p))})" for p in ds.sources] + [""]
+        lines += [f"- `{_shown(p, ds.source_root)}` ({sha256(Path(p))})" for p in ds.sources]
+        lines += [""]
     lines += ["## Command", "", "```", ds.command or "(unknown)", "```", ""]
     lines += ["## Files", "", "| file | users | items | rows |", "|---|---|---|---|"]
     lines += [f"| {name} | {u} | {i} | {n} |" for name, (u, i, n) in stats.items()]
     lines += ["", f"`.inter` header: `{_header(ds.fields)}`"]
+    if ds.users:
+        lines += ["", f"`.user` header: `{_header(ds.user_fields)}`"]
     if ds.items is not None:
         lines += ["", f"`.item` header: `{_header(ds.item_fields)}`"]
     if ds.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ds.notes]
     return "\n".join(lines) + "\n"
+
+
+def _shown(path: str | os.PathLike, root: Path | None) -> str:
+    """``path`` as listed in the README: relative to ``root`` (POSIX style) when given."""
+    if root is None:
+        return str(path)
+    return Path(path).relative_to(root).as_posix()
 
 
 def _header(fields: Mapping[str, str]) -> str:

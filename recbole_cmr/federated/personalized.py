@@ -1,0 +1,242 @@
+"""PF-MSMTrec's server side: conflict-averse, personalized aggregation of experts and towers.
+
+A *personalized* strategy (``personalized = True``) sees each client's own starting parameters
+(``configure_round(round, {client_id: params})``) and returns one parameter set per client
+(``aggregate -> {client_id: params}``); on Flower each node gets its own ``FitIns``.
+
+Rules (METHODS.md §4, FedHCA²'s, in float64), per round, with ``Δ_i = update_i - start_i``:
+
+* every *expert network* (names grouped by the regex ``pf_expert_group``, one group per expert):
+  ``G = [Δ_1 .. Δ_N]``; conflict-averse direction (``conflict_averse``)
+  ``Δ_ca = (g0 + c / ||G w|| · G w) / (1 + α²)`` with ``g0 = mean_i Δ_i``, ``A = G Gᵀ``,
+  ``c = α · sqrt(mean(A))`` and ``w`` on the simplex minimising ``wᵀ A 1/N + c sqrt(wᵀ A w)``
+  (``scipy.optimize``); without it ``Δ_ca = g0``. Personalized (``personalized_experts``):
+  ``θ_i = start_i + Δ_i + clamp(a_i, 0, 1) · Δ_ca``; else every client gets ``start + Δ_ca``.
+* every *tower layer* (regex ``pf_tower_layer``), personalized (``personalized_towers``):
+  ``Δ_i' = Δ_i + clamp(b_i, 0, 1) · softmax(Δ_i Δ_allᵀ / √d) Δ_all``, ``θ_i = start_i + Δ_i'``;
+  else FedAvg.
+* everything else (embeddings, gates, BN statistics, integer counters): FedAvg (per row with
+  ``fed_rowwise``).
+* ``a_i`` / ``b_i`` (one per client and expert / tower layer, init ``pf_weight_init``) learn
+  from the next round: the client's new update is the negative gradient of its loss at the
+  aggregated point, so ``∂L/∂a_i ≈ -Δ_i^{next} · d_i`` for the direction ``d_i`` that ``a_i``
+  scaled; SGD (``pf_weight_lr``, momentum ``pf_weight_momentum``), then clamped to [0, 1].
+"""
+
+import re
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from recbole_cmr.federated.strategy import (
+    FedAvg,
+    FedAvgRows,
+    Strategy,
+    _get,
+    cast_like,
+    check_results,
+    example_weights,
+    register_strategy,
+)
+
+DEFAULTS = {
+    "conflict_averse": True, "ca_alpha": 0.4, "personalized_experts": True,
+    "personalized_towers": True, "pf_weight_init": 0.1, "pf_weight_lr": 0.01,
+    "pf_weight_momentum": 0.9, "pf_expert_group": r"experts\.[^.]+\.\d+",
+    "pf_tower_layer": r"towers\.\d+\.[^.]+",
+}
+
+
+def simplex_weights(A, c):
+    """``w`` on the simplex minimising ``wᵀ A 1/N + c sqrt(wᵀ A w)`` (SLSQP from uniform).
+
+    Args:
+        A (np.ndarray): ``[N, N]`` Gram matrix of the client updates.
+        c (float): ``α · ||g0||``.
+
+    Returns:
+        np.ndarray: ``[N]``, non-negative, sums to 1.
+    """
+    n = len(A)
+    mean_col = A.mean(1)  # A 1/N
+
+    def objective(w):
+        return float(w @ mean_col + c * np.sqrt(max(w @ A @ w, 1e-30)))
+
+    result = minimize(objective, np.full(n, 1.0 / n), method="SLSQP", bounds=[(0.0, 1.0)] * n,
+                      constraints=({"type": "eq", "fun": lambda w: w.sum() - 1.0},),
+                      options={"ftol": 1e-12, "maxiter": 200})
+    w = np.clip(result.x, 0.0, None)
+    return w / w.sum()
+
+
+def conflict_averse_direction(G, alpha):
+    """The conflict-averse update of one expert network.
+
+    Args:
+        G (Tensor): ``[N, d]`` float64, one row per client update.
+        alpha (float): ``α_c``; 0 gives the mean update.
+
+    Returns:
+        Tensor: ``[d]`` float64.
+    """
+    g0 = G.mean(0)
+    if alpha == 0:
+        return g0
+    A = (G @ G.T).numpy()
+    c = alpha * float(np.sqrt(max(A.mean(), 0.0)))
+    w = torch.from_numpy(simplex_weights(A, c))
+    gw = w @ G
+    norm = float(gw.norm())
+    if norm == 0.0:
+        return g0 / (1 + alpha ** 2)
+    return (g0 + (c / norm) * gw) / (1 + alpha ** 2)
+
+
+def tower_attention(G):
+    """Each client's attention-weighted mix of all updates of one layer: ``softmax(G_i Gᵀ/√d) G``.
+
+    Args:
+        G (Tensor): ``[N, d]`` float64.
+
+    Returns:
+        Tensor: ``[N, d]``.
+    """
+    scores = (G @ G.T) / np.sqrt(G.shape[1])
+    return torch.softmax(scores, dim=1) @ G
+
+
+def group_names(names, pattern):
+    """``{prefix: [names]}`` of the names whose start matches the regex ``pattern``."""
+    groups = {}
+    for name in names:
+        match = re.match(pattern, name)
+        if match:
+            groups.setdefault(match.group(0), []).append(name)
+    return groups
+
+
+def _flat(tensors, names):
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def _unflat(vector, names, like):
+    """``{name: tensor}`` cut from ``vector`` in ``names`` order, shapes and dtypes of ``like``."""
+    out, at = {}, 0
+    for name in names:
+        size = like[name].numel()
+        out[name] = cast_like(vector[at:at + size].reshape(like[name].shape), like[name].dtype)
+        at += size
+    return out
+
+
+@register_strategy("pfmsmtrec")
+class PersonalizedConflictAverse(Strategy):
+    """PF-MSMTrec's aggregation (see the module docstring); settings in PFMSMTrec.yaml."""
+
+    personalized = True
+    supports_rowwise = True  # the FedAvg'd rest (embeddings) per row with fed_rowwise
+    settings = tuple(DEFAULTS)
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        for key, default in DEFAULTS.items():
+            value = _get(config, key)
+            setattr(self, key, default if value is None else value)
+        self.ca_alpha = float(self.ca_alpha) if self.conflict_averse else 0.0
+        self.average = FedAvgRows(config) if _get(config, "fed_rowwise") else FedAvg(config)
+        self.starts = None
+        self.weights, self.momentum, self.directions = {}, {}, {}
+
+    def configure_round(self, round, global_params):
+        """``global_params``: ``{client_id: params}``, each client's starting values."""
+        self.starts = global_params
+
+    # ---- the learnable per-client weights --------------------------------------------------
+    def weight(self, cid, group):
+        """``clamp(a, 0, 1)`` of client ``cid`` for ``group`` (created at ``pf_weight_init``)."""
+        return self.weights.setdefault(cid, {}).setdefault(group, float(self.pf_weight_init))
+
+    def _learn_weights(self, cid, delta):
+        """One momentum-SGD step on each of ``cid``'s weights from its new update ``delta``."""
+        for group, (names, direction) in self.directions.get(cid, {}).items():
+            if not all(n in delta for n in names):
+                continue
+            grad = -float(_flat(delta, names) @ direction)
+            buf = self.pf_weight_momentum * self.momentum.setdefault(cid, {}).get(group, 0.0) + grad
+            self.momentum[cid][group] = buf
+            self.weights[cid][group] = min(1.0, max(0.0, self.weight(cid, group) - self.pf_weight_lr * buf))
+
+    # ---- aggregation -----------------------------------------------------------------------
+    def aggregate(self, round, results):
+        names = check_results(round, results)
+        if self.starts is None:
+            raise RuntimeError("pfmsmtrec needs each client's starting parameters: call "
+                               "configure_round first.")
+        cids = [cid for cid, _, _ in results]
+        starts = {cid: self.starts[cid] for cid in cids}
+        float_names = [n for n in names if results[0][1][n].is_floating_point()
+                       and "running_" not in n]
+        delta = {cid: {n: update[n].double() - starts[cid][n].double() for n in float_names}
+                 for cid, update, _ in results}
+        for cid in cids:
+            self._learn_weights(cid, delta[cid])
+        experts = group_names(float_names, self.pf_expert_group)
+        towers = group_names([n for n in float_names if not any(n in g for g in experts.values())],
+                             self.pf_tower_layer)
+        grouped = {n for g in (*experts.values(), *towers.values()) for n in g}
+        rest = [n for n in names if n not in grouped]
+        new = {cid: {} for cid in cids}
+        if rest:
+            self.average.configure_round(round, {n: starts[cids[0]][n] for n in rest})
+            averaged = self.average.aggregate(
+                round, [(cid, {n: u[n] for n in rest}, k) for cid, u, k in results])
+            for cid in cids:
+                new[cid].update(averaged)
+        for group, group_names_ in experts.items():
+            self._experts(group, group_names_, cids, starts, delta, new)
+        counts = [k for _, _, k in results]
+        for group, group_names_ in towers.items():
+            self._tower(group, group_names_, cids, starts, delta, new, counts)
+        return new
+
+    def _experts(self, group, names, cids, starts, delta, new):
+        G = torch.stack([_flat(delta[cid], names) for cid in cids])  # [N, d]
+        direction = conflict_averse_direction(G, self.ca_alpha)  # [d]
+        for i, cid in enumerate(cids):
+            start = _flat({n: starts[cid][n].double() for n in names}, names)
+            if self.personalized_experts:
+                vector = start + G[i] + self.weight(cid, group) * direction
+                self.directions.setdefault(cid, {})[group] = (names, direction)
+            else:
+                vector = start + direction
+            new[cid].update(_unflat(vector, names, starts[cid]))
+
+    def _tower(self, group, names, cids, starts, delta, new, counts):
+        G = torch.stack([_flat(delta[cid], names) for cid in cids])  # [N, d]
+        if self.personalized_towers:
+            mixed = tower_attention(G)  # [N, d]
+        else:
+            mean = sum(w * g for w, g in zip(example_weights(counts), G))
+        for i, cid in enumerate(cids):
+            start = _flat({n: starts[cid][n].double() for n in names}, names)
+            if self.personalized_towers:
+                vector = start + G[i] + self.weight(cid, group) * mixed[i]
+                self.directions.setdefault(cid, {})[group] = (names, mixed[i])
+            else:
+                vector = start + mean
+            new[cid].update(_unflat(vector, names, starts[cid]))
+
+    # ---- state across rounds (saved in round checkpoints) ----------------------------------
+    def state_dict(self):
+        return {"weights": self.weights, "momentum": self.momentum,
+                "directions": {cid: {g: {"names": names, "direction": d}
+                                     for g, (names, d) in groups.items()}
+                               for cid, groups in self.directions.items()}}
+
+    def load_state_dict(self, state):
+        self.weights = {cid: dict(w) for cid, w in state.get("weights", {}).items()}
+        self.momentum = {cid: dict(m) for cid, m in state.get("momentum", {}).items()}
+        self.directions = {cid: {g: (list(v["names"]), v["direction"]) for g, v in groups.items()}
+                           for cid, groups in state.get("directions", {}).items()}

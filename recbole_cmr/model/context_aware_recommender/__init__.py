@@ -1,0 +1,1 @@
+"""Context-aware (CTR) recommenders of recbole_cmr (one model per file)."""
