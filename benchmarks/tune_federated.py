@@ -44,6 +44,11 @@ GRID = [
     ("fedavg-E3", {"fed_strategy": "fedavg", "fed_local_epochs": 3}),
     ("fedprox-mu0.01-E3", {"fed_strategy": "fedprox", "proximal_mu": 0.01, "fed_local_epochs": 3}),
     ("fedavg-E5", {"fed_strategy": "fedavg", "fed_local_epochs": 5}),
+    # around the chosen client learning rate 0.003: more local epochs, a proximal term
+    ("fedavg-etal0.003-E3", {"fed_strategy": "fedavg", "eta_l": 0.003, "fed_local_epochs": 3}),
+    ("fedprox-mu0.01-etal0.003-E1", {"fed_strategy": "fedprox", "proximal_mu": 0.01,
+                                     "eta_l": 0.003}),
+    ("fedavg-etal0.005-E1", {"fed_strategy": "fedavg", "eta_l": 0.005}),
 ]
 
 
