@@ -124,6 +124,14 @@ class MultiMarketTrainerMixin:
     def load_best_model(self, model_file=None):
         """Load the model weights of a checkpoint (default: this trainer's best)."""
         checkpoint_file = model_file or self.saved_model_file
+        if model_file is None and not os.path.exists(checkpoint_file) and \
+                not np.isfinite(self.best_valid_score):
+            markets = ", ".join(self.checkpoint_info.get("markets") or ["?"])
+            raise ValueError(
+                f"No epoch of market [{markets}] validated with a finite {self.valid_metric} (it "
+                "was NaN every time, e.g. AUC of a valid split whose labels are all 0 or all 1), "
+                "so there is no best model to test: use a larger valid split or another "
+                "valid_metric.")
         checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
         self.model.load_state_dict(checkpoint["state_dict"])
         self.model.load_other_parameter(checkpoint.get("other_parameter"))

@@ -135,3 +135,47 @@ def test_a_run_from_an_older_model_revision_is_stale(harness):
     _, pooled = harness.run_settings("xmrec", "Pooled", 2020)  # no revision yet: 1
     assert harness.stale_keys({"name": "Pooled", "dataset": "xmrec", "seed": 2020,
                                "settings": pooled}) == []
+
+
+# ---- the multi-scenario CTR harness (benchmarks/multi_scenario.py) --------------------------
+@pytest.fixture(scope="module")
+def ctr_harness():
+    import sys
+
+    sys.path.insert(0, str(HARNESS.parent))  # it imports cross_market's helpers
+    spec = importlib.util.spec_from_file_location("multi_scenario", HARNESS.parent / "multi_scenario.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ctr_run(name, seed, auc, wall_s=60.0):
+    """A run record with test AUC ``auc[m] = (click, ctcvr)`` per scenario."""
+    def res(click, ctcvr):
+        return {"auc": (click + ctcvr) / 2, "auc_click": click, "auc_ctcvr": ctcvr,
+                "logloss": 0.5, "logloss_click": 0.6, "logloss_ctcvr": 0.4}
+
+    return {"name": name, "seed": seed, "wall_s": wall_s,
+            "per_market": {m: {"valid": res(*v), "test": res(*v)} for m, v in auc.items()}}
+
+
+def test_ctr_summary_macro_and_targets(ctr_harness):
+    runs = [_ctr_run("Local-MMoE", 2020, {"a": (0.70, 0.60), "b": (0.80, 0.70)}),
+            _ctr_run("Local-MMoE", 2021, {"a": (0.72, 0.62), "b": (0.82, 0.72)}),
+            _ctr_run("FedAvg-MMoE", 2020, {"a": (0.75, 0.65), "b": (0.75, 0.65)}),
+            _ctr_run("PF-MSMTrec", 2020, {"a": (0.76, 0.66), "b": (0.79, 0.75)}),
+            _ctr_run("PF-MSMTrec-noCA", 2020, {"a": (0.77, 0.70), "b": (0.80, 0.75)})]
+    summary = ctr_harness.summarise_runs(runs)
+    local = summary["models"]["Local-MMoE"]
+    assert local["per_market"]["a"]["auc_click"] == pytest.approx(0.71)
+    assert local["macro"]["auc"] == pytest.approx((0.65 + 0.75 + 0.67 + 0.77) / 4)
+    assert local["macro"]["auc_std"] == pytest.approx(0.0141421, rel=1e-5)
+    assert summary["models"]["PF-MSMTrec"]["macro"]["auc_std"] is None
+    met = {r["target"]: r["met"] for r in summary["targets"]}
+    assert met["PF-MSMTrec macro AUC ≥ FedAvg-MMoE"] is True
+    assert met["PF-MSMTrec macro AUC ≥ Pooled-MMoE"] is None  # not run
+    assert met["PF-MSMTrec ≥ Local-MMoE in every scenario on auc_click"] is False  # b: 0.79 < 0.81
+    assert met["PF-MSMTrec ≥ Local-MMoE in every scenario on auc_ctcvr"] is True
+    assert met["PF-MSMTrec-noCA below PF-MSMTrec (macro AUC)"] is False
+    text = ctr_harness.markdown(summary)
+    assert "| PF-MSMTrec | 1 | 0.7400 |" in text and "auc_click below Local-MMoE in b" in text

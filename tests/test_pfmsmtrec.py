@@ -272,3 +272,44 @@ def test_pf_msmtrec_alias_runs_end_to_end(scenarios):
     result = _run("PF-MSMTrec", scenarios, fed_rounds=1)
     assert result["model"] == "PFMSMTrec" and result["train_mode"] == "federated"
     assert {"auc_click", "auc_ctcvr"} <= set(result["test_result"])
+
+
+# ---- Ali-CCP through the converter: benchmark files per scenario ---------------------------
+def test_ali_ccp_scenarios_load_as_recbole_benchmark_files(tmp_path):
+    from conftest import shared_data
+
+    from recbole_cmr import get_model
+    from recbole_cmr.data.convert import convert_aliccp
+
+    src = shared_data("ctr_samples")
+    out = convert_aliccp(src / "ali_ccp_train_sample.csv", src / "ali_ccp_val_sample.csv",
+                         src / "ali_ccp_test_sample.csv", tmp_path / "data")
+    settings = {**CTR_FAST, "data_path": str(tmp_path / "data")}
+    config = Config(model="MMoE", dataset="ali-ccp", config_dict=settings)
+    dataset = create_dataset(config)
+    loaders = data_preparation(config, dataset)
+    assert dataset.markets == ["scenario1", "scenario2", "scenario3"]
+    for market in dataset.markets:
+        for split, loaders_of in zip(("train", "valid", "test"), loaders):
+            rows = len(pd.read_csv(out / f"{market}.{split}.inter", sep="\t"))
+            assert loaders_of[market]._dataset.inter_num == rows
+    model = get_model("MMoE")(config, loaders[0]["scenario1"]._dataset)
+    assert "D508" in model.float_field_names and "101" in model.token_field_names
+    assert not {"click", "purchase"} & set(model.float_field_names + model.token_field_names)
+    # the sample is too small for AUC: a valid split without purchases is NaN every epoch
+    with pytest.raises(ValueError, match=r"No epoch of market \[scenario1\] validated with a "
+                                         r"finite auc"):
+        run_recbole_cmr(model="MMoE", dataset="ali-ccp", config_dict=settings)
+
+
+def test_hyper_tuning_runs_pf_msmtrec_trials(scenarios, tmp_path):
+    from recbole_cmr.hyper_tuning import run_hyper
+
+    params = tmp_path / "params.hyper"
+    params.write_text("ca_alpha choice [0.0,0.4]\n")
+    best, result, (best_json, trials_csv) = run_hyper(
+        "PF-MSMTrec", "mlsc", str(params), algo="exhaustive",
+        config_dict={**scenarios, "fed_rounds": 1}, output_dir=str(tmp_path / "hyper"))
+    trials = pd.read_csv(trials_csv)
+    assert len(trials) == 2 and best["ca_alpha"] in (0.0, 0.4)
+    assert result["best_valid_score"] == pytest.approx(result["best_valid_result"]["auc"])

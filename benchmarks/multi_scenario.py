@@ -1,0 +1,258 @@
+"""Multi-scenario multi-task CTR benchmark: PF-MSMTrec against Local, Pooled, FedAvg and FedBN
+MMoE, and PF-MSMTrec's ablations, on the shipped ml100k-scenarios (4 age-band scenarios, tasks
+click and CTCVR).
+
+    python benchmarks/multi_scenario.py --seeds 2020 2021 2022
+    python benchmarks/multi_scenario.py --models PF-MSMTrec Local-MMoE --seeds 2020
+    python benchmarks/multi_scenario.py --summarise-only
+
+Protocol: RecBole's labeled evaluation per scenario, split per user by time (80/10/10); every
+model is selected by the valid AUC (mean over the two tasks; macro over scenarios where they share
+one model) and reports test AUC and LogLoss per scenario and task.
+
+Resumable: every (model, seed) run writes ``results/pfmsmtrec-ml100k/<model>-seed<S>.json`` as
+soon as it ends and is skipped when that file exists with the current settings. ``summarise``
+rebuilds ``results/pfmsmtrec-ml100k.json`` (``models -> per_market -> metric``: scenarios as
+markets, ``auc_click``, ``auc_ctcvr``, ``logloss_click``, ``logloss_ctcvr`` and the means ``auc``,
+``logloss``; ``macro`` over scenarios), ``results/pfmsmtrec-ml100k.md`` and
+``results/pfmsmtrec-ml100k.png`` from those files, with the benchmark targets checked.
+
+Sizing (the grid has to fit in about 3 hours on 2 CPU cores): embeddings of 16, experts [64, 32],
+towers [16] (MMoE.yaml); batches of 2048; at most 30 epochs / rounds with early stopping after 3
+validations without gain. One epoch over all four scenarios (~400k training rows) takes about
+20-30 s on one core.
+"""
+
+import argparse
+import json
+import os
+import time
+
+from cross_market import RESULTS, _cell, _mean_std
+
+DATASET = "ml100k-scenarios"
+NAME = "pfmsmtrec-ml100k"
+SELECTED_BY = "valid auc (mean over tasks; macro over scenarios for shared models)"
+METRICS = ["auc", "auc_click", "auc_ctcvr", "logloss", "logloss_click", "logloss_ctcvr"]
+TASKS = ["click", "ctcvr"]
+SETTINGS = {
+    "epochs": 30,
+    "fed_rounds": 30,
+    "stopping_step": 3,
+    "learning_rate": 0.001,
+    "train_batch_size": 2048,
+    "eval_batch_size": 8192,
+    "show_progress": False,
+}
+# Every federated model averages embedding rows over the scenarios that changed them
+# (fed_rowwise): user rows belong to one scenario, and plain FedAvg would shrink each scenario's
+# user updates by its share of the data.
+FEDERATED = {"train_mode": "federated", "fed_rowwise": True}
+MODELS = {
+    "Local-MMoE": {"model": "MMoE", "train_mode": "local"},
+    "Pooled-MMoE": {"model": "MMoE", "train_mode": "pooled"},
+    "FedAvg-MMoE": {"model": "MMoE", **FEDERATED},
+    "FedBN-MMoE": {"model": "MMoE", **FEDERATED, "fed_local_params": ["*.bn_*"]},
+    "PF-MSMTrec": {"model": "PFMSMTrec"},
+    "PF-MSMTrec-noTemplate": {"model": "PFMSMTrec", "parameter_template": False},
+    "PF-MSMTrec-noFedBN": {"model": "PFMSMTrec", "fed_bn": False},
+    "PF-MSMTrec-noCA": {"model": "PFMSMTrec", "conflict_averse": False},
+    "PF-MSMTrec-noPersonal": {"model": "PFMSMTrec", "personalized_experts": False,
+                              "personalized_towers": False},
+}
+BASELINES = ["Pooled-MMoE", "FedAvg-MMoE", "FedBN-MMoE"]
+ABLATIONS = [n for n in MODELS if n.startswith("PF-MSMTrec-")]
+
+
+def run_settings(name, seed):
+    """``(RecBole model, config_dict)`` of one run."""
+    spec = dict(MODELS[name])
+    return spec.pop("model"), {**SETTINGS, **spec, "seed": seed,
+                               "checkpoint_dir": str(RESULTS.parent / "saved")}
+
+
+def run_one(name, seed, out_file):
+    """Train and test one model on every scenario; write ``out_file``."""
+    from recbole_cmr import run_recbole_cmr
+
+    model, settings = run_settings(name, seed)
+    start = time.time()
+    result = run_recbole_cmr(model=model, dataset=DATASET, config_dict=settings)
+    record = {"name": name, "model": model, "dataset": DATASET, "seed": seed,
+              "selected_by": SELECTED_BY, "settings": settings,
+              "wall_s": round(time.time() - start, 1),
+              "per_market": {m: {"valid": {k: float(v) for k, v in r["valid"].items()},
+                                 "test": {k: float(v) for k, v in r["test"].items()}}
+                             for m, r in result["per_market"].items()}}
+    if result.get("federated_rounds"):
+        record["federated_rounds"] = result["federated_rounds"]
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out_file)
+
+
+def is_current(record):
+    """True when ``record`` ran with the settings the harness would use now."""
+    _, settings = run_settings(record["name"], record["seed"])
+    keep = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "checkpoint_dir"}
+    return {k: record["settings"].get(k) for k in keep} == keep
+
+
+def summarise_runs(runs):
+    """``{"dataset", "selected_by", "seeds", "models": {name: {per_market, macro, runs, wall_s}},
+    "targets"}``: means and sample std over seeds; ``macro`` is per seed the mean over scenarios."""
+    import numpy as np
+
+    summary = {"dataset": DATASET, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
+        markets = list(mine[0]["per_market"])
+        per_run = [{m: r["per_market"][m]["test"] for m in markets} for r in mine]
+        for res in per_run:
+            res["macro"] = {k: float(np.mean([res[m][k] for m in markets])) for k in METRICS}
+        table = {}
+        for m in markets + ["macro"]:
+            table[m] = {}
+            for k in METRICS:
+                table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
+        entry = {"per_market": {m: table[m] for m in markets}, "macro": table["macro"],
+                 "runs": len(mine), "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+        rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds")]
+        if rounds:
+            entry["rounds_to_best"] = _mean_std([r["best_round"] + 1 for r in rounds])[0]
+        summary["models"][name] = entry
+    summary["targets"] = target_checks(summary)
+    return summary
+
+
+def target_checks(summary):
+    """``[{"target", "met"}]``: PF-MSMTrec's macro AUC ≥ every federated baseline and Pooled; in
+    every scenario ≥ Local-MMoE on both tasks; every ablation below the full model. ``met`` is
+    None where PF-MSMTrec or the other model has not run yet."""
+    models = summary["models"]
+    full = models.get("PF-MSMTrec")
+    rows = []
+
+    def check(target, other, test):
+        met = None if full is None or other not in models else bool(test(models[other]))
+        rows.append({"target": target, "met": met})
+
+    for other in BASELINES:
+        check(f"PF-MSMTrec macro AUC ≥ {other}", other,
+              lambda theirs: full["macro"]["auc"] >= theirs["macro"]["auc"])
+    for task in TASKS:
+        key = f"auc_{task}"
+
+        def every_scenario(local, key=key):
+            below = [m for m, r in full["per_market"].items() if r[key] < local["per_market"][m][key]]
+            if below:
+                rows_note.append(f"{key} below Local-MMoE in {', '.join(below)}")
+            return not below
+
+        rows_note = []
+        check(f"PF-MSMTrec ≥ Local-MMoE in every scenario on {key}", "Local-MMoE", every_scenario)
+        if rows_note:
+            rows[-1]["note"] = rows_note[0]
+    for ablation in ABLATIONS:
+        check(f"{ablation} below PF-MSMTrec (macro AUC)", ablation,
+              lambda theirs: theirs["macro"]["auc"] < full["macro"]["auc"])
+    return rows
+
+
+def markdown(summary):
+    """The summary as markdown: macro table, per-scenario AUC table, targets."""
+    models = summary["models"]
+    lines = [f"# PF-MSMTrec on {DATASET}", "",
+             f"Seeds {summary['seeds']}; model selected by {summary['selected_by']}; test "
+             "metrics, mean ± sample std over seeds; macro = mean over the 4 scenarios.", "",
+             "| model | runs | " + " | ".join(METRICS) + " | rounds to best | wall (min) |",
+             "|---" * (len(METRICS) + 4) + "|"]
+    for name, m in models.items():
+        cells = [_cell(m["macro"][k], m["macro"][f"{k}_std"]) for k in METRICS]
+        rounds = f"{m['rounds_to_best']:.1f}" if m.get("rounds_to_best") else "–"
+        lines.append(f"| {name} | {m['runs']} | " + " | ".join(cells)
+                     + f" | {rounds} | {m['wall_s'] / 60:.1f} |")
+    markets = list(next(iter(models.values()))["per_market"]) if models else []
+    for task in TASKS:
+        lines += ["", f"Test AUC ({task}) per scenario:", "",
+                  "| model | " + " | ".join(markets) + " |", "|---" * (len(markets) + 1) + "|"]
+        for name, m in models.items():
+            lines.append(f"| {name} | " + " | ".join(
+                _cell(m["per_market"][s][f"auc_{task}"], m["per_market"][s][f"auc_{task}_std"])
+                for s in markets) + " |")
+    lines += ["", "Targets:", ""]
+    for r in summary["targets"]:
+        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
+        lines.append(f"- {r['target']}: {mark}" + (f" ({r['note']})" if r.get("note") else ""))
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary, path):
+    """Bar chart of the macro test AUC per model (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = summary["models"]
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
+    for offset, task in ((-0.2, "click"), (0.2, "ctcvr")):
+        key = f"auc_{task}"
+        ax.bar([i + offset for i in range(len(names))], [models[n]["macro"][key] for n in names],
+               width=0.4, yerr=[models[n]["macro"][f"{key}_std"] or 0 for n in names],
+               label=f"AUC {task}", capsize=3)
+    low = min(models[n]["macro"][f"auc_{t}"] for n in names for t in TASKS)
+    ax.set_ylim(max(0.0, low - 0.05), None)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("macro test AUC")
+    ax.set_title(f"{DATASET}: seeds {summary['seeds']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarise():
+    runs = []
+    for path in sorted((RESULTS / NAME).glob("*-seed*.json")):
+        run = json.loads(path.read_text())
+        if is_current(run):
+            runs.append(run)
+        else:
+            print(f"left out of the summary, settings changed since it ran: {path.name}")
+    if not runs:
+        print("no run files yet")
+        return None
+    order = {name: i for i, name in enumerate(MODELS)}
+    runs.sort(key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
+    summary = summarise_runs(runs)
+    (RESULTS / f"{NAME}.json").write_text(json.dumps(summary, indent=2))
+    text = markdown(summary)
+    (RESULTS / f"{NAME}.md").write_text(text)
+    chart(summary, RESULTS / f"{NAME}.png")
+    print(text)
+    return summary
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
+    parser.add_argument("--summarise-only", action="store_true")
+    args = parser.parse_args()
+    if not args.summarise_only:
+        for seed in args.seeds:
+            for name in args.models:
+                out_file = RESULTS / NAME / f"{name}-seed{seed}.json"
+                if out_file.exists() and is_current(json.loads(out_file.read_text())):
+                    continue
+                print(f"== {name} on {DATASET}, seed {seed}", flush=True)
+                run_one(name, seed, out_file)
+    summarise()
+
+
+if __name__ == "__main__":
+    main()
