@@ -313,3 +313,30 @@ def test_hyper_tuning_runs_pf_msmtrec_trials(scenarios, tmp_path):
     trials = pd.read_csv(trials_csv)
     assert len(trials) == 2 and best["ca_alpha"] in (0.0, 0.4)
     assert result["best_valid_score"] == pytest.approx(result["best_valid_result"]["auc"])
+
+
+def test_scenario_field_splits_one_file_like_one_file_per_scenario(scenarios, tmp_path):
+    """``scenario_field``: one ``mlone.inter`` with a scenario column (and one ``mlone.user``)
+    gives the markets, rows and numbers of one file per scenario."""
+    src, target = tmp_path / "data" / "mlsc", tmp_path / "data" / "mlone"
+    target.mkdir()
+    markets = ["25to34", "35to44", "45plus", "under25"]
+    inters = [pd.read_csv(src / f"{m}.inter", sep="\t", dtype=str).assign(**{"scenario:token": m})
+              for m in markets]
+    pd.concat(inters).to_csv(target / "mlone.inter", sep="\t", index=False)
+    pd.concat([pd.read_csv(src / f"{m}.user", sep="\t", dtype=str) for m in markets]).to_csv(
+        target / "mlone.user", sep="\t", index=False)
+    shutil.copy(src / "mlsc.item", target / "mlone.item")
+    one_file = {**scenarios, "scenario_field": "scenario", "epochs": 1,
+                "load_col": {**scenarios["load_col"],
+                             "inter": [*scenarios["load_col"]["inter"], "scenario"]}}
+    split = run_recbole_cmr(model="MMoE", dataset="mlone", config_dict=one_file, saved=False)
+    per_file = _run("MMoE", scenarios, epochs=1)
+    assert list(split["per_market"]) == markets
+    assert split["test_result"] == per_file["test_result"]
+    with pytest.raises(ValueError, match=r"does not load scenario_field \[scenario\]"):
+        run_recbole_cmr(model="MMoE", dataset="mlone", saved=False,
+                        config_dict={**one_file, "load_col": scenarios["load_col"]})
+    with pytest.raises(ValueError, match=r"markets \['south'\] .* not values of scenario_field"):
+        run_recbole_cmr(model="MMoE", dataset="mlone", saved=False,
+                        config_dict={**one_file, "markets": ["south"]})

@@ -32,14 +32,32 @@ class MarketDatasetMixin:
         super().__init__(config)
 
     def _load_data(self, token, dataset_path):
-        self._load_inter_feat(self.market, dataset_path)
+        field = self.config["scenario_field"]
+        self._load_inter_feat(token if field else self.market, dataset_path)
+        if field:
+            self._keep_scenario(field)
         self.user_feat = self._load_user_or_item_feat(
-            self.market, dataset_path, FeatureSource.USER, "uid_field"
+            token if field else self.market, dataset_path, FeatureSource.USER, "uid_field"
         )
+        if field and self.user_feat is not None:  # the market's own users, as a <market>.user
+            users = self.inter_feat[self.uid_field].unique()
+            self.user_feat = self.user_feat[self.user_feat[self.uid_field].isin(users)]
+            self.user_feat = self.user_feat.reset_index(drop=True)
         self.item_feat = self._load_user_or_item_feat(
             token, dataset_path, FeatureSource.ITEM, "iid_field"
         )
         self._load_additional_feat(token, dataset_path)
+
+    def _keep_scenario(self, field):
+        """``scenario_field``: keep this market's rows of the shared file(s), then drop the field
+        (constant within a market). Benchmark files keep their sizes per split."""
+        values = self.inter_feat[field].astype(str).values
+        keep = values == self.market
+        if self.benchmark_filename_list is not None:
+            split = np.repeat(np.arange(len(self.file_size_list)), self.file_size_list)
+            self.file_size_list = np.bincount(split[keep], minlength=len(self.file_size_list)).tolist()
+        self.inter_feat = self.inter_feat[keep].reset_index(drop=True)
+        self._del_col(self.inter_feat, field)
 
     def __str__(self):
         return set_color(f"[market {self.market}] ", "pink") + super().__str__()
@@ -163,9 +181,11 @@ def inter_file_suffix(config):
 
 
 def market_inter_files(config, market):
-    """The interaction files of ``market``: ``[<market>.inter]`` or one per benchmark file."""
+    """The interaction files of ``market``: ``[<market>.inter]`` or one per benchmark file
+    (with ``scenario_field``, the dataset's shared files)."""
     files = config["benchmark_filename"]
-    names = [f"{market}.{f}.inter" for f in files] if files else [f"{market}.inter"]
+    token = config["dataset"] if config["scenario_field"] else market
+    names = [f"{token}.{f}.inter" for f in files] if files else [f"{token}.inter"]
     return [os.path.join(config["data_path"], n) for n in names]
 
 
@@ -186,14 +206,41 @@ def discover_markets(data_path, suffix=".inter"):
     return markets
 
 
+def scenario_values(config):
+    """``scenario_field``: the markets are the field's values in the dataset's interaction
+    file(s), sorted as strings."""
+    field = config["scenario_field"]
+    values = set()
+    for path in market_inter_files(config, None):
+        header = atomic_header(path, config["field_separator"])
+        if field not in header:
+            raise ValueError(f"scenario_field [{field}] is not a column of {path} "
+                             f"(its fields: {list(header)}).")
+        column = f"{field}:{header[field]}"
+        frame = pd.read_csv(path, sep=config["field_separator"], usecols=[column], dtype=str,
+                            keep_default_na=False, encoding=config["encoding"] or "utf-8")
+        values |= set(frame[column])
+    if "" in values:
+        raise ValueError(f"scenario_field [{field}] is empty in some rows of "
+                         f"{market_inter_files(config, None)}: every row needs a scenario.")
+    return sorted(values)
+
+
 def resolve_markets(config):
-    """The markets to load: ``config['markets']`` (checked against the folder) or all of them."""
-    available = discover_markets(config["data_path"], inter_file_suffix(config))
+    """The markets to load: ``config['markets']`` (checked against the folder, or against the
+    values of ``scenario_field``) or all of them."""
+    if config["scenario_field"]:
+        available = scenario_values(config)
+    else:
+        available = discover_markets(config["data_path"], inter_file_suffix(config))
     wanted = config["markets"]
     if wanted is None:
         return available
     wanted = [wanted] if isinstance(wanted, str) else [str(m) for m in wanted]
     missing = [m for m in wanted if m not in available]
+    if missing and config["scenario_field"]:
+        raise ValueError(f"markets {missing} named in the config are not values of scenario_field "
+                         f"[{config['scenario_field']}]; its values: {available}")
     if missing:
         raise ValueError(
             f"markets {missing} named in the config have no file "
@@ -267,7 +314,7 @@ def check_feature_fields(config, markets):
     skip it)."""
     path = config["data_path"]
     files = {"inter": market_inter_files(config, markets[0])[0],
-             "user": os.path.join(path, f"{markets[0]}.user"),
+             "user": os.path.join(path, f"{config['dataset'] if config['scenario_field'] else markets[0]}.user"),
              "item": os.path.join(path, f"{config['dataset']}.item")}
     headers = {k: atomic_header(f, config["field_separator"]) for k, f in files.items()
                if os.path.isfile(f)}
@@ -278,6 +325,10 @@ def check_feature_fields(config, markets):
         if absent:
             raise ValueError(f"load_col['{source}'] names fields {absent} that {files[source]} "
                              f"does not have (its fields: {list(headers[source])}).")
+    load_inter = (config["load_col"] or {}).get("inter")
+    if config["scenario_field"] and config["load_col"] and config["scenario_field"] not in (load_inter or []):
+        raise ValueError(f"load_col['inter'] {load_inter} does not load scenario_field "
+                         f"[{config['scenario_field']}] from {files['inter']}: add it.")
     leak = [f for f in config["numerical_features"] or [] if f in label_fields(config)]
     if leak:
         raise ValueError(f"numerical_features {leak} are label fields: a model must not read its "
