@@ -4,6 +4,21 @@ import argparse
 
 DEFAULT_MODEL = "SASRec"
 DEFAULT_DATASET = "xmrec-mini"
+DEFAULT_CTR_DATASET = "ml100k-scenarios"  # context-aware (CTR) models: MMoE, PF-MSMTrec, DeepFM
+
+
+def default_dataset(model):
+    """The shipped dataset a model runs on without ``--dataset``: ``ml100k-scenarios`` for
+    context-aware (CTR) models, else ``xmrec-mini``."""
+    from recbole.utils import ModelType
+
+    from recbole_cmr.utils import get_model
+
+    try:
+        context = get_model(model).type == ModelType.CONTEXT
+    except ValueError:  # an unknown model: the run reports it
+        context = False
+    return DEFAULT_CTR_DATASET if context else DEFAULT_DATASET
 
 
 def parse_args(argv=None):
@@ -12,8 +27,9 @@ def parse_args(argv=None):
         "dataset. Any RecBole/recbole_cmr setting can be given as --key=value.",
     )
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL, help="model name (default SASRec)")
-    parser.add_argument("--dataset", "-d", default=DEFAULT_DATASET,
-                        help="dataset folder name (default: the shipped xmrec-mini)")
+    parser.add_argument("--dataset", "-d", default=None,
+                        help="dataset folder name (default: the shipped xmrec-mini; "
+                        "ml100k-scenarios for CTR models such as PF-MSMTrec)")
     parser.add_argument("--config_files", default=None, help="yaml files, space separated")
     args, _ = parser.parse_known_args(argv)  # the rest is read by RecBole's Config
     return args
@@ -26,8 +42,8 @@ def main(argv=None):
 
     args = parse_args(argv)
     files = args.config_files.strip().split(" ") if args.config_files else None
-    return run_recbole_cmr(model=args.model, dataset=args.dataset, config_file_list=files,
-                    argv=argv)
+    dataset = args.dataset or default_dataset(args.model)
+    return run_recbole_cmr(model=args.model, dataset=dataset, config_file_list=files, argv=argv)
 
 
 if __name__ == "__main__":

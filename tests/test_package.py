@@ -119,3 +119,19 @@ def test_main_reads_every_setting_from_the_argv_it_is_given(two_markets, monkeyp
                                         argv=["--topk=[5]", "--valid_metric=NDCG@5", "--seed=7"],
                                         saved=False)
     assert again["per_market"]["jp"]["test"] == result["per_market"]["jp"]["test"]
+
+
+def test_command_line_default_dataset_follows_the_model_type(monkeypatch):
+    """``python run_recbole_cmr.py --model=PF-MSMTrec`` runs on the shipped CTR data set, a
+    sequential model on xmrec-mini; an explicit --dataset always wins."""
+    import recbole_cmr.__main__ as cli
+    import recbole_cmr.quick_start as quick_start
+
+    assert cli.default_dataset("PF-MSMTrec") == "ml100k-scenarios"
+    assert cli.default_dataset("DeepFM") == "ml100k-scenarios"
+    assert cli.default_dataset("SASRec") == "xmrec-mini"
+    calls = []
+    monkeypatch.setattr(quick_start, "run_recbole_cmr", lambda **kw: calls.append(kw))
+    cli.main(["--model=PFMSMTrec"])
+    cli.main(["--model=MMoE", "--dataset=ali-ccp"])
+    assert [c["dataset"] for c in calls] == ["ml100k-scenarios", "ali-ccp"]
