@@ -286,27 +286,33 @@ def _cell(value, std):
     return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
 
 
+def seed_table(runs, result_of, metrics):
+    """``{"per_market", "macro", "runs", "wall_s"}`` of one model's ``runs`` (one per seed): per
+    market and metric the mean and sample std (``<metric>_std``) over seeds of
+    ``result_of(run["per_market"][market])``; ``macro`` is per seed the mean over markets."""
+    import numpy as np
+
+    markets = list(runs[0]["per_market"])
+    per_run = [{m: result_of(r["per_market"][m]) for m in markets} for r in runs]
+    for res in per_run:
+        res["macro"] = {k: float(np.mean([res[m][k] for m in markets])) for k in metrics}
+    table = {}
+    for m in markets + ["macro"]:
+        table[m] = {}
+        for k in metrics:
+            table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
+    return {"per_market": {m: table[m] for m in markets}, "macro": table["macro"],
+            "runs": len(runs), "wall_s": _mean_std([r["wall_s"] for r in runs])[0]}
+
+
 def summarise_protocol(runs, protocol):
     """``{"protocol", "seeds", "selected_by", "models": {name: {per_market, macro, wall_s}},
     "targets": target_checks(...)}``."""
-    import numpy as np
-
     summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
-        markets = list(mine[0]["per_market"])
-        per_run = [{m: r["per_market"][m]["test"][protocol] for m in markets} for r in mine]
-        for res in per_run:
-            res["macro"] = {k: float(np.mean([res[m][k] for m in markets])) for k in METRICS}
-        table = {}
-        for m in markets + ["macro"]:
-            table[m] = {}
-            for k in METRICS:
-                table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
-        summary["models"][name] = {"per_market": {m: table[m] for m in markets},
-                                   "macro": table["macro"], "runs": len(mine),
-                                   "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+        summary["models"][name] = seed_table(mine, lambda res: res["test"][protocol], METRICS)
         rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds", {}).get("rounds")]
         if rounds and not any("federated_stage" in r for r in mine):
             summary["models"][name]["rounds_to_best"] = _mean_std(

@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from cross_market import RESULTS, _cell, _mean_std
+from cross_market import RESULTS, _cell, _mean_std, seed_table
 
 DATASET = "ml100k-scenarios"
 NAME = "pfmsmtrec-ml100k"
@@ -107,23 +107,11 @@ def is_current(record):
 def summarise_runs(runs):
     """``{"dataset", "selected_by", "seeds", "models": {name: {per_market, macro, runs, wall_s}},
     "targets"}``: means and sample std over seeds; ``macro`` is per seed the mean over scenarios."""
-    import numpy as np
-
     summary = {"dataset": DATASET, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
-        markets = list(mine[0]["per_market"])
-        per_run = [{m: r["per_market"][m]["test"] for m in markets} for r in mine]
-        for res in per_run:
-            res["macro"] = {k: float(np.mean([res[m][k] for m in markets])) for k in METRICS}
-        table = {}
-        for m in markets + ["macro"]:
-            table[m] = {}
-            for k in METRICS:
-                table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
-        entry = {"per_market": {m: table[m] for m in markets}, "macro": table["macro"],
-                 "runs": len(mine), "wall_s": _mean_std([r["wall_s"] for r in mine])[0]}
+        entry = seed_table(mine, lambda res: res["test"], METRICS)
         rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds")]
         if rounds:
             entry["rounds_to_best"] = _mean_std([r["best_round"] + 1 for r in rounds])[0]
