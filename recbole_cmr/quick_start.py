@@ -138,16 +138,64 @@ def trainer_for(config, model):
 
 
 def _train_pooled(config, train, valid, test, saved, verbose, info=None):
-    """One model on all markets' training data, validated on the macro average."""
-    pooled = pooled_train_data(config, train)
+    """One model on the training data of all markets (or of ``pooled_markets``), validated on the
+    macro average over ``valid_markets``; with ``finetune: True`` a copy of it is then
+    fine-tuned on each of ``finetune_markets`` (as after federated pretraining), which also
+    record their pooled results under ``pooled``. ``pooled_pretrained`` loads a pooled run's
+    checkpoint instead of training (e.g. MKT's stage 2 alone)."""
+    selected = {key: _market_subset(config, key, list(train))
+                for key in ("pooled_markets", "valid_markets", "finetune_markets")}
+    pooled = pooled_train_data(config, {m: train[m] for m in selected["pooled_markets"]})
     model, trainer = new_market_trainer(config, pooled._dataset, "pooled", list(train))
     if verbose:
         getLogger().info(model)
-    trainer.fit(pooled, valid, verbose=verbose, saved=saved, show_progress=config["show_progress"])
-    tests = trainer.evaluate(test, load_best_model=saved, show_progress=config["show_progress"])
-    best_valid = trainer.best_valid_per_market or {m: None for m in test}
-    checkpoint = trainer.saved_model_file if saved else None
-    return {m: {"valid": best_valid[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
+    if config["pooled_pretrained"]:
+        _load_pretrained(config, model, trainer)
+    else:
+        trainer.fit(pooled, {m: valid[m] for m in selected["valid_markets"]}, verbose=verbose,
+                    saved=saved, show_progress=config["show_progress"])
+    loaded = saved or bool(config["pooled_pretrained"])
+    tests = trainer.evaluate(test, load_best_model=loaded, show_progress=config["show_progress"])
+    best_valid = getattr(trainer, "best_valid_per_market", None) or {}
+    best_valid = {m: best_valid.get(m) or trainer.evaluate(valid[m], load_best_model=False)
+                  for m in test}
+    checkpoint = config["pooled_pretrained"] or (trainer.saved_model_file if saved else None)
+    per_market = {m: {"valid": best_valid[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
+    if not config["finetune"]:
+        return per_market
+    copies = {m: copy.deepcopy(model) for m in selected["finetune_markets"]}
+    tuned = _finetune_local(config, copies, train, valid, test, saved, verbose)
+    for market, result in tuned.items():
+        result["pooled"] = per_market[market]
+    return {**per_market, **tuned}
+
+
+def _market_subset(config, key, markets):
+    """The markets ``config[key]`` names (checked), all ``markets`` when unset."""
+    named = config[key]
+    if named is None:
+        return markets
+    named = [named] if isinstance(named, str) else list(named)
+    unknown = [m for m in named if m not in markets]
+    if unknown or not named:
+        raise ValueError(f"{key} {named} must name markets of dataset [{config['dataset']}] "
+                         f"(its markets: {markets}).")
+    return named
+
+
+def _load_pretrained(config, model, trainer):
+    """Load ``pooled_pretrained`` (weights only) into ``model`` as the pooled stage's result."""
+    path = config["pooled_pretrained"]
+    checkpoint = load_checkpoint(path)
+    if checkpoint.get("model") != config["model"]:
+        raise ValueError(f"pooled_pretrained {path} holds a {checkpoint.get('model')} model, "
+                         f"not {config['model']}.")
+    if "stage" in checkpoint and hasattr(model, "set_stage"):
+        model.set_stage(checkpoint["stage"])
+    model.load_state_dict(checkpoint["state_dict"])
+    model.load_other_parameter(checkpoint.get("other_parameter"))
+    trainer.saved_model_file = path
+    getLogger().info(set_color("Pooled stage loaded from", "blue") + f": {path}")
 
 
 def _summarise(config, per_market):

@@ -13,6 +13,7 @@ from recbole.evaluator import Collector as RecBoleCollector
 from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_color
 
 from recbole_cmr import __version__
+from recbole_cmr import evaluator  # noqa: F401  (registers the plugin's metrics)
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.utils import check_patterns, matching, save_atomic, user_set
 
@@ -23,12 +24,21 @@ class Collector(RecBoleCollector):
     TailPercentage need (``data.num_items``, ``data.count_items``) crash RecBole 1.2.1. Here
     non-tensor entries are passed through as they are."""
 
+    def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
+        """RecBole's, plus ``data.user`` (each labeled row's user id) for per-user metrics such
+        as ``CTRGAUC``."""
+        super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
+        if self.register.need("data.user"):
+            self.data_struct.update_tensor("data.user", interaction[self.config["USER_ID_FIELD"]])
+
     def get_data_struct(self):
         data = self.data_struct._data_dict
         plain = {k: v for k, v in data.items() if not isinstance(v, torch.Tensor)}
         for key in plain:
             del data[key]
         returned = super().get_data_struct()
+        if "data.user" in self.data_struct:  # per evaluation, like RecBole's data.label
+            del self.data_struct["data.user"]
         for key, value in plain.items():
             self.data_struct.set(key, value)
             returned.set(key, copy.deepcopy(value))
@@ -248,7 +258,7 @@ def check_user_patterns(config, names):
     the model (``names``): ``fed_*_params`` when federated, ``finetune_params`` when fine-tuning."""
     mode = config["train_mode"]
     keys = ["fed_shared_params", "fed_local_params"] if mode == "federated" else []
-    if mode == "transfer" or (mode == "federated" and config["finetune"]):
+    if mode == "transfer" or (mode in ("federated", "pooled") and config["finetune"]):
         keys.append("finetune_params")
     for key in keys:
         if user_set(config, key):

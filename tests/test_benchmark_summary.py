@@ -179,3 +179,36 @@ def test_ctr_summary_macro_and_targets(ctr_harness):
     assert met["PF-MSMTrec-noCA below PF-MSMTrec (macro AUC)"] is False
     text = ctr_harness.markdown(summary)
     assert "| PF-MSMTrec | 1 | 0.7400 |" in text and "auc_click below Local-MMoE in b" in text
+
+
+# ---- the multi-entity CTR harness (benchmarks/multi_entity.py) ------------------------------
+@pytest.fixture(scope="module")
+def entity_harness(ctr_harness):
+    spec = importlib.util.spec_from_file_location("multi_entity", HARNESS.parent / "multi_entity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _entity_run(name, seed, target_auc, gauc=0.6):
+    def res(auc):
+        return {"auc": auc, "ctrgauc": gauc, "logloss": 0.5}
+
+    return {"name": name, "seed": seed, "wall_s": 30.0,
+            "per_market": {"source": {"valid": res(0.8), "test": res(0.8)},
+                           "target": {"valid": res(target_auc), "test": res(target_auc)}}}
+
+
+def test_entity_summary_headline_is_the_target_entity(entity_harness):
+    runs = [_entity_run("DNN-target", 2020, 0.70), _entity_run("DNN-target", 2021, 0.72),
+            _entity_run("Finetune", 2020, 0.74, gauc=0.65), _entity_run("MKT", 2020, 0.75),
+            _entity_run("MKT-noPDL", 2020, 0.76)]
+    summary = entity_harness.summarise_runs(runs)
+    assert summary["models"]["DNN-target"]["per_market"]["target"]["auc"] == pytest.approx(0.71)
+    met = {r["target"]: r["met"] for r in summary["targets"]}
+    assert met["MKT target auc > DNN-target"] is True
+    assert met["MKT target ctrgauc > Finetune"] is False  # 0.6 < 0.65
+    assert met["MKT target auc > PLE"] is None  # not run
+    assert met["MKT-noPDL below MKT (target auc)"] is False
+    text = entity_harness.markdown(summary)
+    assert "| MKT | 1 | 0.7500 | 0.6000 | 0.5000 |" in text

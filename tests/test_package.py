@@ -130,6 +130,7 @@ def test_command_line_default_dataset_follows_the_model_type(monkeypatch):
     assert cli.default_dataset("PF-MSMTrec") == "ml100k-scenarios"
     assert cli.default_dataset("DeepFM") == "ml100k-scenarios"
     assert cli.default_dataset("SASRec") == "xmrec-mini"
+    assert cli.default_dataset("MKT") == cli.default_dataset("SharedBottom") == "ml100k-entities"
     calls = []
     monkeypatch.setattr(quick_start, "run_recbole_cmr", lambda **kw: calls.append(kw))
     cli.main(["--model=PFMSMTrec"])

@@ -21,6 +21,8 @@ import pandas as pd
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType, ModelType, set_color
 
+from recbole_cmr.data import entity
+
 PAD = "[PAD]"
 
 
@@ -43,8 +45,9 @@ class MarketDatasetMixin:
             users = self.inter_feat[self.uid_field].unique()
             self.user_feat = self.user_feat[self.user_feat[self.uid_field].isin(users)]
             self.user_feat = self.user_feat.reset_index(drop=True)
+        own_items = os.path.isfile(os.path.join(dataset_path, f"{self.market}.item"))
         self.item_feat = self._load_user_or_item_feat(
-            token, dataset_path, FeatureSource.ITEM, "iid_field"
+            self.market if own_items else token, dataset_path, FeatureSource.ITEM, "iid_field"
         )
         self._load_additional_feat(token, dataset_path)
 
@@ -189,6 +192,13 @@ def market_inter_files(config, market):
     return [os.path.join(config["data_path"], n) for n in names]
 
 
+def item_file(config, market):
+    """``<market>.item`` when the dataset has one (e.g. an entity's specific item fields), else
+    the shared ``<dataset>.item``."""
+    own = os.path.join(config["data_path"], f"{market}.item")
+    return own if os.path.isfile(own) else os.path.join(config["data_path"], f"{config['dataset']}.item")
+
+
 def discover_markets(data_path, suffix=".inter"):
     """Markets of a dataset folder: the stems of its ``<market><suffix>`` files, sorted."""
     if not os.path.isdir(data_path):
@@ -315,9 +325,16 @@ def check_feature_fields(config, markets):
     path = config["data_path"]
     files = {"inter": market_inter_files(config, markets[0])[0],
              "user": os.path.join(path, f"{config['dataset'] if config['scenario_field'] else markets[0]}.user"),
-             "item": os.path.join(path, f"{config['dataset']}.item")}
+             "item": item_file(config, markets[0])}
     headers = {k: atomic_header(f, config["field_separator"]) for k, f in files.items()
                if os.path.isfile(f)}
+    for market in markets[1:]:  # entities: the union of their files' fields
+        for source, file in (("inter", market_inter_files(config, market)[0]),
+                             ("item", item_file(config, market))):
+            if file != files[source] and os.path.isfile(file):
+                files[source] = f"{files[source]} / {file}"
+                headers[source] = {**headers.get(source, {}),
+                                   **atomic_header(file, config["field_separator"])}
     for source, fields in (config["load_col"] or {}).items():
         if source not in headers:
             continue
@@ -375,6 +392,9 @@ class MultiMarketDataset:
         self.shared_ids = shared_ids or global_users
         self.markets = resolve_markets(config)
         headers = {m: check_market_file(config, m) for m in self.markets}
+        self.entity_fields = entity.check_entity_files(config, self.markets)
+        specific = {f for fields in self.entity_fields.values() for f in fields}
+        headers = {m: {f: t for f, t in h.items() if f not in specific} for m, h in headers.items()}
         first = self.markets[0]
         for market, header in headers.items():
             if header != headers[first]:
@@ -390,12 +410,24 @@ class MultiMarketDataset:
         self.item_tokens, _ = _global_vocabulary(
             [ds.field2id_token[iid] for ds in self.market_datasets.values()])
         self.item_token_id = {t: i for i, t in enumerate(self.item_tokens)} if self.shared_ids else None
+        self.catalogues = {m: ds.item_ids for m, ds in self.market_datasets.items()}
+        self._entity_features()
         if global_users:
             self._pool_user_features()
-        # before build(): sequential augmentation drops each user's first item from inter_feat
-        self.catalogues = {m: ds.item_ids for m, ds in self.market_datasets.items()}
         for ds in self.market_datasets.values():
             self.logger.info(ds)
+
+    def _entity_features(self):
+        """Entities (``entity_fields``) get one item table; rows get their ``history_fields``."""
+        histories = entity.history_fields(self.config, self.markets)
+        if (self.entity_fields or histories) and not self.shared_ids:
+            raise ValueError("entity_fields / history_fields need the markets' shared item ids, "
+                             "which train_mode local does not build: use train_mode pooled (or "
+                             "another shared mode).")
+        if self.entity_fields:
+            entity.unify_item_features(self, self.entity_fields)
+        if histories:
+            entity.add_histories(self, histories)
 
     def _load_market(self, dataset_class, market):
         empty = ValueError(
@@ -435,20 +467,19 @@ class MultiMarketDataset:
         (tokens prefixed with the market) instead.
         """
         private = self._private_fields()
-        datasets = list(self.market_datasets.values())
         done = set()
-        for field in datasets[0].field2id_token:
-            group = datasets[0].field_group(field)
+        for field in dict.fromkeys(f for ds in self.market_datasets.values() for f in ds.field2id_token):
+            having = {m: ds for m, ds in self.market_datasets.items() if field in ds.field2id_token}
+            group = next(iter(having.values())).field_group(field)
             if done.intersection(group):
                 continue
             done.update(group)
             if not private.intersection(group):
-                self._remap_markets(field, {m: ds.field2id_token[field]
-                                            for m, ds in self.market_datasets.items()})
+                self._remap_markets(field, {m: ds.field2id_token[field] for m, ds in having.items()})
             elif self.global_users:
                 self._remap_markets(field, {
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
-                    for m, ds in self.market_datasets.items()
+                    for m, ds in having.items()
                 })
 
     def _private_fields(self):
@@ -462,7 +493,8 @@ class MultiMarketDataset:
                     f"market_private_fields {unknown} are not token fields of market [{market}] "
                     f"(its token fields: {sorted(ds.field2id_token)})."
                 )
-            mismatch = sorted(set(ds.field2id_token) ^ set(self._first().field2id_token))
+            specific = {f for fields in self.entity_fields.values() for f in fields}
+            mismatch = sorted((set(ds.field2id_token) ^ set(self._first().field2id_token)) - specific)
             if mismatch:
                 raise ValueError(
                     f"Market [{market}] and market [{self.markets[0]}] differ in token fields "
@@ -479,7 +511,8 @@ class MultiMarketDataset:
         """Give ``field`` the union vocabulary of ``local_tokens`` (``{market: tokens}``, each
         starting with ``[PAD]``) in every market."""
         tokens, token_id = _global_vocabulary(list(local_tokens.values()))
-        for market, ds in self.market_datasets.items():
+        for market in local_tokens:
+            ds = self.market_datasets[market]
             lut = np.array([token_id[t] for t in local_tokens[market]], dtype=np.int64)
             ds.remap_to_global(field, lut, tokens, token_id)
         self.owned_ids = getattr(self, "owned_ids", {})
@@ -503,6 +536,7 @@ class MultiMarketDataset:
             )
         owned = self.owned_ids[uid]
         pooled = pd.concat([t[t[uid].isin(owned[m])] for m, t in tables.items()], ignore_index=True)
+        pooled = pooled.drop_duplicates(uid)  # shared_user_ids: one user in several markets
         full = pd.DataFrame({uid: np.arange(len(self._first().field2id_token[uid]))})
         pooled = pd.merge(full, pooled, on=uid, how="left")
         for ds in self.market_datasets.values():

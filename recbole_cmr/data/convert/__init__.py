@@ -1,7 +1,7 @@
 """Converters from public data sets to multi-market RecBole atomic datasets.
 
 Command line: ``python -m recbole_cmr.data.convert FORMAT --help`` with FORMAT one of xmrec,
-unisrec, movielens, aliexpress, ml100k-scenarios, ali-ccp.
+unisrec, movielens, aliexpress, ml100k-scenarios, ml100k-entities, ali-ccp.
 Each ``convert_<format>`` writes ``<out>/<name>/`` atomically (see :mod:`.atomic`) and
 returns its path; ``build_<format>`` returns the in-memory :class:`AtomicDataset` instead.
 """
@@ -9,6 +9,7 @@ returns its path; ``build_<format>`` returns the in-memory :class:`AtomicDataset
 from .aliccp import build_aliccp, convert_aliccp
 from .aliexpress import build_aliexpress, convert_aliexpress
 from .atomic import AtomicDataset, read_atomic, write_dataset
+from .ml100k_entities import build_ml100k_entities, convert_ml100k_entities
 from .ml100k_scenarios import build_ml100k_scenarios, convert_ml100k_scenarios
 from .movielens import build_movielens, convert_movielens
 from .unisrec import build_unisrec, convert_unisrec
@@ -18,12 +19,14 @@ __all__ = [
     "AtomicDataset",
     "build_aliccp",
     "build_aliexpress",
+    "build_ml100k_entities",
     "build_ml100k_scenarios",
     "build_movielens",
     "build_unisrec",
     "build_xmrec",
     "convert_aliccp",
     "convert_aliexpress",
+    "convert_ml100k_entities",
     "convert_ml100k_scenarios",
     "convert_movielens",
     "convert_unisrec",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .aliccp import convert_aliccp
 from .aliexpress import convert_aliexpress
+from .ml100k_entities import convert_ml100k_entities
 from .ml100k_scenarios import convert_ml100k_scenarios
 from .movielens import convert_movielens
 from .unisrec import convert_unisrec
@@ -27,6 +28,7 @@ EXAMPLES = f"""examples:
   {PROG} movielens /work/shared/data/movielens_titles --out dataset
   {PROG} aliexpress --market nl=train_nl.csv --test-market nl=test_nl.csv --out dataset
   {PROG} ml100k-scenarios --out dataset
+  {PROG} ml100k-entities --out dataset
   {PROG} ali-ccp --train train.csv --valid val.csv --test test.csv --out dataset
 """
 
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_movielens(sub, common)
     _add_aliexpress(sub, common)
     _add_ml100k_scenarios(sub, common)
+    _add_ml100k_entities(sub, common)
     _add_aliccp(sub, common)
     return parser
 
@@ -166,6 +169,32 @@ def _add_ml100k_scenarios(sub, parents) -> None:
     p.set_defaults(run=lambda a, cmd: convert_ml100k_scenarios(
         a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
         command=cmd))
+
+
+def _add_ml100k_entities(sub, parents) -> None:
+    p = sub.add_parser("ml100k-entities", parents=parents,
+                       help="MovieLens-100K ratings -> two CTR entities sharing users",
+                       description="RecBole's atomic ml-100k files -> entities source and target "
+                       "(movies with a Documentary, Film-Noir, Horror, Western, Musical or Mystery "
+                       "genre); label = rating >= 4, plus sampled unrated movies of the entity as "
+                       "negatives; source.item (release year, genre), target.item (title-text "
+                       "k-means cluster).")
+    p.add_argument("src", type=Path, nargs="?",
+                   help="folder with ml-100k.inter, ml-100k.user, ml-100k.item (default: the "
+                   "copy in the recbole package, recbole/dataset_example/ml-100k)")
+    p.add_argument("--name", default="ml100k-entities", help="dataset name (default: ml100k-entities)")
+    p.add_argument("--seed", type=int, default=2026,
+                   help="seed of the negative sampling and of k-means (default: 2026)")
+    p.add_argument("--negatives", type=positive_int, default=2, metavar="N",
+                   help="sampled unrated movies per positive (default: 2)")
+    p.add_argument("--clusters", type=positive_int, default=32, metavar="K",
+                   help="k-means clusters of the target titles (default: 32)")
+    p.add_argument("--encoder", default=None,
+                   help="sentence-transformers model name or path for the titles (default: "
+                   "all-MiniLM-L6-v2, shipped offline)")
+    p.set_defaults(run=lambda a, cmd: convert_ml100k_entities(
+        a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
+        clusters=a.clusters, encoder=a.encoder, command=cmd))
 
 
 def _add_aliccp(sub, parents) -> None:

@@ -48,6 +48,10 @@ class AtomicDataset:
     ``item_fields``; only items that occur in a written market are kept.  ``users`` (optional)
     maps a market to its user table typed by ``user_fields`` (written as ``<market>.user``):
     every user of the market's interaction files needs a row, and only those users are kept.
+    ``market_items`` (optional) maps a market to its own item table typed by
+    ``market_item_fields[market]`` (written as ``<market>.item``, e.g. an entity's specific item
+    fields), restricted to the market's items. Users are disjoint across markets unless
+    ``shared_users`` (entity types of one platform).
     ``sources`` are listed in the README with their SHA-256, relative to ``source_root`` when
     it is set (for files inside an installed package, whose absolute path varies).
     """
@@ -61,6 +65,9 @@ class AtomicDataset:
     item_fields: dict[str, str] = field(default_factory=dict)
     users: dict[str, pd.DataFrame] = field(default_factory=dict)
     user_fields: dict[str, str] = field(default_factory=dict)
+    market_items: dict[str, pd.DataFrame] = field(default_factory=dict)
+    market_item_fields: dict[str, dict[str, str]] = field(default_factory=dict)
+    shared_users: bool = False
     sources: list[Path] = field(default_factory=list)
     source_root: Path | None = None
     description: str = ""
@@ -309,7 +316,7 @@ def _validate(ds: AtomicDataset) -> tuple[pd.DataFrame | None, dict[str, pd.Data
                 )
     if not _market_names(ds):
         raise ValueError(f"dataset {ds.name!r}: no market to write")
-    for fields in (ds.fields, ds.item_fields, ds.user_fields):
+    for fields in (ds.fields, ds.item_fields, ds.user_fields, *ds.market_item_fields.values()):
         bad = {c: t for c, t in fields.items() if t not in FIELD_TYPES}
         if bad:
             raise ValueError(f"dataset {ds.name!r}: unsupported field type(s) {bad}")
@@ -317,7 +324,8 @@ def _validate(ds: AtomicDataset) -> tuple[pd.DataFrame | None, dict[str, pd.Data
         require_columns(frame.columns, list(ds.fields), Path(f"{stem}.inter"))
         if len(frame) == 0:
             raise ValueError(f"market {stem!r} is empty (no interactions left)")
-    _check_user_disjoint(ds)
+    if not ds.shared_users:
+        _check_user_disjoint(ds)
     return _items_in_markets(ds), _users_of_markets(ds)
 
 
@@ -404,6 +412,24 @@ def _items_in_markets(ds: AtomicDataset) -> pd.DataFrame | None:
     return table[list(ds.item_fields)]
 
 
+def _market_item_tables(ds: AtomicDataset) -> dict[str, pd.DataFrame]:
+    """Each ``<market>.item`` table: one row per item of the market's interaction files."""
+    tables = {}
+    for market, table in ds.market_items.items():
+        path = Path(f"{market}.item")
+        if market not in _market_names(ds) or market not in ds.market_item_fields:
+            raise ValueError(f"{path}: item table of an unknown market or without its fields")
+        fields = ds.market_item_fields[market]
+        require_columns(table.columns, list(fields), path)
+        used = pd.unique(pd.concat([f["item_id"] for _, f in _market_frames(ds, market)]))
+        missing = sorted(set(used) - set(table["item_id"]))
+        if missing:
+            raise ValueError(f"{path}: no row for item {missing[0]!r} of market {market!r}")
+        table = table.drop_duplicates("item_id").set_index("item_id").reindex(sorted(used))
+        tables[market] = table.rename_axis("item_id").reset_index()[list(fields)]
+    return tables
+
+
 def _make_parents(out: Path) -> list[Path]:
     """mkdir -p ``out``; return the folders created (to remove them on failure)."""
     missing = []
@@ -454,6 +480,9 @@ def _write_files(
             table = users[market]
             write_atomic(table, ds.user_fields, folder / f"{market}.user")
             stats[f"{market}.user"] = (len(table), "-", len(table))
+    for market, table in _market_item_tables(ds).items():
+        write_atomic(table, ds.market_item_fields[market], folder / f"{market}.item")
+        stats[f"{market}.item"] = ("-", len(table), len(table))
     if items is not None:
         write_atomic(items, ds.item_fields, folder / f"{ds.name}.item")
         stats[f"{ds.name}.item"] = ("-", len(items), len(items))

@@ -203,15 +203,9 @@ def scenario_rows(
     )
 
 
-def build_ml100k_scenarios(
-    src: str | Path | None = None,
-    *,
-    name: str = "ml100k-scenarios",
-    seed: int = 2026,
-    negatives: int = 4,
-    command: str | None = None,
-) -> AtomicDataset:
-    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the four scenarios."""
+def read_ml100k(src, negatives):
+    """``(paths, ratings, users, items, source_root)`` of the ml-100k files in ``src`` (None:
+    recbole's copy, whose folder is ``source_root``), every rating's user and item checked."""
     if negatives < 1:
         raise ValueError(f"negatives per positive must be >= 1, got {negatives}")
     source_root = None
@@ -229,6 +223,19 @@ def build_ml100k_scenarios(
                 f"{path}: no row for {col} {unknown.iloc[0]!r} of {paths['inter']} "
                 f"({unknown.nunique()} missing)"
             )
+    return paths, ratings, users, items, source_root
+
+
+def build_ml100k_scenarios(
+    src: str | Path | None = None,
+    *,
+    name: str = "ml100k-scenarios",
+    seed: int = 2026,
+    negatives: int = 4,
+    command: str | None = None,
+) -> AtomicDataset:
+    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the four scenarios."""
+    paths, ratings, users, items, source_root = read_ml100k(src, negatives)
     catalogue = pd.Index(items["item_id"])
     scenario = ratings["user_id"].map(dict(zip(users["user_id"], users["scenario"])))
     markets, tables, notes = {}, {}, []

@@ -1,0 +1,175 @@
+"""Multi-entity CTR benchmark: MKT against the target-only DNN, the joint SharedBottom and PLE,
+Finetune, and MKT's ablations, on the shipped ml100k-entities (entities source and target sharing
+users; the task is the target entity's CTR).
+
+    python benchmarks/multi_entity.py --seeds 2020 2021 2022
+    python benchmarks/multi_entity.py --models MKT DNN-target --seeds 2020
+    python benchmarks/multi_entity.py --summarise-only
+
+Protocol: RecBole's labeled evaluation per entity, split per user by time (80/10/10); every
+model is selected by the target entity's valid AUC (``valid_markets: [target]``; fine-tuned
+models: their fine-tuning's valid AUC) and reports test AUC, CTRGAUC (impression-weighted user
+AUC) and LogLoss per entity; the headline is the target entity.
+
+Resumable: every (model, seed) run writes ``results/mkt-ml100k/<model>-seed<S>.json`` as soon as
+it ends and is skipped when that file exists with the current settings. ``summarise`` rebuilds
+``results/mkt-ml100k.json`` (``models -> per_market -> metric``, entities as markets),
+``results/mkt-ml100k.md`` and ``results/mkt-ml100k.png`` from those files, with the targets
+checked.
+
+Sizing (about 2 CPU-hours for the grid): embeddings of 8, networks [256, 128] (the paper's
+[1024, 512] scaled down), histories of 20 clicks, batches of 2048, at most 20 epochs per stage
+with early stopping after 3 validations without gain.
+"""
+
+import argparse
+import json
+
+from cross_market import RESULTS, _cell, seed_table
+from multi_scenario import current_runs, run_grid, write_run, write_summary
+
+DATASET = "ml100k-entities"
+NAME = "mkt-ml100k"
+TARGET = "target"
+SELECTED_BY = "valid auc of the target entity"
+METRICS = ["auc", "ctrgauc", "logloss"]
+SETTINGS = {
+    "epochs": 20,
+    "stopping_step": 3,
+    "learning_rate": 0.001,
+    "train_batch_size": 2048,
+    "eval_batch_size": 8192,
+    "show_progress": False,
+    "valid_markets": [TARGET],
+}
+MODELS = {
+    "DNN-target": {"model": "EntityDNN", "pooled_markets": [TARGET]},
+    "SharedBottom": {"model": "SharedBottom"},
+    "PLE": {"model": "PLE"},
+    "Finetune": {"model": "EntityDNN", "finetune": True},
+    "MKT": {"model": "MKT"},
+    "MKT-noHFA": {"model": "MKT", "hfa": False},
+    "MKT-noPDL": {"model": "MKT", "pdl": False},
+    "MKT-noGates": {"model": "MKT", "stage2_gates": False},
+}
+BASELINES = ["DNN-target", "SharedBottom", "PLE", "Finetune"]
+ABLATIONS = [n for n in MODELS if n.startswith("MKT-")]
+
+
+def run_settings(name, seed):
+    """``(RecBole model, config_dict)`` of one run."""
+    spec = dict(MODELS[name])
+    return spec.pop("model"), {**SETTINGS, **spec, "seed": seed,
+                               "checkpoint_dir": str(RESULTS.parent / "saved")}
+
+
+def run_one(name, seed, out_file):
+    """Train and test one model (both stages where it has two); write ``out_file``."""
+    model, settings = run_settings(name, seed)
+    write_run(model, DATASET, settings, name, seed, SELECTED_BY, out_file)
+
+
+def is_current(record):
+    """True when ``record`` ran with the settings the harness would use now."""
+    _, settings = run_settings(record["name"], record["seed"])
+    keep = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "checkpoint_dir"}
+    return {k: record["settings"].get(k) for k in keep} == keep
+
+
+def summarise_runs(runs):
+    """``{"dataset", "selected_by", "seeds", "models": {name: {per_market, macro, runs, wall_s}},
+    "targets"}``: means and sample std over seeds; ``target`` is the headline market."""
+    summary = {"dataset": DATASET, "selected_by": SELECTED_BY, "headline_market": TARGET,
+               "seeds": [], "models": {}}
+    for name in dict.fromkeys(r["name"] for r in runs):
+        mine = [r for r in runs if r["name"] == name]
+        summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
+        summary["models"][name] = seed_table(mine, lambda res: res["test"], METRICS)
+    summary["targets"] = target_checks(summary)
+    return summary
+
+
+def target_checks(summary):
+    """``[{"target", "met"}]``: MKT above every baseline on target AUC and CTRGAUC; every
+    ablation below MKT (target AUC). ``met`` is None where a model has not run yet."""
+    models = summary["models"]
+    full = models.get("MKT")
+    rows = []
+    for other in BASELINES:
+        for metric in ("auc", "ctrgauc"):
+            met = None if full is None or other not in models else bool(
+                full["per_market"][TARGET][metric] > models[other]["per_market"][TARGET][metric])
+            rows.append({"target": f"MKT target {metric} > {other}", "met": met})
+    for ablation in ABLATIONS:
+        met = None if full is None or ablation not in models else bool(
+            models[ablation]["per_market"][TARGET]["auc"] < full["per_market"][TARGET]["auc"])
+        rows.append({"target": f"{ablation} below MKT (target auc)", "met": met})
+    return rows
+
+
+def markdown(summary):
+    """The summary as markdown: the target entity's table, the source entity's, targets."""
+    models = summary["models"]
+    lines = [f"# MKT on {DATASET}", "",
+             f"Seeds {summary['seeds']}; model selected by {summary['selected_by']}; test "
+             "metrics, mean ± sample std over seeds (ctrgauc: impression-weighted user AUC).", ""]
+    for market in (TARGET, "source"):
+        lines += [f"Entity `{market}`:", "", "| model | runs | " + " | ".join(METRICS)
+                  + " | wall (min) |", "|---" * (len(METRICS) + 3) + "|"]
+        for name, m in models.items():
+            res = m["per_market"][market]
+            lines.append(f"| {name} | {m['runs']} | "
+                         + " | ".join(_cell(res[k], res[f"{k}_std"]) for k in METRICS)
+                         + f" | {m['wall_s'] / 60:.1f} |")
+        lines.append("")
+    lines += ["The source rows of DNN-target are only evaluated (it trains on the target only).",
+              "", "Targets:", ""]
+    for r in summary["targets"]:
+        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
+        lines.append(f"- {r['target']}: {mark}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary, path):
+    """Bars of the target entity's test AUC and CTRGAUC per model (error bars: std over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = summary["models"]
+    names = list(models)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
+    for offset, key in ((-0.2, "auc"), (0.2, "ctrgauc")):
+        res = [models[n]["per_market"][TARGET] for n in names]
+        ax.bar([i + offset for i in range(len(names))], [r[key] for r in res], width=0.4,
+               yerr=[r[f"{key}_std"] or 0 for r in res], label=key.upper(), capsize=3)
+    low = min(models[n]["per_market"][TARGET][k] for n in names for k in ("auc", "ctrgauc"))
+    ax.set_ylim(max(0.0, low - 0.03), None)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"test, entity {TARGET}")
+    ax.set_title(f"{DATASET}: seeds {summary['seeds']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summarise():
+    return write_summary(NAME, current_runs(RESULTS / NAME, is_current, MODELS), summarise_runs,
+                         markdown, chart)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
+    parser.add_argument("--summarise-only", action="store_true")
+    args = parser.parse_args()
+    if not args.summarise_only:
+        run_grid(args.models, args.seeds, RESULTS / NAME, is_current, run_one)
+    summarise()
+
+
+if __name__ == "__main__":
+    main()
