@@ -200,7 +200,9 @@ def _load_pretrained(config, model, trainer):
 
 def _summarise(config, per_market):
     """The dict RecBole's HyperTuning reads (macro over markets), plus the per-market results."""
-    valids = {m: r["valid"] for m, r in per_market.items()}
+    chosen = config["valid_markets"]  # e.g. the target entity: what HyperTuning optimises
+    chosen = [chosen] if isinstance(chosen, str) else chosen
+    valids = {m: r["valid"] for m, r in per_market.items() if not chosen or m in chosen}
     macro_valid = None if None in valids.values() else macro_average(valids)
     return {
         "model": config["model"],

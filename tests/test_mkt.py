@@ -13,7 +13,7 @@ import yaml
 from recbole.data.interaction import cat_interactions
 from sklearn.metrics import roc_auc_score
 
-from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
+from recbole_cmr import Config, create_dataset, data_preparation, objective_function, run_recbole_cmr
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import plugin_model_settings
 from recbole_cmr.data.convert.atomic import AtomicDataset, write_dataset
@@ -139,6 +139,9 @@ def test_missing_entity_field_and_bad_settings_are_errors(entities):
         _dataset(entities, shared_user_ids=False)
     with pytest.raises(ValueError, match="train_mode local"):
         _dataset(entities, train_mode="local")
+    no_time = {**entities["load_col"], "inter": ["user_id", "item_id", "label"]}
+    with pytest.raises(ValueError, match=r"time field \[timestamp\] of .*source\.inter"):
+        _dataset(entities, load_col=no_time, eval_args={**entities["eval_args"], "order": "RO"})
 
 
 def test_given_history_is_checked_for_look_ahead(entities):
@@ -275,3 +278,10 @@ def test_baselines_and_ablations_run(entities, model, extra):
     if extra.get("finetune"):  # the Finetune baseline: pooled on both, then tuned on the target
         assert "pooled" in result["per_market"]["target"]
         assert "pooled" not in result["per_market"]["source"]
+
+
+def test_hyper_tuning_objective_selects_on_the_target_entity(entities):
+    result = objective_function({**_for("MKT", entities), "model": "MKT", "dataset": "mlent",
+                                 "valid_markets": ["target"]}, saved=False)
+    assert result["best_valid_score"] == result["per_market"]["target"]["valid"]["auc"]
+    assert result["best_valid_result"] == result["per_market"]["target"]["valid"]

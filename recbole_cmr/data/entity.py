@@ -112,6 +112,11 @@ def unify_item_features(mm, fields):
     unified = pd.concat(parts, ignore_index=True, sort=False)
     unified = pd.merge(pd.DataFrame({iid: np.arange(item_num)}), unified, on=iid, how="left")
     unified[name] = owner
+    for k, market in enumerate(mm.markets):  # another entity's float fields: 0, not a mean
+        for field in fields.get(market, []):
+            if field in unified and unified[field].dtype.kind == "f" and \
+                    datasets[market].field2type.get(field) == FeatureType.FLOAT:
+                unified.loc[owner != k + 1, field] = 0.0
     meta = _field_meta(mm, [c for c in unified.columns if c not in (iid, name)])
     for ds in datasets.values():
         for field, (ftype, tokens, seqlen) in meta.items():
@@ -157,7 +162,11 @@ def history_fields(config, markets):
 def _clicks(config, ds):
     """The clicks (``LABEL_FIELD`` = 1) of one entity: DataFrame ``user, item, time``."""
     feat = ds.inter_feat
-    label = config["LABEL_FIELD"]
+    label, time = config["LABEL_FIELD"], config["TIME_FIELD"]
+    if time not in feat:
+        raise ValueError(f"history_fields need the time field [{time}] of "
+                         f"{market_data.market_inter_files(config, ds.market)[0]}: load it "
+                         "(load_col['inter']) or set TIME_FIELD.")
     if label not in feat:
         raise ValueError(f"history_fields: market [{ds.market}] has no label field [{label}] to "
                          "tell its clicks (LABEL_FIELD).")
