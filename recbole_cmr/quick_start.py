@@ -100,35 +100,69 @@ def _train_federated(config, train, valid, test, saved, verbose, info=None):
     return per_market
 
 
-def source_market(config, train):
-    """``source_market`` if set (checked), else the market with the most training interactions."""
-    source = config["source_market"]
-    if source is None:
-        return max(train, key=lambda m: train[m]._dataset.inter_num)
-    if source not in train:
-        raise ValueError(f"source_market [{source}] is not one of the markets {list(train)}.")
-    return source
+def source_markets(config, train):
+    """The markets of ``source_market`` (one name or a list; checked), else the market with the
+    most training interactions."""
+    named = config["source_market"]
+    if named is None:
+        return [max(train, key=lambda m: train[m]._dataset.inter_num)]
+    named = [named] if isinstance(named, str) else list(named)
+    unknown = [m for m in named if m not in train]
+    if unknown or not named:
+        raise ValueError(f"source_market {unknown or named} is not one of the markets {list(train)}.")
+    return named
+
+
+def _first_stage(config, train, valid, test, markets, valid_markets, tag, saved, verbose):
+    """One model trained on the training rows of ``markets`` (pooled when several) and selected by
+    the macro valid score over ``valid_markets``, or loaded from ``pretrained``.
+
+    Returns:
+        tuple: ``(model, {market: {valid, test, checkpoint}})`` for every market of ``test``.
+    """
+    single = len(markets) == 1 and list(valid_markets) == list(markets)
+    data = train[markets[0]] if len(markets) == 1 else pooled_train_data(config, {m: train[m] for m in markets})
+    model, trainer = new_market_trainer(config, data._dataset, tag, list(test))
+    if verbose:
+        getLogger().info(model)
+    if config["pretrained"]:
+        _load_pretrained(config, model, trainer)
+    else:
+        checks = valid[markets[0]] if single else {m: valid[m] for m in valid_markets}
+        trainer.fit(data, checks, verbose=verbose, saved=saved, show_progress=config["show_progress"])
+    loaded = saved or bool(config["pretrained"])
+    progress = config["show_progress"]
+    tests = {m: trainer.evaluate(test[m], load_best_model=loaded and i == 0, show_progress=progress)
+             for i, m in enumerate(test)}
+    best = {markets[0]: trainer.best_valid_result} if single and not config["pretrained"] else \
+        (getattr(trainer, "best_valid_per_market", None) or {})
+    valids = {m: best.get(m) or trainer.evaluate(valid[m], load_best_model=False, show_progress=progress)
+              for m in test}
+    checkpoint = config["pretrained"] or (trainer.saved_model_file if saved else None)
+    return model, {m: {"valid": valids[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
 
 
 def _train_transfer(config, train, valid, test, saved, verbose, info=None):
-    """One-to-one transfer: train on the source market, fine-tune a copy on each target.
+    """Transfer: train on the source market(s) (pooled when several, e.g. ANT's auxiliary
+    domains), fine-tune a copy on each other market (the targets).
 
-    The source market keeps its own model's results, plus ``after_transfer``: its test results
-    under each target's fine-tuned model (the source degradation that one-to-one transfer causes).
+    Each source keeps its own results, plus ``after_transfer``: its test results under each
+    target's fine-tuned model (the source degradation that one-to-one transfer causes).
     """
-    source = source_market(config, train)
-    _log_market(source, "(source) ")
-    model, trainer = new_market_trainer(config, train[source]._dataset, source, [source])
-    per_market = {source: _fit_and_test(config, trainer, source, train, valid, test, saved, verbose)}
-    targets = {m: copy.deepcopy(model) for m in train if m != source}
+    sources = source_markets(config, train)
+    _log_market(", ".join(sources), "(source) ")
+    model, per_market = _first_stage(config, train, valid, {m: test[m] for m in sources}, sources,
+                                     sources, "-".join(sources), saved, verbose)
+    targets = {m: copy.deepcopy(model) for m in train if m not in sources}
     for market, target in targets.items():
         if hasattr(target, "use_market"):  # e.g. market_softmax: the target's own item mask
             target.use_market(train[market]._dataset)
     per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
-    per_market[source]["after_transfer"] = {
-        m: trainer_for(config, targets[m]).evaluate(test[source], load_best_model=False)
-        for m in targets
-    }
+    for source in sources:
+        per_market[source]["after_transfer"] = {
+            m: trainer_for(config, targets[m]).evaluate(test[source], load_best_model=False)
+            for m in targets
+        }
     return per_market
 
 
@@ -141,26 +175,12 @@ def _train_pooled(config, train, valid, test, saved, verbose, info=None):
     """One model on the training data of all markets (or of ``pooled_markets``), validated on the
     macro average over ``valid_markets``; with ``finetune: True`` a copy of it is then
     fine-tuned on each of ``finetune_markets`` (as after federated pretraining), which also
-    record their pooled results under ``pooled``. ``pooled_pretrained`` loads a pooled run's
+    record their pooled results under ``pooled``. ``pretrained`` loads a pooled run's
     checkpoint instead of training (e.g. MKT's stage 2 alone)."""
     selected = {key: _market_subset(config, key, list(train))
                 for key in ("pooled_markets", "valid_markets", "finetune_markets")}
-    pooled = pooled_train_data(config, {m: train[m] for m in selected["pooled_markets"]})
-    model, trainer = new_market_trainer(config, pooled._dataset, "pooled", list(train))
-    if verbose:
-        getLogger().info(model)
-    if config["pooled_pretrained"]:
-        _load_pretrained(config, model, trainer)
-    else:
-        trainer.fit(pooled, {m: valid[m] for m in selected["valid_markets"]}, verbose=verbose,
-                    saved=saved, show_progress=config["show_progress"])
-    loaded = saved or bool(config["pooled_pretrained"])
-    tests = trainer.evaluate(test, load_best_model=loaded, show_progress=config["show_progress"])
-    best_valid = getattr(trainer, "best_valid_per_market", None) or {}
-    best_valid = {m: best_valid.get(m) or trainer.evaluate(valid[m], load_best_model=False)
-                  for m in test}
-    checkpoint = config["pooled_pretrained"] or (trainer.saved_model_file if saved else None)
-    per_market = {m: {"valid": best_valid[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
+    model, per_market = _first_stage(config, train, valid, test, selected["pooled_markets"],
+                                     selected["valid_markets"], "pooled", saved, verbose)
     if not config["finetune"]:
         return per_market
     copies = {m: copy.deepcopy(model) for m in selected["finetune_markets"]}
@@ -184,18 +204,18 @@ def _market_subset(config, key, markets):
 
 
 def _load_pretrained(config, model, trainer):
-    """Load ``pooled_pretrained`` (weights only) into ``model`` as the pooled stage's result."""
-    path = config["pooled_pretrained"]
+    """Load ``pretrained`` (weights only) into ``model`` as the first stage's result."""
+    path = config["pretrained"]
     checkpoint = load_checkpoint(path)
     if checkpoint.get("model") != config["model"]:
-        raise ValueError(f"pooled_pretrained {path} holds a {checkpoint.get('model')} model, "
+        raise ValueError(f"pretrained {path} holds a {checkpoint.get('model')} model, "
                          f"not {config['model']}.")
     if "stage" in checkpoint and hasattr(model, "set_stage"):
         model.set_stage(checkpoint["stage"])
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     trainer.saved_model_file = path
-    getLogger().info(set_color("Pooled stage loaded from", "blue") + f": {path}")
+    getLogger().info(set_color("First stage loaded from", "blue") + f": {path}")
 
 
 def _summarise(config, per_market):

@@ -76,7 +76,7 @@ def test_unknown_train_mode(two_markets):
 
 
 def test_a_setting_only_other_plugin_models_read_is_an_error(two_markets):
-    with pytest.raises(ValueError, match=r"market_softmax is a setting of FeCoSR, FedAvgSASRec, "
+    with pytest.raises(ValueError, match=r"market_softmax is a setting of ANT, FeCoSR, FedAvgSASRec, "
                                          r"PretrainFinetune; model SASRec does not read it"):
         _run({**two_markets, "market_softmax": True})
     with pytest.raises(ValueError, match=r"s2ce is a setting of FeCoSR; model FedAvgSASRec"):

@@ -240,7 +240,7 @@ def test_mkt_two_stages_keep_the_mem_bit_identical(entities):
     assert any(not torch.equal(before[k], after["state_dict"][k]) for k in before
                if k.startswith(("target_net.", "gates.")))
     # stage 2 alone from the stage-1 checkpoint: the same pooled stage
-    alone = _run("MKT", {**entities, "pooled_pretrained": target["pooled"]["checkpoint"]})
+    alone = _run("MKT", {**entities, "pretrained": target["pooled"]["checkpoint"]})
     assert alone["per_market"]["target"]["pooled"]["test"] == target["pooled"]["test"]
 
 

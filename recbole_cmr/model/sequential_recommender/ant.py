@@ -1,0 +1,228 @@
+"""ANT: multi-modality + re-learning against negative transfer in sequential recommendation
+(Peng, Parthasarathy, Ning, arXiv 2309.10195; METHODS.md §2, read from the authors' code).
+
+Items have no ID embedding: each item is its frozen modality features (``recbole_cmr.data.
+modality``: text, image, price), each passed through a mixture-of-experts adaptor (``n_experts``
+experts ``W_k(dropout(x) - b_k)`` - a plain ``Linear`` for price - mixed by a softmax gate
+``x W_gate [+ noise * softplus(x W_noise) while training]``, gates initialised to zero, i.e.
+uniform), fused as ``e_img + e_text + e_price + beta * (e_img * e_text)``. A SASRec encoder reads
+the sequence; sequence and item vectors are L2-normalised and scored by ``cosine / temperature``.
+
+Stages (``set_stage``): ``pretrain`` on the auxiliary domains - in-batch contrastive next-item
+loss (duplicate positives masked) + ``image_text_weight`` x image->text InfoNCE over the batch's
+items that have both; ``finetune`` on the target - a softmax over the target's items
+(``market_softmax``) after the ``adaptation``: ``relearn`` re-initialises the position embedding
+and every adaptor (experts and gates) and freezes the Transformer encoder; ``finetune`` keeps the
+pretrained adaptors and trains them (encoder frozen with ``freeze_encoder``).
+
+Switches for the ablations: ``text_modality``, ``image_modality``, ``price_modality``, ``fusion``,
+``moe`` (False: one linear layer per modality).
+"""
+
+from contextlib import contextmanager
+
+import torch
+from recbole.model.sequential_recommender import SASRec
+from torch import nn
+from torch.nn import functional as F
+
+from recbole_cmr.data.modality import item_modalities
+from recbole_cmr.model.sequential_recommender.market_softmax import MarketSoftmax
+
+
+class WhitenedExpert(nn.Module):
+    """``W (dropout(x) - b)``: UniSRec's parametric whitening expert, ``[n, D] -> [n, H]``."""
+
+    def __init__(self, in_dim, out_dim, dropout):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(in_dim))
+        self.linear = nn.Linear(in_dim, out_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.linear(self.dropout(x) - self.bias)
+
+
+class MoEAdaptor(nn.Module):
+    """Mixture of ``n_experts`` experts with a noisy softmax gate (zero-initialised: uniform)."""
+
+    def __init__(self, in_dim, out_dim, n_experts, dropout, whitening=True):
+        super().__init__()
+        self.experts = nn.ModuleList(
+            WhitenedExpert(in_dim, out_dim, dropout) if whitening else nn.Linear(in_dim, out_dim)
+            for _ in range(n_experts))
+        self.w_gate = nn.Parameter(torch.zeros(in_dim, n_experts))
+        self.w_noise = nn.Parameter(torch.zeros(in_dim, n_experts))
+
+    def gates(self, x):
+        """Gate weights ``[n, K]`` (noise only while training)."""
+        logits = x @ self.w_gate
+        if self.training:
+            logits = logits + torch.randn_like(logits) * (F.softplus(x @ self.w_noise) + 1e-2)
+        return torch.softmax(logits, -1)
+
+    def forward(self, x):
+        experts = torch.stack([e(x) for e in self.experts], 1)  # [n, K, H]
+        return (self.gates(x).unsqueeze(-1) * experts).sum(1)
+
+    def reset(self):
+        """Re-initialise every expert and the gates (re-learning)."""
+        for expert in self.experts:
+            linear = expert.linear if isinstance(expert, WhitenedExpert) else expert
+            linear.reset_parameters()
+            if isinstance(expert, WhitenedExpert):
+                nn.init.zeros_(expert.bias)
+        nn.init.zeros_(self.w_gate)
+        nn.init.zeros_(self.w_noise)
+
+
+class ModalityItemEncoder(nn.Module):
+    """Item table from frozen modality features; behaves like ``nn.Embedding`` for SASRec (call
+    with ids, ``.weight``). ``weight`` is ``[n_items, H]``, row 0 (padding) zero."""
+
+    def __init__(self, modalities, hidden, config):
+        super().__init__()
+        self.names = sorted(modalities)
+        for name, (features, present) in modalities.items():
+            self.register_buffer(f"{name}_features", features.float(), persistent=False)
+            self.register_buffer(f"{name}_present", present.bool(), persistent=False)
+        self.adaptors = nn.ModuleDict()
+        for name in self.names:
+            in_dim = modalities[name][0].shape[1]
+            if config["moe"]:
+                self.adaptors[name] = MoEAdaptor(in_dim, hidden, config["n_experts"],
+                                                 config["adaptor_dropout"], whitening=name != "price")
+            else:
+                self.adaptors[name] = nn.Linear(in_dim, hidden)
+        self.beta = config["fusion_beta"] if config["fusion"] else 0.0
+        self._fixed = None
+
+    def features(self, name):
+        return getattr(self, f"{name}_features"), getattr(self, f"{name}_present")
+
+    def modality(self, name):
+        """The adapted vectors of one modality, ``[n_items, H]`` (zero where it is absent)."""
+        features, present = self.features(name)
+        return self.adaptors[name](features) * present.unsqueeze(-1).float()
+
+    @contextmanager
+    def fixed(self):
+        """Compute the table once for everything inside the block (one step's forward)."""
+        self._fixed = self.weight
+        try:
+            yield self._fixed
+        finally:
+            self._fixed = None
+
+    @property
+    def weight(self):
+        """The fused item table ``[n_items, H]``."""
+        if self._fixed is not None:
+            return self._fixed
+        parts = {name: self.modality(name) for name in self.names}
+        table = sum(parts.values())
+        if self.beta and "image" in parts and "text" in parts:
+            table = table + self.beta * parts["image"] * parts["text"]
+        return table
+
+    def forward(self, item_ids):
+        return self.weight[item_ids]
+
+    def reset(self):
+        """Re-initialise every adaptor (experts and gates)."""
+        for adaptor in self.adaptors.values():
+            if isinstance(adaptor, MoEAdaptor):
+                adaptor.reset()
+            else:
+                adaptor.reset_parameters()
+
+
+class ANT(MarketSoftmax, SASRec):
+    """Modality item encoder + SASRec encoder, cosine / temperature scores; two stages."""
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        modalities = item_modalities(config, dataset)
+        if not modalities:
+            raise ValueError(
+                f"ANT represents items by their modalities, but dataset [{config['dataset']}] "
+                "gives none: add item text (<dataset>.item), image_feature_file or price_field, "
+                "or enable text_modality / image_modality / price_modality.")
+        self.item_embedding = ModalityItemEncoder(modalities, self.hidden_size, config)
+        self.temperature = config["temperature"]
+        self.image_text_weight = config["image_text_weight"]
+        self.adaptation = config["adaptation"]
+        if self.adaptation not in ("relearn", "finetune"):
+            raise ValueError(f"adaptation [{self.adaptation}] must be 'relearn' or 'finetune'.")
+        self.freeze_encoder = config["freeze_encoder"]
+        self.stage = "pretrain"
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage):
+        """``pretrain``: everything trains; ``finetune``: adapt to the target (see the module
+        docstring: ``relearn`` re-initialises positions and adaptors first)."""
+        if stage not in ("pretrain", "finetune"):
+            raise ValueError(f"ANT stage [{stage}] must be 'pretrain' or 'finetune'.")
+        if stage == "finetune" and self.stage == "pretrain" and self.adaptation == "relearn":
+            self.position_embedding.reset_parameters()
+            self.item_embedding.reset()
+        self.stage = stage
+        frozen = stage == "finetune" and self.freeze_encoder
+        for param in self.trm_encoder.parameters():
+            param.requires_grad_(not frozen)
+
+    # ------------------------------------------------------------------ scores
+    def sequence_vector(self, interaction):
+        """L2-normalised sequence representation ``[B, H]``."""
+        return F.normalize(self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]), dim=-1)
+
+    def item_table(self):
+        """L2-normalised item table ``[n_items, H]``."""
+        return F.normalize(self.item_embedding.weight, dim=-1)
+
+    def train_logits(self, interaction):
+        """``cosine / temperature`` of every item, ``[B, n_items]`` (market-masked)."""
+        logits = self.sequence_vector(interaction) @ self.item_table().T / self.temperature
+        if self.foreign_items is not None:
+            logits = logits.masked_fill(self.foreign_items, float("-inf"))
+        return logits
+
+    def calculate_loss(self, interaction):
+        with self.item_embedding.fixed():
+            if self.stage == "finetune":
+                return F.cross_entropy(self.train_logits(interaction), interaction[self.POS_ITEM_ID])
+            return self.pretrain_loss(interaction)
+
+    def pretrain_loss(self, interaction):
+        """In-batch contrastive next-item loss + ``image_text_weight`` x image->text InfoNCE."""
+        pos = interaction[self.POS_ITEM_ID]  # [B]
+        table = self.item_table()
+        logits = self.sequence_vector(interaction) @ table[pos].T / self.temperature  # [B, B]
+        duplicate = (pos.unsqueeze(0) == pos.unsqueeze(1)) & ~torch.eye(len(pos), dtype=torch.bool,
+                                                                        device=pos.device)
+        loss = F.cross_entropy(logits.masked_fill(duplicate, float("-inf")),
+                               torch.arange(len(pos), device=pos.device))
+        if self.image_text_weight and {"image", "text"} <= set(self.item_embedding.names):
+            loss = loss + self.image_text_weight * self.image_text_loss(pos)
+        return loss
+
+    def image_text_loss(self, items):
+        """InfoNCE of each batch item's image vector against the text vectors of the batch's
+        distinct items that have both (a scalar; 0 when fewer than two have)."""
+        items = torch.unique(items)
+        both = self.item_embedding.features("image")[1][items] & self.item_embedding.features("text")[1][items]
+        items = items[both]
+        if len(items) < 2:
+            return torch.zeros((), device=items.device)
+        image = F.normalize(self.item_embedding.modality("image")[items], dim=-1)
+        text = F.normalize(self.item_embedding.modality("text")[items], dim=-1)
+        return F.cross_entropy(image @ text.T / self.temperature, torch.arange(len(items), device=items.device))
+
+    def predict(self, interaction):
+        with self.item_embedding.fixed():
+            seq = self.sequence_vector(interaction)
+            return (seq * self.item_table()[interaction[self.ITEM_ID]]).sum(-1) / self.temperature
+
+    def full_sort_predict(self, interaction):
+        with self.item_embedding.fixed():
+            return self.sequence_vector(interaction) @ self.item_table().T / self.temperature

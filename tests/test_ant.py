@@ -1,0 +1,172 @@
+"""ANT: item modalities (real Amazon Scientific image features, price), the MoE adaptors, the
+two stages on RecBole's transfer path (several sources pooled), re-learning and its ablations, on
+a slice of the shipped movielens-markets (real item text)."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cmr
+from recbole_cmr.compat import load_checkpoint
+from recbole_cmr.config import plugin_model_settings
+from recbole_cmr.data.modality import image_features, price_features
+from recbole_cmr.utils import get_model, resource_path
+
+from conftest import shared_data
+
+SHIPPED = Path(resource_path("dataset", "movielens-markets"))
+MARKETS = ("ml100k", "east", "south")
+N_USERS = 30
+ANT_FAST = {"epochs": 1, "show_progress": False, "state": "WARNING", "hidden_size": 16,
+            "inner_size": 16, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 10, "n_experts": 2,
+            "train_batch_size": 256, "source_market": ["ml100k", "east"]}
+
+
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory):
+    """One item-text embedding cache for the module (the texts are the same in every test)."""
+    return str(tmp_path_factory.mktemp("text_cache"))
+
+
+@pytest.fixture
+def domains(tmp_path, text_cache):
+    """The first users of three movielens-markets markets, as dataset ``mlant``; a synthetic
+    image file for half of the movies and a price column, to exercise every modality."""
+    root = tmp_path / "data"
+    target = root / "mlant"
+    target.mkdir(parents=True)
+    for market in MARKETS:
+        frame = pd.read_csv(SHIPPED / f"{market}.inter", sep="\t", dtype=str)
+        users = sorted(frame["user_id:token"].unique())[:N_USERS]
+        frame[frame["user_id:token"].isin(users)].to_csv(target / f"{market}.inter", sep="\t", index=False)
+    items = pd.read_csv(SHIPPED / "movielens-markets.item", sep="\t", dtype=str, keep_default_na=False)
+    rng = np.random.default_rng(0)
+    items["price:float"] = np.where(rng.random(len(items)) < 0.7,
+                                    np.round(rng.lognormal(2, 1, len(items)), 2).astype(str), "")
+    items.to_csv(target / "mlant.item", sep="\t", index=False)
+    with_image = items["item_id:token"].iloc[::2].tolist()
+    (target / "mlant.item2index").write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(with_image)))
+    rng.standard_normal((len(with_image), 8)).astype(np.float32).tofile(target / "mlant.img")
+    with open(resource_path("properties", "dataset", "movielens-markets.yaml")) as f:
+        settings = yaml.safe_load(f)
+    return {**settings, **ANT_FAST, "data_path": str(root), "checkpoint_dir": str(tmp_path / "saved"),
+            "text_cache_dir": text_cache, "image_feature_file": "mlant.img",
+            "image_feature_index": "mlant.item2index", "image_feature_dim": 8,
+            "price_field": "price", "load_col": {"inter": ["user_id", "item_id", "timestamp"],
+                                                 "item": ["item_id", "title", "price"]}}
+
+
+def _for(model, settings):
+    owners = plugin_model_settings()
+    return {k: v for k, v in settings.items() if model in owners.get(k, [model])}
+
+
+def _model(settings, **extra):
+    config = Config(model="ANT", dataset="mlant", config_dict={**settings, **extra})
+    dataset = create_dataset(config)
+    train, _, _ = data_preparation(config, dataset)
+    return config, get_model("ANT")(config, train["south"]._dataset), train
+
+
+# ---------------------------------------------------------------- modalities
+def test_real_image_features_follow_their_index_and_bad_files_fail(tmp_path):
+    folder = shared_data("amazon_scientific", "mm_subset")
+    index = pd.read_csv(folder / "Scientific.item2index", sep="\t", header=None, dtype=str)
+    tokens = ["[PAD]", index[0][5], "NOT_AN_ITEM", index[0][0]]
+    config = {"image_feature_file": str(folder / "Scientific.feat3CLS"), "data_path": str(tmp_path),
+              "image_feature_index": str(folder / "Scientific.item2index"), "image_feature_dim": 512}
+    features, present = image_features(config, tokens)
+    raw = np.fromfile(folder / "Scientific.feat3CLS", dtype=np.float32).reshape(-1, 512)
+    assert features.shape == (4, 512) and present.tolist() == [False, True, False, True]
+    assert np.array_equal(features[1].numpy(), raw[5]) and not features[2].any()
+    with pytest.raises(ValueError, match=r"feat3CLS: 811520 float32 values are not 1585 rows .* 256"):
+        image_features({**config, "image_feature_dim": 256}, tokens)
+    cut = tmp_path / "cut.feat"
+    raw[:100].tofile(cut)
+    with pytest.raises(ValueError, match=r"cut\.feat: .* not 1585 rows"):
+        image_features({**config, "image_feature_file": str(cut)}, tokens)
+
+
+def test_price_is_a_quantile_bucket_of_log_price():
+    prices = np.array([np.nan, 1.0, 10.0, 100.0, 1000.0, -1.0])
+    out = price_features(prices, 4).numpy()
+    assert out.shape == (6, 4)
+    assert out[[0, 5]].sum() == 0  # no price, bad price
+    assert out[1:5].sum(1).tolist() == [1, 1, 1, 1]
+    assert out[1:5].argmax(1).tolist() == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------- model
+def test_shapes_uniform_gates_and_modalities(domains):
+    _, model, train = _model(_for("ANT", domains))
+    encoder = model.item_embedding
+    assert encoder.names == ["image", "price", "text"]
+    assert encoder.weight.shape == (model.n_items, 16)
+    model.eval()
+    for name, adaptor in encoder.adaptors.items():
+        gates = adaptor.gates(encoder.features(name)[0])
+        assert torch.allclose(gates, torch.full_like(gates, 0.5))  # 2 experts, uniform
+    assert encoder.features("image")[1].float().mean().item() == pytest.approx(0.5, abs=0.05)
+    batch = next(iter(train["south"]))
+    assert model.full_sort_predict(batch).shape == (len(batch), model.n_items)
+    model.train()
+    loss = model.calculate_loss(batch)  # pretraining: contrastive + image-text
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_relearn_reinitialises_and_freezes_exactly(domains):
+    _, model, train = _model(_for("ANT", domains))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for batch, _ in zip(train["south"], range(2)):
+        optimizer.zero_grad()
+        model.calculate_loss(batch).backward()
+        optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    model.set_stage("finetune")
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    reinit = {k for k in before if k.startswith(("position_embedding.", "item_embedding.adaptors."))}
+    assert changed == {k for k in reinit if "bias" not in k or not before[k].eq(0).all()}
+    for name, adaptor in model.item_embedding.adaptors.items():  # gates back to zero: uniform
+        assert not adaptor.w_gate.any() and not adaptor.w_noise.any()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if not n.startswith("trm_encoder.")}
+
+
+def test_finetune_adaptation_keeps_the_adaptors(domains):
+    _, model, _ = _model(_for("ANT", domains), adaptation="finetune", freeze_encoder=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_stage("finetune")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_two_stages_with_two_sources_and_stage_two_alone(domains):
+    settings = _for("ANT", domains)
+    result = run_recbole_cmr(model="ANT", dataset="mlant", config_dict=settings)
+    south = result["per_market"]["south"]
+    assert set(south["test"]) == {"hit@10", "ndcg@10", "mrr@10"}
+    source_checkpoint = result["per_market"]["ml100k"]["checkpoint"]
+    assert source_checkpoint == result["per_market"]["east"]["checkpoint"]  # one pooled pretraining
+    assert set(result["per_market"]["east"]["after_transfer"]) == {"south"}
+    assert load_checkpoint(south["checkpoint"])["stage"] == "finetune"
+    alone = run_recbole_cmr(model="ANT", dataset="mlant",
+                            config_dict={**settings, "pretrained": source_checkpoint})
+    assert alone["per_market"]["ml100k"]["test"] == result["per_market"]["ml100k"]["test"]
+
+
+def test_text_only_without_moe_trains_and_evaluates(domains):
+    settings = {k: v for k, v in _for("ANT", domains).items()
+                if not k.startswith(("image_feature", "price"))}
+    result = run_recbole_cmr(model="ANT", dataset="mlant", saved=False, config_dict={
+        **settings, "moe": False, "fusion": False, "source_market": "ml100k"})
+    assert 0 <= result["per_market"]["south"]["test"]["ndcg@10"] <= 1
+    with pytest.raises(ValueError, match="ANT represents items by their modalities"):
+        _model(settings, text_modality=False)
