@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 from .aliccp import convert_aliccp
+from .amazon18 import convert_amazon18
 from .aliexpress import convert_aliexpress
 from .ml100k_entities import convert_ml100k_entities
+from .merge import convert_merge
 from .ml100k_scenarios import convert_ml100k_scenarios
 from .movielens import convert_movielens
 from .unisrec import convert_unisrec
@@ -29,6 +31,8 @@ EXAMPLES = f"""examples:
   {PROG} aliexpress --market nl=train_nl.csv --test-market nl=test_nl.csv --out dataset
   {PROG} ml100k-scenarios --out dataset
   {PROG} ml100k-entities --out dataset
+  {PROG} amazon18 /work/shared/data/amazon18_text --category Office_Products --out dataset
+  {PROG} merge dataset/office-products dataset/scientific --out dataset --name scientific-transfer
   {PROG} ali-ccp --train train.csv --valid val.csv --test test.csv --out dataset
 """
 
@@ -76,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ml100k_scenarios(sub, common)
     _add_ml100k_entities(sub, common)
     _add_aliccp(sub, common)
+    _add_amazon18(sub, common)
+    _add_merge(sub, common)
     return parser
 
 
@@ -219,6 +225,33 @@ def _unique(pairs: list[tuple[str, str]], option: str) -> dict[str, str]:
             raise ValueError(f"{option}: market {name!r} given twice")
         result[name] = path
     return result
+
+
+def _add_amazon18(sub, parents) -> None:
+    p = sub.add_parser("amazon18", parents=parents, help="Amazon 2018 sliding-window rows (one market)",
+                       description="amazon18_text index__<Category>.item.json + valid__/test__"
+                       "<Category>_*.csv rows -> one market of rebuilt item sequences (timestamps "
+                       "= positions) and <name>.item with title + categories + brand.")
+    p.add_argument("src", type=Path, help="the amazon18_text folder")
+    p.add_argument("--category", default="Office_Products",
+                   help="category of the files (default: Office_Products)")
+    p.add_argument("--name", help="dataset name (default: the category, e.g. office-products)")
+    p.add_argument("--market", help="market name (default: the category's first word, e.g. office)")
+    p.set_defaults(run=lambda a, cmd: convert_amazon18(
+        a.src, a.out, overwrite=a.overwrite, category=a.category, name=a.name, market=a.market,
+        command=cmd))
+
+
+def _add_merge(sub, parents) -> None:
+    p = sub.add_parser("merge", parents=parents, help="several converted datasets -> one",
+                       description="Converted dataset folders -> one multi-market dataset: markets "
+                       "kept by name, item tables joined, <folder>.<suffix> files (e.g. image "
+                       "features) copied as <name>.<suffix>.")
+    p.add_argument("inputs", nargs="+", metavar="FOLDER[:M1,M2]",
+                   help="a dataset folder, optionally with the markets to take")
+    p.add_argument("--name", required=True, help="name of the merged dataset")
+    p.set_defaults(run=lambda a, cmd: convert_merge(a.inputs, a.out, name=a.name,
+                                                    overwrite=a.overwrite, command=cmd))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,8 @@ class AtomicDataset:
     ``market_items`` (optional) maps a market to its own item table typed by
     ``market_item_fields[market]`` (written as ``<market>.item``, e.g. an entity's specific item
     fields), restricted to the market's items. Users are disjoint across markets unless
-    ``shared_users`` (entity types of one platform).
+    ``shared_users`` (entity types of one platform). ``extra_files`` (``{name: source path}``)
+    are copied as they are (e.g. precomputed image features).
     ``sources`` are listed in the README with their SHA-256, relative to ``source_root`` when
     it is set (for files inside an installed package, whose absolute path varies).
     """
@@ -68,6 +69,7 @@ class AtomicDataset:
     market_items: dict[str, pd.DataFrame] = field(default_factory=dict)
     market_item_fields: dict[str, dict[str, str]] = field(default_factory=dict)
     shared_users: bool = False
+    extra_files: dict[str, Path] = field(default_factory=dict)
     sources: list[Path] = field(default_factory=list)
     source_root: Path | None = None
     description: str = ""
@@ -486,6 +488,9 @@ def _write_files(
     if items is not None:
         write_atomic(items, ds.item_fields, folder / f"{ds.name}.item")
         stats[f"{ds.name}.item"] = ("-", len(items), len(items))
+    for name, source in ds.extra_files.items():
+        shutil.copyfile(require_file(source, "extra file"), folder / name)
+        stats[name] = ("-", "-", f"{os.path.getsize(folder / name)} bytes")
     return stats
 
 

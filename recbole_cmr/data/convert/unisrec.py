@@ -4,6 +4,9 @@ Input folder: ``<Name>.{train,valid,test}.inter`` (``user_id:token item_id_list:
 item_id:token``, integer ids, leave-one-out), ``<Name>.text`` (``item_id:token text:token_seq``
 keyed by ASIN), ``<Name>.item2index`` / ``<Name>.user2index`` (``key<TAB>index``).
 
+Precomputed item features beside them (``<Name>.feat*``, e.g. ``feat3CLS`` image vectors in
+``item2index`` row order) are copied as ``<name>.feat*`` with ``<name>.item2index``.
+
 Each user's full sequence is rebuilt by chaining the train rows (histories may be truncated
 to the last W items, so the longest history alone is not enough), then the valid and the
 test target.  One interaction per position with timestamp = position (1, 2, ...), so
@@ -181,7 +184,11 @@ def build_unisrec(
     seqs = reconstruct(splits, base)
     frame = sequences_frame(seqs, read_index(paths[5]), read_index(paths[4]), base)
     text = read_atomic(paths[3], tuple(ITEM_FIELDS))
+    extra = {f"{name}{p.name[len(dataset):]}": p for p in sorted(src.glob(f"{dataset}.feat*"))}
+    if extra:  # precomputed features, in item2index row order: keep the index beside them
+        extra[f"{name}.item2index"] = paths[4]
     return AtomicDataset(
+        extra_files=extra,
         name=name,
         fmt="unisrec",
         fields=dict(FIELDS),
