@@ -122,8 +122,11 @@ def markdown(summary):
                          + " | ".join(_cell(res[k], res[f"{k}_std"]) for k in METRICS)
                          + f" | {m['wall_s'] / 60:.1f} |")
         lines.append("")
-    lines += ["The source rows of DNN-target are only evaluated (it trains on the target only).",
-              "", "Targets:", ""]
+    lines += ["The source rows of DNN-target are only evaluated (it trains on the target only). "
+              "In this round the two-stage models fine-tune a copy on every entity "
+              "(`finetune_markets` unset) and report each entity's own copy: MKT's stage 2 trains "
+              "on target rows only, so its source row is an untrained stage-2 network, not a "
+              "result.", "", "Targets:", ""]
     for r in summary["targets"]:
         mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
         lines.append(f"- {r['target']}: {mark}")
