@@ -22,11 +22,11 @@ Sizing (about 2 CPU-hours for the grid): embeddings of 8, networks [256, 128] (t
 with early stopping after 3 validations without gain.
 """
 
-import argparse
 import json
 
 from cross_market import RESULTS, _cell, seed_table
-from multi_scenario import current_runs, run_grid, write_run, write_summary
+from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, spec_settings,
+                            write_run, write_summary)
 
 DATASET = "ml100k-entities"
 NAME = "mkt-ml100k"
@@ -58,9 +58,7 @@ ABLATIONS = [n for n in MODELS if n.startswith("MKT-")]
 
 def run_settings(name, seed):
     """``(RecBole model, config_dict)`` of one run."""
-    spec = dict(MODELS[name])
-    return spec.pop("model"), {**SETTINGS, **spec, "seed": seed,
-                               "checkpoint_dir": str(RESULTS.parent / "saved")}
+    return spec_settings(MODELS, SETTINGS, name, seed)
 
 
 def run_one(name, seed, out_file):
@@ -71,9 +69,7 @@ def run_one(name, seed, out_file):
 
 def is_current(record):
     """True when ``record`` ran with the settings the harness would use now."""
-    _, settings = run_settings(record["name"], record["seed"])
-    keep = {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "checkpoint_dir"}
-    return {k: record["settings"].get(k) for k in keep} == keep
+    return ran_with(record, run_settings(record["name"], record["seed"])[1])
 
 
 def summarise_runs(runs):
@@ -135,27 +131,10 @@ def markdown(summary):
 
 def chart(summary, path):
     """Bars of the target entity's test AUC and CTRGAUC per model (error bars: std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = summary["models"]
-    names = list(models)
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
-    for offset, key in ((-0.2, "auc"), (0.2, "ctrgauc")):
-        res = [models[n]["per_market"][TARGET] for n in names]
-        ax.bar([i + offset for i in range(len(names))], [r[key] for r in res], width=0.4,
-               yerr=[r[f"{key}_std"] or 0 for r in res], label=key.upper(), capsize=3)
-    low = min(models[n]["per_market"][TARGET][k] for n in names for k in ("auc", "ctrgauc"))
-    ax.set_ylim(max(0.0, low - 0.03), None)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(f"test, entity {TARGET}")
-    ax.set_title(f"{DATASET}: seeds {summary['seeds']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    results = [m["per_market"][TARGET] for m in summary["models"].values()]
+    bars = {key.upper(): [(r[key], r[f"{key}_std"]) for r in results] for key in ("auc", "ctrgauc")}
+    paired_bars(list(summary["models"]), bars, f"test, entity {TARGET}",
+                f"{DATASET}: seeds {summary['seeds']}", path, margin=0.03)
 
 
 def summarise():
@@ -164,14 +143,7 @@ def summarise():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
-    parser.add_argument("--summarise-only", action="store_true")
-    args = parser.parse_args()
-    if not args.summarise_only:
-        run_grid(args.models, args.seeds, RESULTS / NAME, is_current, run_one)
-    summarise()
+    harness_main(__doc__, MODELS, RESULTS / NAME, is_current, run_one, summarise)
 
 
 if __name__ == "__main__":

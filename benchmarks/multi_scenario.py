@@ -68,9 +68,22 @@ ABLATIONS = [n for n in MODELS if n.startswith("PF-MSMTrec-")]
 
 def run_settings(name, seed):
     """``(RecBole model, config_dict)`` of one run."""
-    spec = dict(MODELS[name])
-    return spec.pop("model"), {**SETTINGS, **spec, "seed": seed,
+    return spec_settings(MODELS, SETTINGS, name, seed)
+
+
+def spec_settings(models, settings, name, seed):
+    """``(RecBole model, config_dict)``: a harness's ``settings`` with model ``name``'s spec
+    from ``models`` (``{"model": ..., key: value}``), the seed and the checkpoint folder."""
+    spec = dict(models[name])
+    return spec.pop("model"), {**settings, **spec, "seed": seed,
                                "checkpoint_dir": str(RESULTS.parent / "saved")}
+
+
+def ran_with(record, settings, ignored=()):
+    """True when the run ``record`` used ``settings`` (but ``checkpoint_dir`` and ``ignored``)."""
+    keep = {k: v for k, v in json.loads(json.dumps(settings)).items()
+            if k not in {"checkpoint_dir", *ignored}}
+    return {k: record["settings"].get(k) for k in keep} == keep
 
 
 def run_one(name, seed, out_file):
@@ -129,10 +142,8 @@ def is_current(record):
     """True when ``record`` ran with the settings the harness would use now (``fed_rounds`` only
     counts for federated models)."""
     _, settings = run_settings(record["name"], record["seed"])
-    ignored = {"checkpoint_dir"} | ({"fed_rounds"} if settings.get("train_mode") in ("local", "pooled")
-                                    else set())
-    keep = {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ignored}
-    return {k: record["settings"].get(k) for k in keep} == keep
+    local = settings.get("train_mode") in ("local", "pooled")
+    return ran_with(record, settings, ["fed_rounds"] if local else [])
 
 
 def summarise_runs(runs):
@@ -215,24 +226,30 @@ def markdown(summary):
 
 def chart(summary, path):
     """Bar chart of the macro test AUC per model (error bars: std over seeds)."""
+    models = summary["models"]
+    bars = {f"AUC {task}": [(m["macro"][f"auc_{task}"], m["macro"][f"auc_{task}_std"])
+                            for m in models.values()] for task in TASKS}
+    paired_bars(list(models), bars, "macro test AUC", f"{DATASET}: seeds {summary['seeds']}",
+                path, margin=0.05)
+
+
+def paired_bars(names, bars, ylabel, title, path, margin):
+    """Two bars per model (``bars``: ``{label: [(value, std or None) per name]}``) with std error
+    bars, the y axis starting ``margin`` below the lowest bar; saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = summary["models"]
-    names = list(models)
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 4))
-    for offset, task in ((-0.2, "click"), (0.2, "ctcvr")):
-        key = f"auc_{task}"
-        ax.bar([i + offset for i in range(len(names))], [models[n]["macro"][key] for n in names],
-               width=0.4, yerr=[models[n]["macro"][f"{key}_std"] or 0 for n in names],
-               label=f"AUC {task}", capsize=3)
-    low = min(models[n]["macro"][f"auc_{t}"] for n in names for t in TASKS)
-    ax.set_ylim(max(0.0, low - 0.05), None)
+    for offset, (label, values) in zip((-0.2, 0.2), bars.items()):
+        ax.bar([i + offset for i in range(len(names))], [v for v, _ in values], width=0.4,
+               yerr=[sd or 0 for _, sd in values], label=label, capsize=3)
+    low = min(v for values in bars.values() for v, _ in values)
+    ax.set_ylim(max(0.0, low - margin), None)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel("macro test AUC")
-    ax.set_title(f"{DATASET}: seeds {summary['seeds']}")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -259,13 +276,18 @@ def write_summary(name, runs, summarise_runs, markdown, chart):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    harness_main(__doc__, MODELS, RESULTS / NAME, is_current, run_one, summarise)
+
+
+def harness_main(doc, models, folder, is_current, run_one, summarise):
+    """The command line of a resumable harness: ``--models``, ``--seeds``, ``--summarise-only``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--summarise-only", action="store_true")
     args = parser.parse_args()
     if not args.summarise_only:
-        run_grid(args.models, args.seeds, RESULTS / NAME, is_current, run_one)
+        run_grid(args.models, args.seeds, folder, is_current, run_one)
     summarise()
 
 

@@ -156,6 +156,17 @@ def _add_aliexpress(sub, parents) -> None:
         test_markets=_unique(a.test_markets, "--test-market"), name=a.name, command=cmd))
 
 
+def _ml100k_args(p, name, seed_help, negatives, negatives_help) -> None:
+    """The arguments every ml-100k converter has: src, --name, --seed, --negatives."""
+    p.add_argument("src", type=Path, nargs="?",
+                   help="folder with ml-100k.inter, ml-100k.user, ml-100k.item (default: the "
+                   "copy in the recbole package, recbole/dataset_example/ml-100k)")
+    p.add_argument("--name", default=name, help=f"dataset name (default: {name})")
+    p.add_argument("--seed", type=int, default=2026, help=f"{seed_help} (default: 2026)")
+    p.add_argument("--negatives", type=positive_int, default=negatives, metavar="N",
+                   help=f"{negatives_help} (default: {negatives})")
+
+
 def _add_ml100k_scenarios(sub, parents) -> None:
     p = sub.add_parser("ml100k-scenarios", parents=parents,
                        help="MovieLens-100K ratings -> 4 age-band CTR scenarios",
@@ -163,15 +174,8 @@ def _add_ml100k_scenarios(sub, parents) -> None:
                        "35to44, 45plus by user age; each rating a click (conversion: rating >= "
                        "4) followed by sampled unrated movies as non-clicks; per-scenario .user "
                        "and a shared .item (release year, genre).")
-    p.add_argument("src", type=Path, nargs="?",
-                   help="folder with ml-100k.inter, ml-100k.user, ml-100k.item (default: the "
-                   "copy in the recbole package, recbole/dataset_example/ml-100k)")
-    p.add_argument("--name", default="ml100k-scenarios",
-                   help="dataset name (default: ml100k-scenarios)")
-    p.add_argument("--seed", type=int, default=2026,
-                   help="seed of the negative sampling (default: 2026)")
-    p.add_argument("--negatives", type=positive_int, default=4, metavar="N",
-                   help="sampled non-clicked movies per rating (default: 4)")
+    _ml100k_args(p, "ml100k-scenarios", "seed of the negative sampling", 4,
+                 "sampled non-clicked movies per rating")
     p.set_defaults(run=lambda a, cmd: convert_ml100k_scenarios(
         a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
         command=cmd))
@@ -185,14 +189,8 @@ def _add_ml100k_entities(sub, parents) -> None:
                        "genre); label = rating >= 4, plus sampled unrated movies of the entity as "
                        "negatives; source.item (release year, genre), target.item (title-text "
                        "k-means cluster).")
-    p.add_argument("src", type=Path, nargs="?",
-                   help="folder with ml-100k.inter, ml-100k.user, ml-100k.item (default: the "
-                   "copy in the recbole package, recbole/dataset_example/ml-100k)")
-    p.add_argument("--name", default="ml100k-entities", help="dataset name (default: ml100k-entities)")
-    p.add_argument("--seed", type=int, default=2026,
-                   help="seed of the negative sampling and of k-means (default: 2026)")
-    p.add_argument("--negatives", type=positive_int, default=2, metavar="N",
-                   help="sampled unrated movies per positive (default: 2)")
+    _ml100k_args(p, "ml100k-entities", "seed of the negative sampling and of k-means", 2,
+                 "sampled unrated movies per positive")
     p.add_argument("--clusters", type=positive_int, default=32, metavar="K",
                    help="k-means clusters of the target titles (default: 32)")
     p.add_argument("--encoder", default=None,
