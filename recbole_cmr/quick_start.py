@@ -159,10 +159,12 @@ def _train_transfer(config, train, valid, test, saved, verbose, info=None):
             target.use_market(train[market]._dataset)
     per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
     for source in sources:
-        per_market[source]["after_transfer"] = {
-            m: trainer_for(config, targets[m]).evaluate(test[source], load_best_model=False)
-            for m in targets
-        }
+        per_market[source]["after_transfer"] = {}
+        for market, target in targets.items():
+            if hasattr(target, "use_market"):  # e.g. ANT scores only its market's items
+                target.use_market(train[source]._dataset)
+            per_market[source]["after_transfer"][market] = trainer_for(config, target).evaluate(
+                test[source], load_best_model=False)
     return per_market
 
 
@@ -328,6 +330,8 @@ def load_data_and_model(model_file, config_dict=None):
     train, valid, test = ({m: d[m] for m in checkpoint["markets"]} for d in loaders)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, next(iter(train.values()))._dataset)
+    if len(train) > 1 and hasattr(model, "use_market"):  # a pooled first stage: all its markets
+        model.use_market(pooled_train_data(config, train)._dataset)
     if "stage" in checkpoint and hasattr(model, "set_stage"):
         model.set_stage(checkpoint["stage"])  # e.g. FeCoSR after fine-tuning: adapter applied
     model.load_state_dict(checkpoint["state_dict"])

@@ -15,6 +15,7 @@ from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cm
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import plugin_model_settings
 from recbole_cmr.data.modality import image_features, price_features
+from recbole_cmr.model.sequential_recommender.ant import catalogue_mask
 from recbole_cmr.utils import get_model, resource_path
 
 from conftest import shared_data
@@ -117,6 +118,46 @@ def test_shapes_uniform_gates_and_modalities(domains):
     model.train()
     loss = model.calculate_loss(batch)  # pretraining: contrastive + image-text
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_item_table_computes_only_the_markets_items(domains):
+    config, model, train = _model(_for("ANT", domains))
+    model.eval()
+    encoder = model.item_embedding
+    south = catalogue_mask(train["south"]._dataset, model.n_items)
+    dataset = train["south"]._dataset
+    assert south.nonzero().squeeze(1).tolist() == sorted(dataset.market_catalogue.tolist())
+    assert torch.equal(encoder.active, south) and 0 < south.sum() < model.n_items - 1
+    table = encoder.weight
+    encoder.set_active(None)
+    every = encoder.weight
+    assert torch.allclose(table[south], every[south], atol=1e-6) and not table[~south].any()
+    model.use_market(train["east"]._dataset)  # a transfer target: its own items
+    assert torch.equal(encoder.active, catalogue_mask(train["east"]._dataset, model.n_items))
+
+
+def test_checkpoints_of_other_modalities_and_shapes_load(domains):
+    settings = _for("ANT", domains)
+    _, full, _ = _model(settings)  # image, price and text adaptors, MoE
+    state = full.state_dict()
+    _, text_only, _ = _model(settings, image_modality=False, price_modality=False)
+    text_only.load_state_dict(state)  # the image and price adaptors are dropped
+    mine = text_only.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in mine.items())
+    _, with_image, _ = _model(settings)
+    fresh = {k: v.clone() for k, v in with_image.state_dict().items()}
+    with_image.load_state_dict(mine)  # no image / price adaptor in the checkpoint: kept fresh
+    after = with_image.state_dict()
+    assert all(torch.equal(after[k], mine[k] if k in mine else fresh[k]) for k in after)
+    _, linear, _ = _model(settings, moe=False)  # relearn: another adaptor shape is re-learnt anyway
+    linear.load_state_dict(state)
+    assert all(torch.equal(v, state[k]) for k, v in linear.state_dict().items()
+               if not k.startswith("item_embedding.adaptors."))
+    _, linear_finetune, _ = _model(settings, moe=False, adaptation="finetune")
+    with pytest.raises(ValueError, match="image adaptor does not fit this model"):
+        linear_finetune.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="position_embedding"):
+        text_only.load_state_dict({k: v for k, v in state.items() if not k.startswith("position")})
 
 
 def test_relearn_reinitialises_and_freezes_exactly(domains):

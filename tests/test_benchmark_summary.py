@@ -8,12 +8,17 @@ import pytest
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_market.py"
 
 
-@pytest.fixture(scope="module")
-def harness():
-    spec = importlib.util.spec_from_file_location("cross_market", HARNESS)
+def _load_harness(name):
+    """The module ``benchmarks/<name>.py``."""
+    spec = importlib.util.spec_from_file_location(name, HARNESS.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def harness():
+    return _load_harness("cross_market")
 
 
 def _run(name, seed, ndcg, wall_s=60.0):
@@ -143,10 +148,7 @@ def ctr_harness():
     import sys
 
     sys.path.insert(0, str(HARNESS.parent))  # it imports cross_market's helpers
-    spec = importlib.util.spec_from_file_location("multi_scenario", HARNESS.parent / "multi_scenario.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_harness("multi_scenario")
 
 
 def _ctr_run(name, seed, auc, wall_s=60.0):
@@ -184,10 +186,7 @@ def test_ctr_summary_macro_and_targets(ctr_harness):
 # ---- the multi-entity CTR harness (benchmarks/multi_entity.py) ------------------------------
 @pytest.fixture(scope="module")
 def entity_harness(ctr_harness):
-    spec = importlib.util.spec_from_file_location("multi_entity", HARNESS.parent / "multi_entity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_harness("multi_entity")
 
 
 def _entity_run(name, seed, target_auc, gauc=0.6):
@@ -212,3 +211,52 @@ def test_entity_summary_headline_is_the_target_entity(entity_harness):
     assert met["MKT-noPDL below MKT (target auc)"] is False
     text = entity_harness.markdown(summary)
     assert "| MKT | 1 | 0.7500 | 0.6000 | 0.5000 |" in text
+
+
+# ---- the ANT negative-transfer harness (benchmarks/transfer_ant.py) --------------------------
+@pytest.fixture(scope="module")
+def ant_harness(ctr_harness):
+    return _load_harness("transfer_ant")
+
+
+def _ant_run(variant, target, seed, ndcg, recall):
+    res = {"recall@10": recall, "recall@50": 2 * recall, "ndcg@10": ndcg, "ndcg@50": 1.5 * ndcg}
+    return {"name": f"{variant}@{target}", "seed": seed, "wall_s": 60.0,
+            "per_market": {"scientific": {"valid": res, "test": res}}}
+
+
+def test_ant_summary_targets_as_markets_and_negative_transfer(ant_harness):
+    runs = [_ant_run("SASRec-scratch", "scientific-mm", 2020, 0.050, 0.10),
+            _ant_run("SASRec-scratch", "scientific-mm", 2021, 0.054, 0.10),
+            _ant_run("SASRec-scratch", "scientific-full", 2020, 0.040, 0.08),
+            _ant_run("ANT-relearn", "scientific-mm", 2020, 0.060, 0.11),
+            _ant_run("ANT-relearn", "scientific-full", 2020, 0.041, 0.07),
+            _ant_run("ANT-finetune", "scientific-mm", 2020, 0.045, 0.11),
+            _ant_run("ANT-relearn-noImage", "scientific-mm", 2020, 0.055, 0.10)]
+    summary = ant_harness.summarise_runs(runs)
+    scratch = summary["models"]["SASRec-scratch"]
+    assert scratch["per_market"]["scientific-mm"]["ndcg@10"] == pytest.approx(0.052)
+    assert scratch["per_market"]["scientific-mm"]["ndcg@10_std"] == pytest.approx(0.0028284, rel=1e-4)
+    assert scratch["runs"] == {"scientific-mm": 2, "scientific-full": 1}
+    assert list(summary["models"]["ANT-relearn-noImage"]["per_market"]) == ["scientific-mm"]
+    flagged = {(f["model"], f["target"]): f["metrics"] for f in summary["negative_transfer"]}
+    assert flagged == {("ANT-relearn", "scientific-full"): ["recall@10"],
+                       ("ANT-finetune", "scientific-mm"): ["ndcg@10"]}
+    met = {r["target"]: r["met"] for r in summary["targets"]}
+    assert met["ANT-relearn ≥ SASRec-scratch on scientific-mm (ndcg@10, recall@10)"] is True
+    assert met["ANT-relearn ≥ SASRec-scratch on scientific-full (ndcg@10, recall@10)"] is False
+    assert met["ANT-relearn > ANT-finetune on scientific-mm (ndcg@10)"] is True
+    assert met["ANT-relearn > UniSRec-FT on scientific-mm (ndcg@10)"] is None  # not run
+    text = ant_harness.markdown(summary)
+    assert "| ANT-finetune ⚠ | 1 | 0.1100 | 0.2200 | 0.0450 | 0.0675 |" in text
+    assert "ndcg@10 +15.4 %" in text  # 0.060 vs 0.052
+
+
+def test_ant_harness_runs_pretrained_variants_from_one_checkpoint_per_seed(ant_harness):
+    model, dataset, settings = ant_harness.run_settings("ANT-relearn-noMoE@scientific-mm", 2021)
+    assert (model, dataset, settings["moe"]) == ("ANT", "scientific-mm-transfer", False)
+    assert settings["pretrained"] == str(ant_harness.pretrained_file(2021))
+    model, dataset, settings = ant_harness.run_settings("SASRec-scratch@scientific-full", 2021)
+    assert (model, dataset, settings["markets"]) == ("SASRec", "scientific-full-transfer", ["scientific"])
+    assert "pretrained" not in settings
+    assert "ANT-relearn-noMoE@scientific-full" not in ant_harness.MODELS  # ablations: mm only

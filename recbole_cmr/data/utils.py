@@ -75,6 +75,9 @@ def pooled_train_data(config, train_data):
     splits = [loader._dataset for loader in train_data.values()]
     pooled = splits[0].copy(cat_interactions([s.inter_feat for s in splits]))
     pooled.market = "pooled"
+    catalogues = [getattr(s, "market_catalogue", None) for s in splits]
+    if all(c is not None for c in catalogues):
+        pooled.market_catalogue = np.unique(np.concatenate(catalogues))
     args = config["train_neg_sample_args"]
     sampler = None
     if args is not None and args["distribution"] != "none":

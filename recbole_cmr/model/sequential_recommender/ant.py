@@ -20,6 +20,7 @@ Switches for the ablations: ``text_modality``, ``image_modality``, ``price_modal
 """
 
 from contextlib import contextmanager
+from logging import getLogger
 
 import torch
 from recbole.model.sequential_recommender import SASRec
@@ -78,14 +79,21 @@ class MoEAdaptor(nn.Module):
 
 class ModalityItemEncoder(nn.Module):
     """Item table from frozen modality features; behaves like ``nn.Embedding`` for SASRec (call
-    with ids, ``.weight``). ``weight`` is ``[n_items, H]``, row 0 (padding) zero."""
+    with ids, ``.weight``). ``weight`` is ``[n_items, H]``, row 0 (padding) zero.
+
+    Only the rows of ``active`` items (the markets the model serves; ``set_active``) that have a
+    modality go through its adaptor, the others are zero: a target's table costs its own items,
+    not the whole multi-domain vocabulary."""
 
     def __init__(self, modalities, hidden, config):
         super().__init__()
         self.names = sorted(modalities)
+        self.hidden = hidden
         for name, (features, present) in modalities.items():
             self.register_buffer(f"{name}_features", features.float(), persistent=False)
             self.register_buffer(f"{name}_present", present.bool(), persistent=False)
+        n_items = next(iter(modalities.values()))[0].shape[0]
+        self.register_buffer("active", torch.ones(n_items, dtype=torch.bool), persistent=False)
         self.adaptors = nn.ModuleDict()
         for name in self.names:
             in_dim = modalities[name][0].shape[1]
@@ -100,10 +108,19 @@ class ModalityItemEncoder(nn.Module):
     def features(self, name):
         return getattr(self, f"{name}_features"), getattr(self, f"{name}_present")
 
+    def set_active(self, active):
+        """Compute rows only for the items of bool ``active`` ``[n_items]`` (None: every item)."""
+        self.active = torch.ones_like(self.active) if active is None else active.to(self.active)
+
     def modality(self, name):
-        """The adapted vectors of one modality, ``[n_items, H]`` (zero where it is absent)."""
+        """The adapted vectors of one modality, ``[n_items, H]`` (zero where it is absent or the
+        item is not active)."""
         features, present = self.features(name)
-        return self.adaptors[name](features) * present.unsqueeze(-1).float()
+        rows = torch.nonzero(present & self.active).squeeze(1)
+        table = features.new_zeros(len(features), self.hidden)
+        if len(rows) == 0:
+            return table
+        return table.index_copy(0, rows, self.adaptors[name](features[rows]))
 
     @contextmanager
     def fixed(self):
@@ -149,6 +166,7 @@ class ANT(MarketSoftmax, SASRec):
                 "gives none: add item text (<dataset>.item), image_feature_file or price_field, "
                 "or enable text_modality / image_modality / price_modality.")
         self.item_embedding = ModalityItemEncoder(modalities, self.hidden_size, config)
+        self.item_embedding.set_active(catalogue_mask(dataset, self.n_items))
         self.temperature = config["temperature"]
         self.image_text_weight = config["image_text_weight"]
         self.adaptation = config["adaptation"]
@@ -156,6 +174,47 @@ class ANT(MarketSoftmax, SASRec):
             raise ValueError(f"adaptation [{self.adaptation}] must be 'relearn' or 'finetune'.")
         self.freeze_encoder = config["freeze_encoder"]
         self.stage = "pretrain"
+
+    def use_market(self, dataset):
+        """Point the model at the market(s) of ``dataset`` (a training split): the softmax mask
+        (``market_softmax``) and the items whose vectors are computed (its catalogue)."""
+        super().use_market(dataset)
+        self.item_embedding.set_active(catalogue_mask(dataset, self.n_items))
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """``nn.Module.load_state_dict`` that lets a checkpoint of other modalities load: see
+        ``fit_adaptors``."""
+        return super().load_state_dict(self.fit_adaptors(state_dict), strict, assign)
+
+    def fit_adaptors(self, state_dict):
+        """``state_dict`` with its modality adaptors fitted to this model: adaptors of modalities
+        this model lacks are dropped, modalities the checkpoint lacks keep this model's fresh
+        adaptor (e.g. images on the target only: pretraining never trains them), and under
+        ``adaptation: relearn`` an adaptor of another shape (``moe`` on/off) is ignored, since
+        re-learning re-initialises it anyway. Anything else that differs stays an error."""
+        prefix = "item_embedding.adaptors."
+        own = {k: v for k, v in self.state_dict().items() if k.startswith(prefix)}
+        theirs = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        fitted = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+        for name in sorted({k[len(prefix):].split(".")[0] for k in {**own, **theirs}}):
+            mine = {k: v for k, v in own.items() if k.startswith(f"{prefix}{name}.")}
+            given = {k: v for k, v in theirs.items() if k.startswith(f"{prefix}{name}.")}
+            same = mine.keys() == given.keys() and all(v.shape == mine[k].shape for k, v in given.items())
+            if not mine:
+                getLogger().info(f"checkpoint's {name} adaptor not used: this model has no {name} modality")
+            elif not given:
+                getLogger().info(f"no {name} adaptor in the checkpoint: it starts untrained")
+                fitted.update(mine)
+            elif same:
+                fitted.update(given)
+            elif self.adaptation == "relearn":
+                getLogger().info(f"checkpoint's {name} adaptor has another shape: ignored (re-learnt)")
+                fitted.update(mine)
+            else:
+                raise ValueError(
+                    f"the checkpoint's {name} adaptor does not fit this model (moe, n_experts or "
+                    "hidden_size differ); adaptation: finetune needs the pretrained adaptor's shape.")
+        return fitted
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage):
@@ -226,3 +285,14 @@ class ANT(MarketSoftmax, SASRec):
     def full_sort_predict(self, interaction):
         with self.item_embedding.fixed():
             return self.sequence_vector(interaction) @ self.item_table().T / self.temperature
+
+
+def catalogue_mask(dataset, n_items):
+    """Bool ``[n_items]``: the items of the market(s) a training split belongs to (its
+    ``market_catalogue``, every split of the market; all items when it has none)."""
+    catalogue = getattr(dataset, "market_catalogue", None)
+    if catalogue is None:
+        return None
+    mask = torch.zeros(n_items, dtype=torch.bool)
+    mask[torch.as_tensor(catalogue, dtype=torch.long)] = True
+    return mask

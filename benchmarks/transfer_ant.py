@@ -1,0 +1,320 @@
+"""Negative-transfer benchmark: ANT (re-learning) against SASRec trained from scratch on the
+target, UniSRec-style text fine-tuning and ANT with fine-tuning, plus ANT's ablations, on Amazon
+Scientific (targets ``scientific-mm``: text + image features; ``scientific-full``: text only) with
+the auxiliary domains Office Products and MovieLens-100K.
+
+    python benchmarks/transfer_ant.py --seeds 2020 2021 2022
+    python benchmarks/transfer_ant.py --models ANT-relearn@scientific-mm --seeds 2020
+    python benchmarks/transfer_ant.py --summarise-only
+
+Protocol (METHODS.md §2): leave-one-out per user, every prefix a training example, full ranking
+over the target's items with the history masked, Recall@10/50 and NDCG@10/50; every model is
+selected by the target's valid NDCG@10 (pretraining: by the macro valid NDCG@10 of the two
+auxiliary domains).
+
+Pretraining runs once per seed (``pretrain/seed<S>.json``; its checkpoint is copied to
+``saved/ant-pretrain-seed<S>.pth`` and rebuilt when missing), on Office Products + MovieLens-100K
+in mixed batches; every pretrained variant of that seed loads it (``pretrained``), so the variants
+differ only in their adaptation. Both targets share it: the auxiliary data are the same, and a
+modality the checkpoint lacks (images: the auxiliary domains have none) starts untrained.
+
+Resumable: every (model@target, seed) run writes ``results/ant-scientific/<model>@<target>-
+seed<S>.json`` as soon as it ends and is skipped when that file exists with the current settings.
+``summarise`` rebuilds ``results/ant-scientific.json`` (``models -> per_market -> metric``, the
+targets as markets), ``.md`` and ``.png``, flagging negative transfer (a pretrained variant below
+SASRec-scratch on NDCG@10 or Recall@10 of a target).
+
+Sizing (about 4 CPU-hours for the grid): hidden 64 and FFN 128 (paper: 256 / 256), sequences of
+at most 20 items (paper: 50), at most 30 pretraining epochs and 50 adaptation epochs with early
+stopping after 5 validations without gain (paper: up to 300 epochs), batches of 1024.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from cross_market import DATA, HERE, RESULTS, SHARED, _cell, seed_table
+from multi_scenario import current_runs, harness_main, paired_bars, ran_with, write_summary
+
+NAME = "ant-scientific"
+FOLDER = RESULTS / NAME
+SAVED = HERE / "saved"
+MARKET = "scientific"  # the target's market name inside both merged datasets
+SOURCES = ["office", "ml100k"]
+TARGETS = {"scientific-mm": "scientific-mm-transfer", "scientific-full": "scientific-full-transfer"}
+SELECTED_BY = "valid ndcg@10 of the target"
+# Where files live: not part of a run's settings (the pretrained checkpoint is made by the
+# pretraining settings and the seed).
+WHERE = ("data_path", "text_cache_dir", "pretrained")
+METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50"]
+SETTINGS = {
+    "epochs": 50,
+    "stopping_step": 5,
+    "learning_rate": 0.001,
+    "eval_batch_size": 4096,
+    "show_progress": False,
+}
+PRETRAIN = {"epochs": 30, "markets": SOURCES}
+# SASRec gets ANT's encoder sizes (ANT.yaml): the comparison is about the item representation
+# and the transfer, not the width.
+ENCODER = {"hidden_size": 64, "inner_size": 128, "n_layers": 2, "n_heads": 2}
+VARIANTS = {
+    "SASRec-scratch": {"model": "SASRec", "train_mode": "local", "markets": [MARKET], **ENCODER},
+    # UniSRec's inductive fine-tuning: text only, pretrained MoE adaptor kept and trained, encoder frozen.
+    "UniSRec-FT": {"model": "ANT", "image_modality": False, "adaptation": "finetune"},
+    # Fine-tuning as the contrast to re-learning: every pretrained parameter kept and trained.
+    "ANT-finetune": {"model": "ANT", "adaptation": "finetune", "freeze_encoder": False},
+    "ANT-relearn": {"model": "ANT"},
+    "ANT-relearn-noText": {"model": "ANT", "text_modality": False},
+    "ANT-relearn-noImage": {"model": "ANT", "image_modality": False},
+    "ANT-relearn-noFusion": {"model": "ANT", "fusion": False},
+    # Re-learning re-initialises the adaptors, so the pretrained encoder serves a linear adaptor too.
+    "ANT-relearn-noMoE": {"model": "ANT", "moe": False},
+}
+BASELINES = ["SASRec-scratch", "UniSRec-FT", "ANT-finetune", "ANT-relearn"]
+ABLATIONS = [v for v in VARIANTS if v.startswith("ANT-relearn-")]
+# The ablations need images to mean anything: they run on the multi-modal target only.
+MODELS = {f"{v}@{t}": (v, t) for t in TARGETS for v in VARIANTS
+          if t == "scientific-mm" or v in BASELINES}
+CONVERT = {
+    "scientific-mm": ["unisrec", str(SHARED / "amazon_scientific" / "mm_subset")],
+    "scientific-full": ["unisrec", str(SHARED / "amazon_scientific" / "full")],
+    "office-products": ["amazon18", str(SHARED / "amazon18_text"), "--category", "Office_Products"],
+    "movielens-markets": ["movielens", str(SHARED / "movielens_titles")],
+}
+
+
+def ensure_datasets():
+    """Convert and merge the target and auxiliary data with recbole_cmr's converters (once)."""
+    def convert(args, name):
+        if not (DATA / name).is_dir():
+            subprocess.run([sys.executable, "-m", "recbole_cmr.data.convert", *args, "--out",
+                            str(DATA), "--name", name], check=True)
+
+    for name, args in CONVERT.items():
+        convert(args, name)
+    for target, merged in TARGETS.items():
+        convert(["merge", str(DATA / "office-products"), str(DATA / "movielens-markets") + ":ml100k",
+                 str(DATA / target)], merged)
+
+
+def common(seed):
+    return {**SETTINGS, "seed": seed, "data_path": str(DATA), "checkpoint_dir": str(SAVED),
+            "text_cache_dir": str(SAVED)}
+
+
+def pretrain_settings(seed):
+    return {**common(seed), **PRETRAIN}
+
+
+def pretrained_file(seed):
+    return SAVED / f"ant-pretrain-seed{seed}.pth"
+
+
+def run_settings(name, seed):
+    """``(RecBole model, dataset, config_dict)`` of one run (``name``: ``<variant>@<target>``)."""
+    variant, target = MODELS[name]
+    spec = dict(VARIANTS[variant])
+    model = spec.pop("model")
+    settings = {**common(seed), **spec}
+    if model == "ANT":
+        settings["pretrained"] = str(pretrained_file(seed))
+    return model, TARGETS[target], settings
+
+
+def _run(model, dataset, settings):
+    from recbole_cmr import run_recbole_cmr
+
+    start = time.time()
+    result = run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
+    return result, round(time.time() - start, 1)
+
+
+def _floats(result):
+    return {k: float(v) for k, v in result.items()}
+
+
+def _write(record, out_file):
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out_file)
+
+
+def ensure_pretrained(seed):
+    """Pretrain on the auxiliary domains for ``seed`` unless its record is current and its
+    checkpoint is in ``saved/``; returns the checkpoint path."""
+    out_file = FOLDER / "pretrain" / f"seed{seed}.json"
+    settings = pretrain_settings(seed)
+    if (pretrained_file(seed).exists() and out_file.exists()
+            and ran_with(json.loads(out_file.read_text()), settings, WHERE)):
+        return pretrained_file(seed)
+    print(f"== pretraining on {SOURCES}, seed {seed}", flush=True)
+    result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
+    SAVED.mkdir(exist_ok=True)
+    shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
+    _write({"name": "pretrain", "model": "ANT", "seed": seed, "settings": settings, "wall_s": wall,
+            "selected_by": "macro valid ndcg@10 of the auxiliary domains",
+            "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
+                           for m, r in result["per_market"].items()}}, out_file)
+    return pretrained_file(seed)
+
+
+def run_one(name, seed, out_file):
+    """Adapt (or, SASRec, train) on the target of ``name``; write ``out_file``."""
+    model, dataset, settings = run_settings(name, seed)
+    if "pretrained" in settings:
+        ensure_pretrained(seed)
+    result, wall = _run(model, dataset, settings)
+    target = result["per_market"][MARKET]
+    _write({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
+            "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
+            "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
+                                                    "test": _floats(target["test"])}}}, out_file)
+
+
+def is_current(record):
+    """True when ``record`` ran with the settings the harness would use now."""
+    if record["name"] not in MODELS:
+        return False
+    return ran_with(record, run_settings(record["name"], record["seed"])[2], WHERE)
+
+
+def summarise_runs(runs):
+    """``{"selected_by", "seeds", "models": {variant: {per_market: {target: metrics}, runs,
+    wall_s}}, "negative_transfer", "targets", "pretraining"}``: means and sample std over seeds."""
+    summary = {"dataset": "amazon-scientific", "selected_by": SELECTED_BY, "seeds": [],
+               "models": {}}
+    for variant in VARIANTS:
+        for target in TARGETS:
+            mine = [r for r in runs if r["name"] == f"{variant}@{target}"]
+            if not mine:
+                continue
+            summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
+            table = seed_table(mine, lambda res: res["test"], METRICS)
+            entry = summary["models"].setdefault(variant, {"per_market": {}, "runs": {}, "wall_s": {}})
+            entry["per_market"][target] = table["per_market"][MARKET]
+            entry["runs"][target], entry["wall_s"][target] = table["runs"], table["wall_s"]
+    summary["negative_transfer"] = negative_transfer(summary)
+    summary["targets"] = target_checks(summary)
+    summary["pretraining"] = pretraining_summary()
+    return summary
+
+
+def negative_transfer(summary):
+    """``[{"model", "target", "metrics"}]``: pretrained variants below SASRec-scratch on
+    NDCG@10 or Recall@10 of a target (``metrics``: those it is below on)."""
+    models = summary["models"]
+    scratch = models.get("SASRec-scratch", {}).get("per_market", {})
+    flagged = []
+    for name, entry in models.items():
+        for target, res in entry["per_market"].items():
+            if name == "SASRec-scratch" or target not in scratch:
+                continue
+            below = [k for k in ("ndcg@10", "recall@10") if res[k] < scratch[target][k]]
+            if below:
+                flagged.append({"model": name, "target": target, "metrics": below})
+    return flagged
+
+
+def _relative(a, b):
+    return 100.0 * (a / b - 1.0)
+
+
+def target_checks(summary):
+    """``[{"target", "met", "note"}]``: ANT-relearn ≥ SASRec-scratch (NDCG@10 and Recall@10)
+    and above ANT-finetune and UniSRec-FT (NDCG@10) on each target; ``met`` None until both ran."""
+    models = summary["models"]
+    full = models.get("ANT-relearn", {}).get("per_market", {})
+    rows = []
+    for target in TARGETS:
+        for other, keys, relation in (("SASRec-scratch", ("ndcg@10", "recall@10"), "≥"),
+                                      ("ANT-finetune", ("ndcg@10",), ">"),
+                                      ("UniSRec-FT", ("ndcg@10",), ">")):
+            theirs = models.get(other, {}).get("per_market", {}).get(target)
+            mine = full.get(target)
+            met, note = None, ""
+            if theirs and mine:
+                ok = [mine[k] >= theirs[k] if relation == "≥" else mine[k] > theirs[k] for k in keys]
+                met = all(ok)
+                note = ", ".join(f"{k} {_relative(mine[k], theirs[k]):+.1f} %" for k in keys)
+            rows.append({"target": f"ANT-relearn {relation} {other} on {target} ({', '.join(keys)})",
+                         "met": met, "note": note})
+    return rows
+
+
+def pretraining_summary():
+    """Per seed: the pretraining run's wall time and macro valid/test NDCG@10 on the auxiliary
+    domains (the records ``pretrain/seed<S>.json``)."""
+    out = {}
+    for path in sorted((FOLDER / "pretrain").glob("seed*.json")):
+        record = json.loads(path.read_text())
+        if not ran_with(record, pretrain_settings(record["seed"]), WHERE):
+            continue
+        out[record["seed"]] = {"wall_s": record["wall_s"], **{
+            f"{split}_ndcg@10": sum(r[split]["ndcg@10"] for r in record["per_market"].values())
+            / len(record["per_market"]) for split in ("valid", "test")}}
+    return out
+
+
+def markdown(summary):
+    """The summary as markdown: one table per target, negative transfer, targets."""
+    models = summary["models"]
+    lines = ["# ANT on Amazon Scientific (negative transfer)", "",
+             f"Seeds {summary['seeds']}; model selected by {summary['selected_by']}; test metrics, "
+             "full ranking over the target's items, mean ± sample std over seeds. Pretrained "
+             f"variants load one pretraining per seed on {SOURCES} (mixed batches).", ""]
+    for target in TARGETS:
+        lines += [f"Target `{target}`:", "",
+                  "| model | runs | " + " | ".join(METRICS) + " | wall (min) |",
+                  "|---" * (len(METRICS) + 3) + "|"]
+        for name, m in models.items():
+            res = m["per_market"].get(target)
+            if res is None:
+                continue
+            flag = " ⚠" if any(f["model"] == name and f["target"] == target
+                               for f in summary["negative_transfer"]) else ""
+            lines.append(f"| {name}{flag} | {m['runs'][target]} | "
+                         + " | ".join(_cell(res[k], res[f"{k}_std"]) for k in METRICS)
+                         + f" | {m['wall_s'][target] / 60:.1f} |")
+        lines.append("")
+    lines += ["⚠ negative transfer: below SASRec-scratch on NDCG@10 or Recall@10 of that target.", ""]
+    if summary["pretraining"]:
+        lines += ["Pretraining (per seed; macro NDCG@10 over the auxiliary domains): " + "; ".join(
+            f"{seed}: valid {p['valid_ndcg@10']:.4f}, test {p['test_ndcg@10']:.4f}, "
+            f"{p['wall_s'] / 60:.1f} min" for seed, p in summary["pretraining"].items()), ""]
+    lines += ["Targets:", ""]
+    for r in summary["targets"]:
+        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
+        lines.append(f"- {r['target']}: {mark}" + (f" ({r['note']})" if r["note"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def chart(summary, path):
+    """Bars of test NDCG@10 per model on each target (error bars: std over seeds)."""
+    names = [n for n, m in summary["models"].items() if len(m["per_market"]) == len(TARGETS)]
+    names += [n for n in summary["models"] if n not in names]
+    missing = (0.0, None)  # the ablations run on scientific-mm only
+    bars = {f"NDCG@10 {t}": [(summary["models"][n]["per_market"][t]["ndcg@10"],
+                              summary["models"][n]["per_market"][t]["ndcg@10_std"])
+                             if t in summary["models"][n]["per_market"] else missing for n in names]
+            for t in TARGETS}
+    paired_bars(names, bars, "test NDCG@10", f"Amazon Scientific: seeds {summary['seeds']}",
+                path, margin=0.01)
+
+
+def summarise():
+    return write_summary(NAME, current_runs(FOLDER, is_current, MODELS), summarise_runs,
+                         markdown, chart)
+
+
+def main():
+    ensure_datasets()
+    harness_main(__doc__, MODELS, FOLDER, is_current, run_one, summarise)
+
+
+if __name__ == "__main__":
+    main()
