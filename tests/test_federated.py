@@ -1,6 +1,7 @@
 """Federated machinery: FedAvg math, the round loop on two real markets, resume, privacy."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,8 +116,11 @@ def test_federated_sasrec_round_loop(two_markets, tmp_path):
     tests = server.evaluate()
     assert set(tests) == {"in", "jp"} and "ndcg@10" in tests["jp"]
     state = torch.load(checkpoint, weights_only=True)
-    assert state["round"] == 1 and set(state["clients"]) == {"in", "jp"}
-    assert set(state["clients"]["in"]["local"]) == set(clients[0].local_names)
+    assert state["round"] == 1 and "clients" not in state and "local" not in state["best"]
+    assert set(state["global"]) == set(server.shared_names)  # the server file: parameters only
+    own = torch.load(str(tmp_path / "fed.clients" / "in.pth"), weights_only=True)  # each client its own
+    assert own["round"] == 1 and own["market"] == "in" and own["best_round"] == server.best["round"]
+    assert set(own["private"]["local"]) == set(own["best_local"]) == set(clients[0].local_names)
 
 
 def test_train_federated_returns_the_local_mode_shape(two_markets):
@@ -209,6 +213,52 @@ def test_server_side_only_sees_named_tensors_and_counts(two_markets, monkeypatch
         assert all(isinstance(v, float) for v in result.values())
     for value in [p for pair in sent for p in pair] + [u for r in updates for u in r]:
         assert not isinstance(value, (Interaction, torch.utils.data.DataLoader))
+
+
+def _plain(value):
+    """True for what a message may carry: tensors, numbers, strings, None, and dicts/lists of them."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (torch.Tensor, int, float, str))
+
+
+MESSAGES = ("get_parameters", "parameter_shapes", "unmatched_patterns", "keep_local", "fit",
+            "evaluate", "mark_best", "restore_best", "export", "save_state", "load_state")
+
+
+def test_every_server_call_to_a_client_is_a_message_of_plain_data(two_markets, tmp_path, monkeypatch):
+    """Round logic, best round, export and checkpoints reach a client only through the message
+    methods, with plain data both ways; the server holds parameters, counts and metrics only,
+    and each client writes and reads its own state file (as a Flower node will)."""
+    from recbole_cmr.federated import Client
+
+    calls = []
+    for name in MESSAGES:
+        def spy(self, *args, _name=name, _method=getattr(Client, name), **kwargs):
+            reply = _method(self, *args, **kwargs)
+            calls.append((_name, args, kwargs, reply))
+            return reply
+        monkeypatch.setattr(Client, name, spy)
+    settings = {**two_markets, **LOCAL_NORM, "checkpoint_dir": str(tmp_path)}
+    server = _server(settings, str(tmp_path / "run.pth"))
+    server.fit(verbose=False)
+    server.evaluate()
+    paths = server.export_best(verbose=False)
+    resumed = _server(settings)
+    resumed.resume_checkpoint(str(tmp_path / "run.pth"))
+    assert {c[0] for c in calls} == set(MESSAGES) - {"keep_local"}  # nothing market-dependent
+    for name, args, kwargs, reply in calls:
+        assert _plain(list(args)) and _plain(kwargs), name
+        assert _plain(reply) or name == "evaluate" and _plain(dict(reply)), name
+    assert sorted(paths) == ["in", "jp"] and all(Path(p).exists() for p in paths.values())
+    for market in ("in", "jp"):
+        assert (tmp_path / "run.clients" / f"{market}.pth").exists()
+        assert resumed.clients[market].best_round == server.best["round"]
+    held = {k: v for k, v in vars(server).items() if k not in ("clients", "config", "strategy", "logger")}
+    assert _plain({k: v for k, v in held.items() if k not in ("rng", "device")})
+    assert set(server.best) == {"round", "global", "personal", "valid"}
 
 
 def test_local_epochs_train_each_market_that_many_epochs_per_round(two_markets, monkeypatch):

@@ -7,13 +7,20 @@ The contract maps one-to-one onto Flower's ``NumPyClient``/``ClientApp``::
 
 Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats) and evaluation
 results leave the client; its interactions (train, valid and test loaders), its non-shared
-parameters and its optimizer state stay here.
+parameters, its optimizer state, its best round's local parameters and its exported model stay
+here. The server sends parameters, round numbers, phase names and file *names* only (the other
+messages: ``parameter_shapes``, ``keep_local``, ``mark_best``, ``restore_best``, ``export``,
+``save_state``, ``load_state``), so the same calls run in-process or under Flower.
 """
+
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from recbole_cmr.federated.strategy import select_shared
+from recbole_cmr.compat import load_checkpoint
+from recbole_cmr.federated.strategy import matching, select_shared
+from recbole_cmr.utils import save_atomic
 
 
 def _detached(state_dict, names):
@@ -35,11 +42,15 @@ class Client:
         local (Sequence[str]): patterns of the parameters kept on the client (``fed_local_params``).
         local_epochs (int): local epochs per round (``fed_local_epochs``).
         show_progress (bool): RecBole's per-epoch progress bars.
+        checkpoint_dir (str, optional): where :meth:`save_state` writes (default: the trainer's
+            ``checkpoint_dir``).
     """
 
     def __init__(self, client_id, trainer, train_data, valid_data=None, test_data=None,
-                 shared=("*",), local=(), local_epochs=1, show_progress=False):
+                 shared=("*",), local=(), local_epochs=1, show_progress=False, checkpoint_dir=None):
         self.client_id = client_id
+        self.checkpoint_dir = Path(checkpoint_dir or trainer.config["checkpoint_dir"] or ".")
+        self.best_round, self.best_local = None, None
         self.trainer = trainer
         self.model = trainer.model
         self.train_data = train_data
@@ -55,6 +66,16 @@ class Client:
         trainer.eval_collector.data_collect(train_data)
         if (trainer.config["train_neg_sample_args"] or {}).get("dynamic", False):
             train_data.get_model(self.model)
+
+    def parameter_shapes(self):
+        """``{name: shape}`` of the shared parameters (the server's market-dependence check)."""
+        state = self.model.state_dict()
+        return {name: tuple(state[name].shape) for name in self.shared_names}
+
+    def unmatched_patterns(self, patterns):
+        """The ``patterns`` that match none of this model's parameters."""
+        names = list(self.model.state_dict())
+        return [p for p in patterns if not matching(names, [p])]
 
     def keep_local(self, names):
         """Stop sharing ``names``: they become local parameters of this client."""
@@ -127,6 +148,58 @@ class Client:
         return self.trainer.evaluate(
             loader, load_best_model=False, show_progress=self.show_progress
         )
+
+    # ---- the best round and the exported model ------------------------------------------------
+    def mark_best(self, round_idx):
+        """Remember round ``round_idx`` as the best: this client's local parameters now (the shared
+        ones are the server's)."""
+        self.best_round, self.best_local = round_idx, self.local_state()
+
+    def restore_best(self, params):
+        """Load the best round: its shared ``params`` (sent by the server) and the local
+        parameters :meth:`mark_best` kept."""
+        self.set_parameters(params)
+        if self.best_local is not None:
+            self.load_local_state(self.best_local)
+
+    def export(self, params, best_valid_score, verbose=True):
+        """Save the best model (:meth:`restore_best` of ``params``) as a plugin checkpoint that
+        ``load_data_and_model`` reads; returns its path."""
+        self.restore_best(params)
+        self.trainer.best_valid_score = best_valid_score
+        self.trainer._save_checkpoint(-1 if self.best_round is None else self.best_round, verbose=verbose)
+        return self.trainer.saved_model_file
+
+    # ---- round checkpoints -------------------------------------------------------------------
+    def state_file(self, name):
+        """This client's round checkpoint for the run checkpoint ``name`` (a file name or path
+        without ``.pth``; relative names resolve in ``checkpoint_dir``)."""
+        return self.checkpoint_dir / f"{name}.clients" / f"{self.client_id}.pth"
+
+    def save_state(self, round_idx, name):
+        """Write what a resumed run needs from this client after round ``round_idx``
+        (:meth:`private_state`, the best round's local parameters) to :meth:`state_file`."""
+        self.state_file(name).parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"kind": "federated-client", "market": self.client_id, "round": round_idx,
+                     "private": self.private_state(), "best_round": self.best_round,
+                     "best_local": self.best_local}, str(self.state_file(name)))
+
+    def load_state(self, name, round_idx, best_only=False):
+        """Restore :meth:`save_state` output of round ``round_idx`` (``best_only``: just the best
+        round's local parameters, to reuse a finished run's federated stage)."""
+        path = self.state_file(name)
+        if not path.exists():
+            raise FileNotFoundError(f"market [{self.client_id}]: no client checkpoint {path} "
+                                    "(it is written beside the run's round checkpoint).")
+        state = load_checkpoint(str(path))
+        if state.get("kind") != "federated-client" or state.get("market") != self.client_id:
+            raise ValueError(f"{path} is not a client checkpoint of market [{self.client_id}].")
+        if state["round"] != round_idx:
+            raise ValueError(f"{path} is at round {state['round']}, the run's checkpoint at round "
+                             f"{round_idx}: they must come from the same run.")
+        if not best_only:
+            self.load_private_state(state["private"])
+        self.best_round, self.best_local = state["best_round"], state["best_local"]
 
     def local_state(self):
         """The parameters that never leave the client, ``{name: tensor}`` (detached copies)."""

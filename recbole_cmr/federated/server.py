@@ -19,7 +19,10 @@ RecBole's own keys keep their meaning, counted in rounds: ``eval_step`` (validat
 ``checkpoint_dir``, ``show_progress`` (a progress bar over rounds) and ``seed``.
 
 The server never sees interactions: from a client it receives named parameter tensors, an int
-count and float metrics (checked in :meth:`FederatedServer._collect`).
+count and float metrics (checked in :meth:`FederatedServer._collect`). It holds the global (and
+personalized) parameters, counts and metrics only; every client keeps its own loaders, local
+parameters, best round and exported model, and writes its own round checkpoint
+(``<run checkpoint>.clients/<market>.pth``) when the server writes the run's.
 """
 
 import random
@@ -159,8 +162,8 @@ class FederatedServer:
         global_params (dict[str, Tensor]): the current global shared parameters.
         personal (dict[str, dict[str, Tensor]]): under a personalized strategy (PF-MSMTrec's),
             each client's own shared parameters (empty otherwise).
-        best (dict): ``round``, ``global``, ``local`` (``{market: local params}``) and ``valid``
-            (``{market: result}``) of the best validated round.
+        best (dict): ``round``, ``global``, ``personal`` and ``valid`` (``{market: result}``) of
+            the best validated round (each client keeps its own local parameters of that round).
         history (list[dict]): one record per round: ``round``, ``markets`` (trained),
             ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
             ``train_time``, ``aggregate_time``, ``valid_time``, ``round_time`` (seconds).
@@ -194,11 +197,9 @@ class FederatedServer:
     def _warn_unmatched_patterns(self, client):
         """A default pattern that matches nothing (FeCoSR's ``*adapter*`` with ``adaptation:
         False``) is only logged; one the user set is an error (``check_user_patterns``)."""
-        names = list(client.model.state_dict())
         for key in ("fed_shared_params", "fed_local_params"):
-            for pattern in setting(self.config, key):
-                if not matching(names, [pattern]):
-                    self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
+            for pattern in client.unmatched_patterns(setting(self.config, key)):
+                self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
 
     def params_for(self, client_id, personal=None, global_params=None):
         """The shared parameters client ``client_id`` starts from: its own under a personalized
@@ -285,9 +286,10 @@ class FederatedServer:
             "round": round_idx,
             "global": {n: t.clone() for n, t in self.global_params.items()},
             "personal": {cid: {n: t.clone() for n, t in p.items()} for cid, p in self.personal.items()},
-            "local": {cid: c.local_state() for cid, c in self.clients.items()},
             "valid": per_market,
         }
+        for client in self.clients.values():
+            client.mark_best(round_idx)
 
     def _log_round(self, record):
         valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
@@ -342,14 +344,23 @@ class FederatedServer:
         self.load_best()
         return self.best_score, self.best_valid
 
+    def best_params_for(self, client_id):
+        """The shared parameters of the best round that client ``client_id`` loads."""
+        return self.params_for(client_id, self.best.get("personal") or {}, self.best["global"])
+
     def load_best(self):
-        """Put the best round's global and local parameters into every client's model."""
+        """Every client loads the best round (the shared parameters sent, its own local ones)."""
         if self.best is None:
             return
         for cid, client in self.clients.items():
-            client.set_parameters(self.params_for(cid, self.best.get("personal") or {},
-                                                  self.best["global"]))
-            client.load_local_state(self.best["local"][cid])
+            client.restore_best(self.best_params_for(cid))
+
+    def export_best(self, verbose=True):
+        """Each client saves its best model as a plugin checkpoint; ``{market: path}``."""
+        self.load_best()
+        return {cid: client.export(self.best_params_for(cid) if self.best else self.params_for(cid),
+                                   self.best_score, verbose)
+                for cid, client in self.clients.items()}
 
     def evaluate(self, phase="test", load_best=True):
         """``{market: RecBole result}`` of every client on its own ``phase`` data.
@@ -362,10 +373,18 @@ class FederatedServer:
         return self._evaluate(phase)
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def client_files_name(self):
+        """What clients name their round checkpoints after: the run's file without ``.pth``."""
+        return str(self.checkpoint_file)[:-4] if str(self.checkpoint_file).endswith(".pth") \
+            else str(self.checkpoint_file)
+
     def save_checkpoint(self, round_idx):
-        """Write the whole federation after ``round_idx`` (loads with ``weights_only=True``)."""
+        """Write the federation after ``round_idx``: each client its own state file, then the
+        server its parameters, strategy, history and RNG (loads with ``weights_only=True``)."""
         if not self.checkpoint_file:
             return
+        for client in self.clients.values():
+            client.save_state(round_idx, self.client_files_name())
         config = self.config
         state = {
             "recbole_cmr": __version__,
@@ -382,7 +401,6 @@ class FederatedServer:
             "history": checkpoint_safe(self.history),
             "global": self.global_params,
             "personal": self.personal,
-            "clients": {cid: c.private_state() for cid, c in self.clients.items()},
             "strategy": self.strategy.state_dict(),
             "rng": get_rng_states(self.rng),
         }
@@ -425,10 +443,16 @@ class FederatedServer:
                          for cid, p in (best.get("personal") or {}).items()}
         self.start_round, self.stopped = checkpoint["round"] + 1, True
         self.checkpoint_file = str(pretrained_file)
+        self._load_client_states(checkpoint, best_only=True)
         self.logger.info(
             f"Federated stage taken from round {best['round']} of [{pretrained_file}]; "
             "no rounds are trained."
         )
+
+    def _load_client_states(self, checkpoint, best_only=False):
+        """Every client restores its state of the checkpoint's round from its own file."""
+        for client in self.clients.values():
+            client.load_state(self.client_files_name(), checkpoint["round"], best_only)
 
     def resume_checkpoint(self, resume_file):
         """Continue after the last finished round of a :meth:`save_checkpoint` file."""
@@ -444,8 +468,8 @@ class FederatedServer:
         self.history = checkpoint["history"]
         self.global_params = checkpoint["global"]
         self.personal = checkpoint.get("personal") or {}
+        self._load_client_states(checkpoint)
         for cid, client in self.clients.items():
-            client.load_private_state(checkpoint["clients"][cid])
             client.set_parameters(self.params_for(cid))
         self.strategy.load_state_dict(checkpoint.get("strategy") or {"state": {}})
         set_rng_states(checkpoint["rng"], self.rng)
@@ -459,9 +483,9 @@ def market_dependent(clients):
     embeddings of a general model (one row per user of the market)."""
     shapes = {}
     for client in clients:
-        for name, tensor in client.model.state_dict().items():
-            shapes.setdefault(name, set()).add(tuple(tensor.shape))
-    return [n for n in clients[0].shared_names if len(shapes[n]) > 1]
+        for name, shape in client.parameter_shapes().items():
+            shapes.setdefault(name, set()).add(shape)
+    return [n for n in shapes if len(shapes[n]) > 1]
 
 
 def keep_market_dependent_local(config, clients):
@@ -472,9 +496,9 @@ def keep_market_dependent_local(config, clients):
     if not private:
         return
     for pattern in setting(config, "fed_shared_params"):
-        named = matching(list(clients[0].model.state_dict()), [pattern])
+        named = matching(list(clients[0].parameter_shapes()), [pattern])
         if named and set(named) <= set(private):
-            shapes = {c.client_id: tuple(c.model.state_dict()[named[0]].shape) for c in clients}
+            shapes = {c.client_id: c.parameter_shapes()[named[0]] for c in clients}
             raise ValueError(
                 f'fed_shared_params: pattern "{pattern}" names {named}, whose shape differs '
                 f"between markets ({named[0]}: {shapes}); such parameters cannot be averaged. "
@@ -515,19 +539,13 @@ def build_clients(config, train, valid, test=None, verbose=False):
 
 
 def export_best(server, verbose=True):
-    """Save each market's best model as a plugin checkpoint ``load_data_and_model`` reads.
+    """Save each market's best model as a plugin checkpoint ``load_data_and_model`` reads
+    (:meth:`FederatedServer.export_best`).
 
     Returns:
         dict[str, str]: ``{market: checkpoint path}``.
     """
-    server.load_best()
-    best_round = server.best["round"] if server.best else -1
-    paths = {}
-    for cid, client in server.clients.items():
-        client.trainer.best_valid_score = server.best_score
-        client.trainer._save_checkpoint(best_round, verbose=verbose)
-        paths[cid] = client.trainer.saved_model_file
-    return paths
+    return server.export_best(verbose)
 
 
 def round_summary(server):
