@@ -149,10 +149,11 @@ NOT_PROTOCOL = ("data_path", "checkpoint_dir", "text_cache_dir", *NOT_ROUNDS)
 # Local 2: train_mode local is plain RecBole (each market its own item ids; before, every market
 # trained its softmax over the shared item table).
 # FedAvg-SASRec / FeCoSR* 2: federated rounds at client learning rate 0.003 (eta_l, the tuned
-# yaml default; before: 0.001).
+# yaml default; before: 0.001). 3: each market seeds its own rounds and fine-tuning
+# (Client.seed_for), so a market's numbers do not depend on the markets trained before it.
 FEDERATED = ["FedAvg-SASRec", "FeCoSR", "FeCoSR-noS2CE", "FeCoSR-noAdapt", "FeCoSR+MS",
              "FedAvg-SASRec+MS", "FeCoSR+keep", "FeCoSR-noS2CE+keep"]
-REVISIONS = {"Local": 2, **dict.fromkeys(FEDERATED, 2)}
+REVISIONS = {"Local": 2, **dict.fromkeys(FEDERATED, 3)}
 
 
 def stale_keys(record):

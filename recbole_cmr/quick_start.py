@@ -25,6 +25,7 @@ from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.federated import train_federated
+from recbole_cmr.federated.client import client_seed
 from recbole_cmr.results import format_table, init_run_logger, results_frame, save_results
 from recbole_cmr.trainer import finetune_trainer, keep_pretrained, macro_average, new_market_trainer
 from recbole_cmr.utils import get_model, get_trainer
@@ -65,11 +66,15 @@ def _train_local(config, train, valid, test, saved, verbose, info=None):
     return per_market
 
 
-def _finetune_local(config, models, train, valid, test, saved, verbose):
-    """Fine-tune each market's pretrained model on that market (see ``finetune_trainer``)."""
+def _finetune_local(config, models, train, valid, test, saved, verbose, seeded=False):
+    """Fine-tune each market's pretrained model on that market (see ``finetune_trainer``);
+    ``seeded``: each market from its own seed (``client_seed``), as a federated client would on
+    its own machine."""
     per_market = {}
     for market, model in models.items():
         _log_market(market, "fine-tuning ")
+        if seeded:
+            init_seed(client_seed(config["seed"], market, "finetune"), config["reproducibility"])
         trainer = finetune_trainer(config, model, f"{market}-finetuned", [market])
         keep = config["finetune_keep_pretrained"]
         before = keep_pretrained(trainer, valid[market], saved, config["show_progress"]) if keep else None
@@ -94,7 +99,7 @@ def _train_federated(config, train, valid, test, saved, verbose, info=None):
         info["federated_rounds"] = rounds
     if not config["finetune"]:
         return federated
-    per_market = _finetune_local(config, models, train, valid, test, saved, verbose)
+    per_market = _finetune_local(config, models, train, valid, test, saved, verbose, seeded=True)
     for market, result in per_market.items():
         result["federated"] = federated[market]
     return per_market

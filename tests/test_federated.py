@@ -261,6 +261,23 @@ def test_every_server_call_to_a_client_is_a_message_of_plain_data(two_markets, t
     assert set(server.best) == {"round", "global", "personal", "valid"}
 
 
+def test_a_clients_round_does_not_depend_on_what_ran_before_it(two_markets):
+    """Each client seeds its own round (``Client.seed_for``): its update is the same whichever
+    clients trained before it in the process, as on its own machine under Flower."""
+    def update_of_in(order):
+        config, train, valid, test = _data({**two_markets, **LOCAL_NORM})
+        clients = {c.client_id: c for c in build_clients(config, train, valid, test)}
+        start = clients["in"].get_parameters()
+        updates = {}
+        for cid in order:
+            torch.rand(7)  # anything else drawing random numbers in between
+            updates[cid] = clients[cid].fit(start, 1)[0]
+        return updates["in"]
+
+    first, after_jp = update_of_in(["in", "jp"]), update_of_in(["jp", "in"])
+    assert all(torch.equal(first[n], after_jp[n]) for n in first)
+
+
 def test_local_epochs_train_each_market_that_many_epochs_per_round(two_markets, monkeypatch):
     server = _server({**two_markets, "fed_local_epochs": 2, "fed_rounds": 2})
     epochs = {"in": [], "jp": []}

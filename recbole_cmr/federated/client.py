@@ -13,14 +13,21 @@ messages: ``parameter_shapes``, ``keep_local``, ``mark_best``, ``restore_best``,
 ``save_state``, ``load_state``), so the same calls run in-process or under Flower.
 """
 
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+from recbole.utils import init_seed
 
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.federated.strategy import matching, select_shared
 from recbole_cmr.utils import save_atomic
+
+
+def client_seed(seed, client_id, stage):
+    """A 31-bit seed for client ``client_id`` at ``stage``, derived from the run's ``seed``."""
+    return zlib.crc32(f"{seed}/{client_id}/{stage}".encode()) & 0x7FFFFFFF
 
 
 def _detached(state_dict, names):
@@ -112,6 +119,7 @@ class Client:
             the mean over local epochs of RecBole's epoch loss (the sum of the batch losses).
         """
         self.set_parameters(global_params)
+        self.seed_for(round)
         mu = float((config or {}).get("proximal_mu", 0.0))
         loss_func = self.proximal_loss(global_params, mu) if mu > 0 else None
         losses = []
@@ -122,6 +130,14 @@ class Client:
             )
             losses.append(sum(loss) if isinstance(loss, tuple) else loss)
         return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses))}
+
+    def seed_for(self, stage):
+        """Seed python, numpy and torch for this client's ``stage`` (a round number or a name such
+        as ``"finetune"``) from the run's ``seed``: a client's training then depends on its own
+        data and the parameters it gets, not on which clients trained before it in the same
+        process, so it gives the same numbers in-process and in its own process (Flower)."""
+        init_seed(client_seed(self.trainer.config["seed"], self.client_id, stage),
+                  self.trainer.config["reproducibility"])
 
     def proximal_loss(self, global_params, mu):
         """The model's loss plus FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the shared

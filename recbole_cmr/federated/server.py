@@ -186,19 +186,27 @@ class FederatedServer:
         self.checkpoint_file = checkpoint_file
         self.rng = random.Random(config["seed"])
         self.logger = getLogger()
-        self.global_params = clients[0].get_parameters()
+        first = clients[0].client_id
+        self.global_params = self.call_each("get_parameters", {first: ()})[first]
         self.personal = {}  # {client_id: params} once a personalized strategy has aggregated
         self.shared_names = list(self.global_params)
-        self._warn_unmatched_patterns(clients[0])
+        self._warn_unmatched_patterns(first)
         self.start_round, self.cur_step, self.stopped = 0, 0, False
         self.best_score = -np.inf if self.bigger else np.inf
         self.best, self.history = None, []
 
-    def _warn_unmatched_patterns(self, client):
+    def call_each(self, method, args):
+        """``{client_id: client.<method>(*args[client_id])}``: the one place the server talks to
+        its clients, with plain data both ways (in-process: in turn; a transport such as
+        Flower's overrides it to send the messages at once and gather the replies)."""
+        return {cid: getattr(self.clients[cid], method)(*a) for cid, a in args.items()}
+
+    def _warn_unmatched_patterns(self, client_id):
         """A default pattern that matches nothing (FeCoSR's ``*adapter*`` with ``adaptation:
         False``) is only logged; one the user set is an error (``check_user_patterns``)."""
         for key in ("fed_shared_params", "fed_local_params"):
-            for pattern in client.unmatched_patterns(setting(self.config, key)):
+            patterns = setting(self.config, key)
+            for pattern in self.call_each("unmatched_patterns", {client_id: (patterns,)})[client_id]:
                 self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
 
     def params_for(self, client_id, personal=None, global_params=None):
@@ -236,10 +244,10 @@ class FederatedServer:
         starts = {cid: self.params_for(cid) for cid in selected}
         personalized = getattr(self.strategy, "personalized", False)
         self.strategy.configure_round(round_idx, starts if personalized else self.global_params)
+        instructions = self.strategy.client_config(round_idx)
+        replies = self.call_each("fit", {cid: (starts[cid], round_idx, instructions) for cid in selected})
         for client_id in selected:
-            reply = self.clients[client_id].fit(starts[client_id], round_idx,
-                                                self.strategy.client_config(round_idx))
-            client_id, update, num_examples, metrics = self._collect(client_id, *reply)
+            client_id, update, num_examples, metrics = self._collect(client_id, *replies[client_id])
             results.append((client_id, update, num_examples))
             losses.append(metrics.get("loss", np.nan))
             bytes_up += nbytes(update)
@@ -265,8 +273,8 @@ class FederatedServer:
     def _evaluate(self, phase, personal=None, global_params=None):
         """``{market: result}``: each client evaluates its shared parameters (:meth:`params_for`)
         + its own local parameters on its own ``phase`` data (the server never holds a loader)."""
-        return {cid: client.evaluate(self.params_for(cid, personal, global_params), phase)
-                for cid, client in self.clients.items()}
+        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase)
+                                           for cid in self.clients})
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
@@ -288,8 +296,7 @@ class FederatedServer:
             "personal": {cid: {n: t.clone() for n, t in p.items()} for cid, p in self.personal.items()},
             "valid": per_market,
         }
-        for client in self.clients.values():
-            client.mark_best(round_idx)
+        self.call_each("mark_best", {cid: (round_idx,) for cid in self.clients})
 
     def _log_round(self, record):
         valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
@@ -352,15 +359,14 @@ class FederatedServer:
         """Every client loads the best round (the shared parameters sent, its own local ones)."""
         if self.best is None:
             return
-        for cid, client in self.clients.items():
-            client.restore_best(self.best_params_for(cid))
+        self.call_each("restore_best", {cid: (self.best_params_for(cid),) for cid in self.clients})
 
     def export_best(self, verbose=True):
         """Each client saves its best model as a plugin checkpoint; ``{market: path}``."""
         self.load_best()
-        return {cid: client.export(self.best_params_for(cid) if self.best else self.params_for(cid),
-                                   self.best_score, verbose)
-                for cid, client in self.clients.items()}
+        return self.call_each("export", {
+            cid: (self.best_params_for(cid) if self.best else self.params_for(cid),
+                  float(self.best_score), verbose) for cid in self.clients})
 
     def evaluate(self, phase="test", load_best=True):
         """``{market: RecBole result}`` of every client on its own ``phase`` data.
@@ -383,8 +389,7 @@ class FederatedServer:
         server its parameters, strategy, history and RNG (loads with ``weights_only=True``)."""
         if not self.checkpoint_file:
             return
-        for client in self.clients.values():
-            client.save_state(round_idx, self.client_files_name())
+        self.call_each("save_state", {cid: (round_idx, self.client_files_name()) for cid in self.clients})
         config = self.config
         state = {
             "recbole_cmr": __version__,
@@ -451,8 +456,8 @@ class FederatedServer:
 
     def _load_client_states(self, checkpoint, best_only=False):
         """Every client restores its state of the checkpoint's round from its own file."""
-        for client in self.clients.values():
-            client.load_state(self.client_files_name(), checkpoint["round"], best_only)
+        self.call_each("load_state", {cid: (self.client_files_name(), checkpoint["round"], best_only)
+                                      for cid in self.clients})
 
     def resume_checkpoint(self, resume_file):
         """Continue after the last finished round of a :meth:`save_checkpoint` file."""
@@ -469,8 +474,7 @@ class FederatedServer:
         self.global_params = checkpoint["global"]
         self.personal = checkpoint.get("personal") or {}
         self._load_client_states(checkpoint)
-        for cid, client in self.clients.items():
-            client.set_parameters(self.params_for(cid))
+        self.call_each("set_parameters", {cid: (self.params_for(cid),) for cid in self.clients})
         self.strategy.load_state_dict(checkpoint.get("strategy") or {"state": {}})
         set_rng_states(checkpoint["rng"], self.rng)
         self.logger.info(
@@ -478,27 +482,28 @@ class FederatedServer:
         )
 
 
-def market_dependent(clients):
-    """Names of the shared parameters whose shape differs between clients, e.g. the user
-    embeddings of a general model (one row per user of the market)."""
-    shapes = {}
-    for client in clients:
-        for name, shape in client.parameter_shapes().items():
-            shapes.setdefault(name, set()).add(shape)
-    return [n for n in shapes if len(shapes[n]) > 1]
+def market_dependent(shapes):
+    """Names of the shared parameters whose shape differs between clients (``shapes``:
+    ``{client_id: {name: shape}}``), e.g. the user embeddings of a general model (one row per
+    user of the market)."""
+    seen = {}
+    for own in shapes.values():
+        for name, shape in own.items():
+            seen.setdefault(name, set()).add(tuple(shape))
+    return [n for n in seen if len(seen[n]) > 1]
 
 
-def keep_market_dependent_local(config, clients):
-    """Parameters whose shape depends on the market cannot be averaged: they stay on each
-    client (logged once). A ``fed_shared_params`` pattern that names only such parameters is
-    an error."""
-    private = market_dependent(clients)
+def market_dependent_local(config, shapes):
+    """The shared parameters that must stay local because their shape depends on the market
+    (``shapes``: ``{client_id: {name: shape}}``, logged once); a ``fed_shared_params`` pattern
+    that names only such parameters is an error."""
+    private = market_dependent(shapes)
     if not private:
-        return
+        return []
     for pattern in setting(config, "fed_shared_params"):
-        named = matching(list(clients[0].parameter_shapes()), [pattern])
+        named = matching(list(next(iter(shapes.values()))), [pattern])
         if named and set(named) <= set(private):
-            shapes = {c.client_id: c.parameter_shapes()[named[0]] for c in clients}
+            shapes = {cid: tuple(own[named[0]]) for cid, own in shapes.items()}
             raise ValueError(
                 f'fed_shared_params: pattern "{pattern}" names {named}, whose shape differs '
                 f"between markets ({named[0]}: {shapes}); such parameters cannot be averaged. "
@@ -506,7 +511,13 @@ def keep_market_dependent_local(config, clients):
             )
     getLogger().info(set_color("Parameters kept local, their shape differs between markets", "blue")
                      + f": {private}")
-    for client in clients:
+    return private
+
+
+def keep_market_dependent_local(config, clients):
+    """In-process clients keep :func:`market_dependent_local` parameters local."""
+    private = market_dependent_local(config, {c.client_id: c.parameter_shapes() for c in clients})
+    for client in clients if private else []:
         client.keep_local(private)
 
 
