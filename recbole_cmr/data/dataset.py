@@ -21,7 +21,7 @@ import pandas as pd
 from recbole.data.dataset import Dataset, SequentialDataset
 from recbole.utils import FeatureSource, FeatureType, ModelType, set_color
 
-from recbole_cmr.data import entity
+from recbole_cmr.data import entity, vocabulary
 
 PAD = "[PAD]"
 
@@ -407,6 +407,8 @@ class MultiMarketDataset:
         iid = config["ITEM_ID_FIELD"]
         if self.shared_ids:
             self._share_vocabularies()
+            if config["item_vocabulary"]:
+                self._use_item_vocabulary(config["item_vocabulary"])
         self.item_tokens, _ = _global_vocabulary(
             [ds.field2id_token[iid] for ds in self.market_datasets.values()])
         self.item_token_id = {t: i for i, t in enumerate(self.item_tokens)} if self.shared_ids else None
@@ -481,6 +483,25 @@ class MultiMarketDataset:
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
                     for m, ds in having.items()
                 })
+
+    def _use_item_vocabulary(self, name):
+        """Give the item field the ids of the ``item_vocabulary`` file (token ``i`` of the file is
+        id ``i + 1``) in every market; an item the file lacks is an error naming it."""
+        path = vocabulary.vocabulary_path(self.config, name)
+        tokens = np.array([PAD] + vocabulary.read_item_vocabulary(path), dtype=object)
+        token_id = {t: i for i, t in enumerate(tokens)}
+        iid = self.config["ITEM_ID_FIELD"]
+        for market, ds in self.market_datasets.items():
+            local = ds.field2id_token[iid]
+            missing = [str(local[i]) for i in ds.item_ids if local[i] not in token_id]
+            if missing:
+                raise ValueError(
+                    f"item_vocabulary {path} lacks {len(missing)} item(s) of market [{market}] "
+                    f"({', '.join(market_inter_files(self.config, market))}), e.g. {missing[:3]}: "
+                    "every market must use the vocabulary its federation agreed on (rewrite it "
+                    "with python -m recbole_cmr.data.vocabulary over all markets).")
+            lut = np.array([token_id.get(t, 0) for t in local], dtype=np.int64)
+            ds.remap_to_global(iid, lut, tokens, token_id)
 
     def _private_fields(self):
         """The user id and ``market_private_fields`` (checked: token fields of every market)."""
