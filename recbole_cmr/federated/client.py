@@ -197,8 +197,20 @@ class Client:
         (:meth:`private_state`, the best round's local parameters) to :meth:`state_file`."""
         self.state_file(name).parent.mkdir(parents=True, exist_ok=True)
         save_atomic({"kind": "federated-client", "market": self.client_id, "round": round_idx,
-                     "private": self.private_state(), "best_round": self.best_round,
-                     "best_local": self.best_local}, str(self.state_file(name)))
+                     **self.session_state()}, str(self.state_file(name)))
+
+    def session_state(self):
+        """What this client must keep between two messages when each runs in a fresh process
+        (Flower's ClientApp): :meth:`private_state`, the best round and the shared names."""
+        return {"private": self.private_state(), "best_round": self.best_round,
+                "best_local": self.best_local, "shared_names": list(self.shared_names)}
+
+    def load_session_state(self, state):
+        """Restore :meth:`session_state` output into a freshly built client of this market."""
+        shared = set(state["shared_names"])
+        self.keep_local([n for n in self.shared_names if n not in shared])
+        self.load_private_state(state["private"])
+        self.best_round, self.best_local = state["best_round"], state["best_local"]
 
     def load_state(self, name, round_idx, best_only=False):
         """Restore :meth:`save_state` output of round ``round_idx`` (``best_only``: just the best

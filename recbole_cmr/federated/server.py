@@ -189,6 +189,11 @@ class FederatedServer:
         first = clients[0].client_id
         self.global_params = self.call_each("get_parameters", {first: ()})[first]
         self.personal = {}  # {client_id: params} once a personalized strategy has aggregated
+        private = market_dependent_local(config, self.call_each(
+            "parameter_shapes", {cid: () for cid in self.clients}))
+        if private:  # clients that build_clients did not set up (e.g. remote ones)
+            self.call_each("keep_local", {cid: (private,) for cid in self.clients})
+            self.global_params = {n: t for n, t in self.global_params.items() if n not in private}
         self.shared_names = list(self.global_params)
         self._warn_unmatched_patterns(first)
         self.start_round, self.cur_step, self.stopped = 0, 0, False
@@ -530,23 +535,26 @@ def build_clients(config, train, valid, test=None, verbose=False):
         train, valid, test (dict[str, DataLoader]): ``{market: loader}`` from ``data_preparation``
             (``test`` optional: without it the clients cannot be tested).
     """
-    clients = []
-    for market in train:
-        model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
-        if verbose and not clients:
-            getLogger().info(model)
-        local = [*setting(config, "fed_local_params"), *getattr(model, "federated_local_params", [])]
-        clients.append(Client(
-            market, trainer, train[market], valid[market], (test or {}).get(market),
-            shared=setting(config, "fed_shared_params"), local=local,
-            local_epochs=setting(config, "fed_local_epochs"),
-        ))
+    clients = [make_client(config, market, train[market], valid[market], (test or {}).get(market),
+                           verbose=verbose and i == 0) for i, market in enumerate(train)]
     keep_market_dependent_local(config, clients)
-    if config["eta_l"] is not None:  # Flower's name for the client learning rate
-        for client in clients:
-            for group in client.trainer.optimizer.param_groups:
-                group["lr"] = float(config["eta_l"])
     return clients
+
+
+def make_client(config, market, train_data, valid_data=None, test_data=None, verbose=False):
+    """One market's :class:`Client`: its own model (built from the run's seed, so every market
+    starts from the same weights) and RecBole trainer, at client learning rate ``eta_l``."""
+    model, trainer = new_market_trainer(config, train_data._dataset, market, [market])
+    if verbose:
+        getLogger().info(model)
+    local = [*setting(config, "fed_local_params"), *getattr(model, "federated_local_params", [])]
+    client = Client(market, trainer, train_data, valid_data, test_data,
+                    shared=setting(config, "fed_shared_params"), local=local,
+                    local_epochs=setting(config, "fed_local_epochs"))
+    if config["eta_l"] is not None:  # Flower's name for the client learning rate
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = float(config["eta_l"])
+    return client
 
 
 def export_best(server, verbose=True):

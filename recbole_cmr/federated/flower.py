@@ -1,0 +1,299 @@
+"""Federated training on Flower's deployment runtime (``pip install ".[flower]"``, flwr 1.41).
+
+A Flower App around the package's own objects, with no second copy of the round logic:
+
+* the **ServerApp** runs :class:`~recbole_cmr.federated.server.FederatedServer` itself; only its
+  ``call_each`` (every server -> client call) is replaced by Flower messages to the SuperNodes
+  (:class:`FlowerServer`). It loads no interaction file: it holds parameters, counts and metrics.
+* the **ClientApp** turns each message into a call of a
+  :class:`~recbole_cmr.federated.client.Client` of the node's own market, built from that
+  market's files only (node config ``market``, ``data-path``) with the dataset's shared item
+  vocabulary (``item_vocabulary``). Flower starts a fresh process per message, so the client's
+  state between messages (optimizer, local parameters, loader RNG, best round) lives in
+  ``<checkpoint_dir>/flower-<run id>.clients/<market>.pth`` on the node.
+
+Messages: ``train`` (``Client.fit``), ``evaluate`` (``Client.evaluate``) and ``query.call`` (any
+other client message, e.g. ``mark_best``, ``export``, ``finetune``); arguments and replies are
+named tensors (``ArrayRecord``) and JSON (``ConfigRecord``).
+
+Run it with ``python -m recbole_cmr.flower`` (one machine) or by hand (README).
+"""
+
+import json
+import os
+import time
+from logging import getLogger
+
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+except ImportError as err:  # pragma: no cover - exercised without the extra
+    raise ImportError("Flower is not installed: pip install '.[flower]' (flwr==1.41.0).") from err
+
+import numpy as np
+import torch
+
+TENSORS = "__tensors__"
+
+
+# ---- codec: plain data <-> RecordDict --------------------------------------------------------
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
+
+
+def _is_tensors(value):
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def encode(values, **plain):
+    """A ``RecordDict`` of the list ``values`` (each a ``{name: tensor}`` dict, sent as an
+    ``ArrayRecord``, or JSON-able data) and the JSON-able keywords ``plain``."""
+    records, items = {}, []
+    for i, value in enumerate(values):
+        if _is_tensors(value):
+            records[f"a{i}"] = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in value.items()})
+            items.append({TENSORS: f"a{i}"})
+        else:
+            items.append(_jsonable(value))
+    records["plain"] = ConfigRecord({"json": json.dumps({"values": items, **_jsonable(plain)})})
+    return RecordDict(records)
+
+
+def decode(content):
+    """``(values, plain)`` of an :func:`encode` ``RecordDict``."""
+    plain = json.loads(content["plain"]["json"])
+    values = [content[v[TENSORS]].to_torch_state_dict() if isinstance(v, dict) and TENSORS in v else v
+              for v in plain.pop("values")]
+    return values, plain
+
+
+def encode_reply(reply):
+    """A client method's reply as a ``RecordDict`` (a tuple stays a tuple)."""
+    if isinstance(reply, tuple):
+        return encode(list(reply), tuple=True)
+    return encode([reply], tuple=False)
+
+
+def decode_reply(content):
+    values, plain = decode(content)
+    return tuple(values) if plain["tuple"] else values[0]
+
+
+MESSAGE_TYPES = {"fit": "train", "evaluate": "evaluate"}
+
+
+# ---- the server side -------------------------------------------------------------------------
+class RemoteClient:
+    """Stands for a market's client on a SuperNode: the server knows its name and node only."""
+
+    def __init__(self, client_id, node_id):
+        self.client_id, self.node_id = client_id, node_id
+
+
+def call_nodes(grid, nodes, method, args, timeout=None):
+    """``{market: reply}`` of ``Client.<method>(*args[market])`` on each market's node (``nodes``:
+    ``{market: node id}``), the messages sent at once; a node's error is raised naming it."""
+    messages = [Message(encode(list(a), method=method), dst_node_id=nodes[cid],
+                        message_type=MESSAGE_TYPES.get(method, "query.call"))
+                for cid, a in args.items()]
+    by_node = {node: cid for cid, node in nodes.items()}
+    replies = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        market = by_node[reply.metadata.src_node_id]
+        if reply.has_error():
+            raise RuntimeError(f"market [{market}] (node {reply.metadata.src_node_id}) failed "
+                               f"in {method}: {reply.error.reason}")
+        replies[market] = decode_reply(reply.content)
+    missing = [cid for cid in args if cid not in replies]
+    if missing:
+        raise TimeoutError(f"no reply to {method} from markets {missing} within {timeout} s.")
+    return {cid: replies[cid] for cid in args}
+
+
+def _flower_server_class():
+    from recbole_cmr.federated.server import FederatedServer
+
+    class FlowerServer(FederatedServer):
+        """:class:`FederatedServer` whose clients are SuperNodes: ``call_each`` sends messages."""
+
+        def __init__(self, config, grid, nodes, timeout=None, **kwargs):
+            self.grid, self.nodes, self.timeout = grid, dict(nodes), timeout
+            super().__init__(config, [RemoteClient(m, n) for m, n in nodes.items()], **kwargs)
+
+        def call_each(self, method, args):
+            return call_nodes(self.grid, self.nodes, method, args, self.timeout)
+
+        def client_files_name(self):
+            """Nodes keep their round state in their own ``checkpoint_dir``: a file name only."""
+            return os.path.basename(super().client_files_name())
+
+    return FlowerServer
+
+
+def wait_for_nodes(grid, markets, timeout):
+    """``{market: node id}`` once a node of every market in ``markets`` has connected; every node
+    must report the same item-vocabulary digest (else a clear error)."""
+    start, nodes = time.time(), []
+    while time.time() - start < timeout:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= len(markets):
+            break
+        time.sleep(0.5)
+    if len(nodes) < len(markets):
+        raise TimeoutError(f"{len(nodes)} of {len(markets)} SuperNodes connected within {timeout} s.")
+    described = call_nodes(grid, {n: n for n in nodes}, "describe", {n: () for n in nodes}, timeout)
+    by_market = {d["market"]: n for n, d in described.items()}
+    unknown = sorted(set(by_market) - set(markets))
+    if unknown or len(by_market) < len(nodes):
+        raise ValueError(f"SuperNodes serve markets {sorted(d['market'] for d in described.values())}; "
+                         f"this run expects one node for each of {markets}.")
+    digests = {d["market"]: d["vocabulary"] for d in described.values()}
+    if len(set(digests.values())) > 1:
+        raise ValueError(f"the markets' item vocabularies differ (sha256 per market: {digests}): every "
+                         "node must load the vocabulary file the federation agreed on.")
+    return {m: by_market[m] for m in markets}
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    """Federated rounds (the in-process round logic), each node's fine-tuning, results files."""
+    from recbole_cmr.federated.server import round_summary
+    from recbole_cmr.quick_start import _report, _summarise
+    from recbole_cmr.results import init_run_logger
+    from recbole_cmr.trainer import checkpoint_file
+
+    config, markets = server_config(context.run_config)
+    log_path = init_run_logger(config)
+    quiet_transport_logs()
+    timeout = float(context.run_config.get("node-timeout", 600))
+    nodes = wait_for_nodes(grid, markets, timeout)
+    getLogger().info(f"SuperNodes: {nodes}")
+    server = _flower_server_class()(config, grid, nodes, timeout=timeout,
+                                    checkpoint_file=checkpoint_file(config, "federated"))
+    if config["fed_resume"]:
+        server.resume_checkpoint(config["fed_resume"])
+    server.fit(verbose=True)
+    tests = server.evaluate("test")
+    checkpoints = server.export_best(verbose=True)
+    best_valid = server.best_valid or {}
+    per_market = {m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints[m]}
+                  for m in markets}
+    if config["finetune"]:
+        tuned = server.call_each("finetune", {m: (server.best_params_for(m),) for m in markets})
+        per_market = {m: {**tuned[m], "federated": per_market[m]} for m in markets}
+    result = {**_summarise(config, per_market), "federated_rounds": round_summary(server)}
+    _report(config, result, log_path)
+    out = json.loads(context.run_config["settings"]).get("result_file")
+    if out:  # the launcher's handle on the run's outcome
+        with open(f"{out}.tmp", "w") as f:
+            json.dump(_jsonable(result), f)
+        os.replace(f"{out}.tmp", out)
+
+
+def quiet_transport_logs():
+    """RecBole sets the root logger to INFO; keep Flower's HTTP client from logging each request."""
+    import logging
+
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def server_config(run_config):
+    """``(Config, markets)`` of the run from the App's run config (``settings``: JSON of
+    ``model``, ``dataset``, ``markets`` and the ``config_dict``)."""
+    from recbole_cmr.config import Config
+
+    settings = json.loads(run_config["settings"])
+    config = Config(model=settings["model"], dataset=settings["dataset"],
+                    config_dict={**settings["config_dict"], "train_mode": "federated"})
+    return config, list(settings["markets"])
+
+
+# ---- the node side ---------------------------------------------------------------------------
+client_app = ClientApp()
+
+
+def node_client(run_config, node_config):
+    """``(config, client, session file)``: the node's market, built from its own files only."""
+    from recbole.utils import init_seed
+
+    from recbole_cmr.config import Config
+    from recbole_cmr.data import create_dataset, data_preparation
+    from recbole_cmr.federated.server import make_client
+
+    settings = json.loads(run_config["settings"])
+    market = str(node_config["market"])
+    if market not in settings["markets"]:
+        raise ValueError(f"this node serves market [{market}], which is not one of the run's "
+                         f"markets {settings['markets']}.")
+    config = Config(model=settings["model"], dataset=settings["dataset"], config_dict={
+        **settings["config_dict"], "train_mode": "federated", "markets": [market],
+        "data_path": str(node_config["data-path"]), "show_progress": False})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    client = make_client(config, market, train[market], valid[market], test[market])
+    session = os.path.join(config["checkpoint_dir"], f"flower-{settings['run']}.clients", f"{market}.pth")
+    return config, client, dataset, session
+
+
+def _node_call(message, context):
+    from recbole_cmr.compat import load_checkpoint
+    from recbole_cmr.data.vocabulary import vocabulary_digest
+    from recbole_cmr.utils import save_atomic
+
+    args, plain = decode(message.content)
+    method = plain["method"]
+    quiet_transport_logs()
+    config, client, dataset, session = node_client(context.run_config, context.node_config)
+    if os.path.exists(session):
+        client.load_session_state(load_checkpoint(session))
+    if method == "describe":
+        reply = {"market": client.client_id, "vocabulary": vocabulary_digest(dataset.item_tokens)}
+    elif method == "finetune":
+        reply = node_finetune(config, client, *args)
+    else:
+        reply = getattr(client, method)(*args)
+    os.makedirs(os.path.dirname(session), exist_ok=True)
+    save_atomic(client.session_state(), session)
+    return Message(encode_reply(reply), reply_to=message)
+
+
+def node_finetune(config, client, best_params):
+    """The node's local fine-tuning after the rounds, from the best round: ``{valid, test,
+    checkpoint}`` as the in-process fine-tuning stage records them."""
+    from recbole_cmr.quick_start import _finetune_local
+
+    client.restore_best(best_params)
+    market = client.client_id
+    loaders = ({market: client.train_data}, {market: client.valid_data}, {market: client.test_data})
+    result = _finetune_local(config, {market: client.model}, *loaders, saved=True, verbose=False,
+                             seeded=True)[market]
+    return _jsonable(result)
+
+
+@client_app.train()
+def node_train(message: Message, context: Context) -> Message:
+    return _node_call(message, context)
+
+
+@client_app.evaluate()
+def node_evaluate(message: Message, context: Context) -> Message:
+    return _node_call(message, context)
+
+
+@client_app.query("call")
+def node_query(message: Message, context: Context) -> Message:
+    return _node_call(message, context)

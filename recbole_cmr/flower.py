@@ -1,0 +1,209 @@
+"""One-machine Flower deployment of a federated run: a SuperLink, one SuperNode per market, the
+App run with ``flwr run``, everything torn down at the end (success, error or Ctrl-C).
+
+    python -m recbole_cmr.flower --model=FedAvgSASRec --dataset=xmrec-mini --markets de fr --rounds 3
+
+Other ``--key=value`` settings are RecBole's / recbole_cmr's, as for ``run_recbole_cmr.py``. Each
+SuperNode loads only its market's files; the markets' item ids come from the dataset's
+``item_vocabulary`` file (written over the run's markets first when the dataset has none). The
+ServerApp writes the same results files as ``run_recbole_cmr`` (log/, saved/ under the working
+folder). Needs ``pip install ".[flower]"``. For separate machines see README ("Federation on
+Flower").
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+LAST_RUN = {}  # the last deploy()'s work folder and process ids (tests check the tear-down)
+APP_TOML = """[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "recbole-cmr-federation"
+version = "1.0.0"
+description = "recbole_cmr federated run"
+license = "MIT"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "recbole-cmr"
+
+[tool.flwr.app.components]
+serverapp = "recbole_cmr.federated.flower:server_app"
+clientapp = "recbole_cmr.federated.flower:client_app"
+
+[tool.flwr.app.config]
+settings = '''{settings}'''
+node-timeout = {timeout}
+"""
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_port(port):
+    """An error naming ``port`` when something already listens on it."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            raise OSError(f"port {port} on 127.0.0.1 is in use: choose another or stop what holds it.")
+
+
+def run_settings(argv):
+    """``(settings for the App, markets, data folder)`` from the command line."""
+    from recbole_cmr.compat import checkpoint_safe
+    from recbole_cmr.config import Config
+    from recbole_cmr.data.dataset import resolve_markets
+    from recbole_cmr.data.vocabulary import vocabulary_path, write_item_vocabulary
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--markets", nargs="+", default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a node")
+    args, rest = parser.parse_known_args(argv)
+    extra = {"train_mode": "federated", **({"markets": args.markets} if args.markets else {}),
+             **({"fed_rounds": args.rounds} if args.rounds else {})}
+    config = Config(model=args.model, dataset=args.dataset, config_dict=extra, argv=rest)
+    markets = resolve_markets(config)
+    data_root = os.path.dirname(os.path.abspath(config["data_path"]))
+    config_dict = {k: v for k, v in checkpoint_safe(config.external_config_dict).items()
+                   if k not in ("model", "dataset")}
+    config_dict["checkpoint_dir"] = os.path.abspath(config["checkpoint_dir"])
+    if not config["item_vocabulary"]:
+        path = os.path.join(tempfile.mkdtemp(prefix="recbole_cmr_vocab_"), f"{args.dataset}.vocab")
+        write_item_vocabulary(config, path)
+        config_dict["item_vocabulary"] = path
+    else:
+        config_dict["item_vocabulary"] = os.path.abspath(vocabulary_path(config))
+    settings = {"model": config["model"], "dataset": args.dataset, "markets": markets,
+                "config_dict": config_dict, "run": time.strftime("%Y%m%d-%H%M%S")}
+    return settings, markets, data_root, args.timeout
+
+
+class Deployment:
+    """The SuperLink, SuperNodes and ``flwr run`` processes of one local run (a context manager
+    that stops every one of them on exit)."""
+
+    def __init__(self, workdir):
+        self.workdir = Path(workdir)
+        self.processes = []
+        self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.workdir / "flwr-home"),
+                    "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+
+    def start(self, name, command, log=True):
+        out = open(self.workdir / f"{name}.log", "w") if log else None
+        proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT if log else None,
+                                start_new_session=True)
+        self.processes.append((name, proc))
+        LAST_RUN.setdefault("pids", []).append(proc.pid)
+        return proc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def stop(self):
+        """Stop every process group (SIGTERM, then SIGKILL after 10 s)."""
+        for _, proc in self.processes:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 10
+        for _, proc in self.processes:
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+
+
+def write_app(folder, settings, timeout):
+    """The Flower App folder (``pyproject.toml`` naming recbole_cmr's ServerApp and ClientApp)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(APP_TOML.format(settings=json.dumps(settings), timeout=timeout))
+
+
+def deploy(argv=None):
+    """Run one federated training on a local Flower deployment; returns the run's result dict."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError:
+        raise SystemExit("Flower is not installed: pip install '.[flower]' (flwr==1.41.0).") from None
+    settings, markets, data_root, timeout = run_settings(argv)
+    work = Path(tempfile.mkdtemp(prefix="recbole_cmr_flower_"))
+    result_file = work / "result.json"
+    settings["result_file"] = str(result_file)
+    link, nodes = free_port(), [free_port() for _ in markets]
+    for port in (link, *nodes):
+        check_port(port)
+    (work / "flwr-home").mkdir()
+    (work / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    write_app(work / "app", settings, timeout)
+    LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[])
+    with Deployment(work) as deployment:
+        deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                                       "--port", str(link), "--database", str(work / "state.db")])
+        wait_listening(link, deployment, "superlink")
+        for market, port in zip(markets, nodes):
+            deployment.start(f"supernode-{market}", [
+                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
+                "--node-config", f"market='{market}' data-path='{data_root}'"])
+        run = deployment.start("flwr-run", ["flwr", "run", str(work / "app"), "local", "--stream"], log=False)
+        while run.poll() is None and not result_file.exists():
+            time.sleep(1)
+        if not result_file.exists():
+            run.wait()
+            for _ in range(30):  # the ServerApp may still be writing
+                if result_file.exists():
+                    break
+                time.sleep(1)
+    if not result_file.exists():
+        raise RuntimeError(f"the Flower run ended without results; logs in {work}")
+    return json.loads(result_file.read_text())
+
+
+def wait_listening(port, deployment, name, timeout=60):
+    """Wait until something listens on ``port`` (the process ``name`` must stay alive)."""
+    start = time.time()
+    while time.time() - start < timeout:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if any(n == name and p.poll() is not None for n, p in deployment.processes):
+            raise RuntimeError(f"{name} exited; see {deployment.workdir / (name + '.log')}")
+        time.sleep(0.3)
+    raise TimeoutError(f"{name} is not listening on port {port} after {timeout} s.")
+
+
+def main(argv=None):
+    result = deploy(argv)
+    print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

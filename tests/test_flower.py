@@ -1,0 +1,120 @@
+"""Federation on Flower's deployment runtime (flwr 1.41, the ``flower`` extra): a local SuperLink
+and one SuperNode per market give exactly the in-process numbers; nothing is left running."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flwr  # noqa: F401  (CI installs ".[test,flower]": its absence must fail, not skip)
+from recbole_cmr import run_recbole_cmr
+from recbole_cmr import flower as launcher
+from recbole_cmr.federated import flower
+
+SMALL = ["--hidden_size=32", "--inner_size=64", "--n_layers=1", "--MAX_ITEM_LIST_LENGTH=10",
+         "--train_batch_size=512", "--state=INFO", "--show_progress=False"]
+
+
+def _settings(argv):
+    """``{key: value}`` of ``--key=value`` strings (values as Python literals, as RecBole reads them)."""
+    import ast
+
+    out = {}
+    for arg in argv:
+        key, value = arg[2:].split("=", 1)
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _command_lines():
+    """Every running process's command line."""
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            pass
+    return lines
+
+
+def _round_checkpoint(folder):
+    [path] = [p for p in Path(folder).glob("FedAvgSASRec-xmrec-mini-federated-*.pth")]
+    return torch.load(path, weights_only=True)
+
+
+def test_two_markets_on_flower_give_the_in_process_numbers_and_leave_nothing_running(tmp_path):
+    flower_run = launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr",
+                                  "--rounds", "3", *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}"])
+    in_process = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
+        **_settings(SMALL), "markets": ["de", "fr"], "fed_rounds": 3,
+        "checkpoint_dir": str(tmp_path / "in-process")})
+    for market in ("de", "fr"):  # exactly: every market trains from its own seed in both
+        for phase in ("valid", "test"):
+            assert flower_run["per_market"][market][phase] == {
+                k: float(v) for k, v in in_process["per_market"][market][phase].items()}
+    rounds = [(r["valid_score"], r["train_loss"]) for r in flower_run["federated_rounds"]["history"]]
+    assert rounds == [(r["valid_score"], r["train_loss"]) for r in in_process["federated_rounds"]["history"]]
+    assert len(rounds) == 3
+    remote, local = _round_checkpoint(tmp_path / "flower"), _round_checkpoint(tmp_path / "in-process")
+    assert remote["round"] == local["round"] == 2
+    assert all(torch.equal(remote["global"][n], t) for n, t in local["global"].items())
+    # each node kept its own state in its own folder; the server file holds parameters only
+    assert "clients" not in remote and list((tmp_path / "flower").glob("*.clients/de.pth"))
+    # the tear-down: no process of the deployment is left
+    alive = [pid for pid in launcher.LAST_RUN["pids"] if Path(f"/proc/{pid}").exists()]
+    assert not alive
+    workdir = launcher.LAST_RUN["workdir"]
+    ports = [f"127.0.0.1:{p}" for p in launcher.LAST_RUN["ports"]]
+    assert not [c for c in _command_lines() if workdir in c or any(p in c for p in ports)]
+
+
+def test_plain_data_crosses_the_wire_unchanged():
+    update = {"w": torch.randn(3, 2), "b": torch.arange(4)}
+    reply = (update, 17, {"loss": 1.5})
+    back = flower.decode_reply(flower.encode_reply(reply))
+    assert isinstance(back, tuple) and back[1:] == (17, {"loss": 1.5})
+    assert all(torch.equal(back[0][k], v) for k, v in update.items())
+    assert flower.decode_reply(flower.encode_reply(None)) is None
+    assert flower.decode_reply(flower.encode_reply({})) == {}
+
+
+def test_a_node_of_an_unknown_market_and_a_busy_port_are_clear_errors(tmp_path):
+    import json
+
+    run_config = {"settings": json.dumps({"model": "FedAvgSASRec", "dataset": "xmrec-mini",
+                                          "markets": ["de", "fr"], "config_dict": {}, "run": "x"})}
+    with pytest.raises(ValueError, match=r"serves market \[uk\], which is not one of the run's markets"):
+        flower.node_client(run_config, {"market": "uk", "data-path": str(tmp_path)})
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=rf"port {port} on 127.0.0.1 is in use"):
+            launcher.check_port(port)
+
+
+def test_nodes_with_different_vocabularies_are_refused(monkeypatch):
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2]
+
+    replies = {1: {"market": "de", "vocabulary": "aaa"}, 2: {"market": "fr", "vocabulary": "bbb"}}
+    monkeypatch.setattr(flower, "call_nodes", lambda grid, nodes, method, args, timeout: replies)
+    with pytest.raises(ValueError, match=r"item vocabularies differ .*'de': 'aaa'"):
+        flower.wait_for_nodes(Grid(), ["de", "fr"], timeout=5)
+    replies[2] = {"market": "de", "vocabulary": "aaa"}
+    with pytest.raises(ValueError, match=r"serve markets \['de', 'de'\]; this run expects one node for each"):
+        flower.wait_for_nodes(Grid(), ["de", "fr"], timeout=5)
+
+
+def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    with pytest.raises(SystemExit, match=r"pip install '\.\[flower\]'"):
+        launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
