@@ -13,7 +13,7 @@ from recbole_cmr import run_recbole_cmr
 from recbole_cmr import flower as launcher
 from recbole_cmr.federated import flower
 
-SMALL = ["--hidden_size=32", "--inner_size=64", "--n_layers=1", "--MAX_ITEM_LIST_LENGTH=10",
+SMALL = ["--s2ce=False", "--adapter_rank=4", "--epochs=2", "--hidden_size=32", "--inner_size=64", "--n_layers=1", "--MAX_ITEM_LIST_LENGTH=10",
          "--train_batch_size=512", "--state=INFO", "--show_progress=False"]
 
 
@@ -43,20 +43,23 @@ def _command_lines():
 
 
 def _round_checkpoint(folder):
-    [path] = [p for p in Path(folder).glob("FedAvgSASRec-xmrec-mini-federated-*.pth")]
+    [path] = [p for p in Path(folder).glob("FeCoSR-xmrec-mini-federated-*.pth")]
     return torch.load(path, weights_only=True)
 
 
 def test_two_markets_on_flower_give_the_in_process_numbers_and_leave_nothing_running(tmp_path):
-    flower_run = launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr",
+    """FeCoSR: federated rounds (adapters local), then each SuperNode's own fine-tuning."""
+    flower_run = launcher.deploy(["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "fr",
                                   "--rounds", "3", *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}"])
-    in_process = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
+    in_process = run_recbole_cmr(model="FeCoSR", dataset="xmrec-mini", config_dict={
         **_settings(SMALL), "markets": ["de", "fr"], "fed_rounds": 3,
         "checkpoint_dir": str(tmp_path / "in-process")})
     for market in ("de", "fr"):  # exactly: every market trains from its own seed in both
-        for phase in ("valid", "test"):
-            assert flower_run["per_market"][market][phase] == {
-                k: float(v) for k, v in in_process["per_market"][market][phase].items()}
+        remote, local = flower_run["per_market"][market], in_process["per_market"][market]
+        for stage_remote, stage_local in ((remote, local), (remote["federated"], local["federated"])):
+            for phase in ("valid", "test"):
+                assert stage_remote[phase] == {k: float(v) for k, v in stage_local[phase].items()}
+        assert Path(remote["checkpoint"]).exists()  # the node's own fine-tuned model
     rounds = [(r["valid_score"], r["train_loss"]) for r in flower_run["federated_rounds"]["history"]]
     assert rounds == [(r["valid_score"], r["train_loss"]) for r in in_process["federated_rounds"]["history"]]
     assert len(rounds) == 3

@@ -217,7 +217,8 @@ def server_config(run_config):
 
     settings = json.loads(run_config["settings"])
     config = Config(model=settings["model"], dataset=settings["dataset"],
-                    config_dict={**settings["config_dict"], "train_mode": "federated"})
+                    config_dict={**settings["config_dict"], "train_mode": "federated"},
+                    argv=[])  # the process's own command line is Flower's, not settings
     return config, list(settings["markets"])
 
 
@@ -240,7 +241,7 @@ def node_client(run_config, node_config):
                          f"markets {settings['markets']}.")
     config = Config(model=settings["model"], dataset=settings["dataset"], config_dict={
         **settings["config_dict"], "train_mode": "federated", "markets": [market],
-        "data_path": str(node_config["data-path"]), "show_progress": False})
+        "data_path": str(node_config["data-path"]), "show_progress": False}, argv=[])
     init_seed(config["seed"], config["reproducibility"])
     dataset = create_dataset(config)
     train, valid, test = data_preparation(config, dataset)
