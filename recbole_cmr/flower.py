@@ -121,23 +121,58 @@ class Deployment:
         return False
 
     def stop(self):
-        """Stop every process group (SIGTERM, then SIGKILL after 10 s)."""
+        """Stop every process started and everything they started (the SuperLink's ServerApp,
+        the SuperNodes' ClientApps, in sessions of their own): SIGTERM, SIGKILL after 10 s."""
+        pids = set()
         for _, proc in self.processes:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            pids |= {proc.pid, *descendants(proc.pid)}
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
         deadline = time.time() + 10
         for _, proc in self.processes:
             try:
                 proc.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+                pass
+        while time.time() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.2)
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        for _, proc in self.processes:
+            proc.wait()
+
+
+def descendants(pid):
+    """Process ids below ``pid`` (children, grandchildren, ...), read from /proc."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def write_app(folder, settings, timeout):
@@ -164,6 +199,8 @@ def deploy(argv=None):
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     write_app(work / "app", settings, timeout)
     LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[])
+    print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
+          + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
     with Deployment(work) as deployment:
         deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                                        "--port", str(link), "--database", str(work / "state.db")])

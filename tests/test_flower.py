@@ -121,3 +121,29 @@ def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)
     with pytest.raises(SystemExit, match=r"pip install '\.\[flower\]'"):
         launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
+
+
+def test_ctrl_c_stops_every_process_of_the_deployment(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "recbole_cmr.flower", "--model=FedAvgSASRec", "--dataset=xmrec-mini",
+         "--markets", "de", "fr", "--rounds", "50", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    first = launch.stdout.readline()
+    while not first.startswith("Flower deployment in "):
+        first = launch.stdout.readline()
+        assert first, "the launcher ended before starting the deployment"
+    workdir = first.split()[3]
+    link = first.split("SuperLink ")[1].split(",")[0]
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(Path(workdir).glob("supernode-fr.log")):
+        time.sleep(0.5)
+    time.sleep(10)  # the run under way
+    assert any(link in c for c in _command_lines())
+    launch.send_signal(signal.SIGINT)
+    launch.communicate(timeout=60)
+    assert launch.returncode != 0
+    assert not [c for c in _command_lines() if workdir in c or link in c]
