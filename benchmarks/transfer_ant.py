@@ -274,6 +274,9 @@ def markdown(summary):
              "full ranking over the target's items, mean ± sample std over seeds. Pretrained "
              f"variants load one pretraining per seed on {SOURCES} (mixed batches).", ""]
     for target in TARGETS:
+        if not any(target in m["per_market"] for m in models.values()):
+            lines += [f"Target `{target}`: no runs yet.", ""]
+            continue
         lines += [f"Target `{target}`:", "",
                   "| model | runs | " + " | ".join(METRICS) + " | wall (min) |",
                   "|---" * (len(METRICS) + 3) + "|"]
