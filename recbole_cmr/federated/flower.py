@@ -99,16 +99,26 @@ class RemoteClient:
         self.client_id, self.node_id = client_id, node_id
 
 
-def call_nodes(grid, nodes, method, args, timeout=None):
+def content_bytes(content):
+    """Bytes of a message's records (tensors and JSON; Flower adds a small framing)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def call_nodes(grid, nodes, method, args, timeout=None, wire=None):
     """``{market: reply}`` of ``Client.<method>(*args[market])`` on each market's node (``nodes``:
-    ``{market: node id}``), the messages sent at once; a node's error is raised naming it."""
+    ``{market: node id}``), the messages sent at once; a node's error is raised naming it.
+    ``wire`` (a dict), when given, adds the bytes sent (``up``: to nodes) and received."""
     messages = [Message(encode(list(a), method=method), dst_node_id=nodes[cid],
                         message_type=MESSAGE_TYPES.get(method, "query.call"))
                 for cid, a in args.items()]
     by_node = {node: cid for cid, node in nodes.items()}
     replies = {}
+    if wire is not None:
+        wire["down"] = wire.get("down", 0) + sum(content_bytes(m.content) for m in messages)
     for reply in grid.send_and_receive(messages, timeout=timeout):
         market = by_node[reply.metadata.src_node_id]
+        if wire is not None and not reply.has_error():
+            wire["up"] = wire.get("up", 0) + content_bytes(reply.content)
         if reply.has_error():
             raise RuntimeError(f"market [{market}] (node {reply.metadata.src_node_id}) failed "
                                f"in {method}: {reply.error.reason}")
@@ -127,10 +137,18 @@ def _flower_server_class():
 
         def __init__(self, config, grid, nodes, timeout=None, **kwargs):
             self.grid, self.nodes, self.timeout = grid, dict(nodes), timeout
+            self.wire = {"up": 0, "down": 0}  # message bytes so far
             super().__init__(config, [RemoteClient(m, n) for m, n in nodes.items()], **kwargs)
 
         def call_each(self, method, args):
-            return call_nodes(self.grid, self.nodes, method, args, self.timeout)
+            return call_nodes(self.grid, self.nodes, method, args, self.timeout, self.wire)
+
+        def _train_round(self, round_idx):
+            """The round, plus the message bytes of its training (``wire_up``, ``wire_down``)."""
+            before = dict(self.wire)
+            record = super()._train_round(round_idx)
+            record.update(wire_up=self.wire["up"] - before["up"], wire_down=self.wire["down"] - before["down"])
+            return record
 
         def client_files_name(self):
             """Nodes keep their round state in their own ``checkpoint_dir``: a file name only."""

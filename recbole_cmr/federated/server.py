@@ -570,9 +570,12 @@ def export_best(server, verbose=True):
 def round_summary(server):
     """``{"best_round", "rounds", "rounds_wall_s", "history"}`` of a server's rounds: the best
     validated round (0-based), how many rounds ran, their wall time, and per round the macro valid
-    score (None where not validated), mean train loss and seconds."""
+    score (None where not validated), mean train loss, seconds, the tensor bytes sent up and down
+    and, under Flower, the message bytes (``wire_up``, ``wire_down``)."""
+    keys = ("bytes_up", "bytes_down", "wire_up", "wire_down")
     history = [{"round": r["round"], "valid_score": r["valid_score"],
-                "train_loss": r["train_loss"], "round_time": round(r["round_time"], 3)}
+                "train_loss": r["train_loss"], "round_time": round(r["round_time"], 3),
+                **{k: r[k] for k in keys if k in r}}
                for r in server.history]
     return {"best_round": server.best["round"] if server.best else None, "rounds": len(history),
             "rounds_wall_s": round(sum(r["round_time"] for r in history), 1), "history": history}
