@@ -225,7 +225,7 @@ def _plain(value):
 
 
 MESSAGES = ("get_parameters", "parameter_shapes", "unmatched_patterns", "keep_local", "fit",
-            "evaluate", "mark_best", "restore_best", "export", "save_state", "load_state")
+            "evaluate", "end_round", "mark_best", "restore_best", "export", "save_state", "load_state")
 
 
 def test_every_server_call_to_a_client_is_a_message_of_plain_data(two_markets, tmp_path, monkeypatch):

@@ -9,8 +9,8 @@ Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats)
 results leave the client; its interactions (train, valid and test loaders), its non-shared
 parameters, its optimizer state, its best round's local parameters and its exported model stay
 here. The server sends parameters, round numbers, phase names and file *names* only (the other
-messages: ``parameter_shapes``, ``keep_local``, ``mark_best``, ``restore_best``, ``export``,
-``save_state``, ``load_state``), so the same calls run in-process or under Flower.
+messages: ``parameter_shapes``, ``keep_local``, ``end_round`` (``mark_best``, ``save_state``),
+``restore_best``, ``export``, ``load_state``), so the same calls run in-process or under Flower.
 """
 
 import zlib
@@ -170,6 +170,14 @@ class Client:
         """Remember round ``round_idx`` as the best: this client's local parameters now (the shared
         ones are the server's)."""
         self.best_round, self.best_local = round_idx, self.local_state()
+
+    def end_round(self, round_idx, mark_best, name=None):
+        """Close round ``round_idx``: :meth:`mark_best` when ``mark_best``, then :meth:`save_state`
+        when ``name`` is given (one message instead of two)."""
+        if mark_best:
+            self.mark_best(round_idx)
+        if name:
+            self.save_state(round_idx, name)
 
     def restore_best(self, params):
         """Load the best round: its shared ``params`` (sent by the server) and the local

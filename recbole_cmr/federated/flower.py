@@ -13,7 +13,7 @@ A Flower App around the package's own objects, with no second copy of the round 
   ``<checkpoint_dir>/flower-<run id>.clients/<market>.pth`` on the node.
 
 Messages: ``train`` (``Client.fit``), ``evaluate`` (``Client.evaluate``) and ``query.call`` (any
-other client message, e.g. ``mark_best``, ``export``, ``finetune``); arguments and replies are
+other client message, e.g. ``end_round``, ``export``, ``finetune``); arguments and replies are
 named tensors (``ArrayRecord``) and JSON (``ConfigRecord``).
 
 Run it with ``python -m recbole_cmr.flower`` (one machine) or by hand (README).

@@ -301,7 +301,7 @@ class FederatedServer:
             "personal": {cid: {n: t.clone() for n, t in p.items()} for cid, p in self.personal.items()},
             "valid": per_market,
         }
-        self.call_each("mark_best", {cid: (round_idx,) for cid in self.clients})
+        self._best_to_mark = round_idx  # the clients mark it in the round's end_round message
 
     def _log_round(self, record):
         valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
@@ -340,11 +340,12 @@ class FederatedServer:
                 self.stopped = self._validate_round(record)
             elif self.eval_step <= 0:
                 self._remember_best(round_idx, None)
-            record["round_time"] = time() - start
+            record["round_time"] = time() - start  # provisional: the checkpoint below holds it
             self.history.append(record)
+            self.save_checkpoint(round_idx)
+            record["round_time"] = time() - start  # the round closed on the clients included
             if verbose:
                 self._log_round(record)
-            self.save_checkpoint(round_idx)
             if callback_fn:
                 callback_fn(round_idx, record["valid_score"])
             if self.stopped:
@@ -389,12 +390,22 @@ class FederatedServer:
         return str(self.checkpoint_file)[:-4] if str(self.checkpoint_file).endswith(".pth") \
             else str(self.checkpoint_file)
 
+    def end_round(self, round_idx):
+        """One message closes the round on every client: it marks the round as its best when it
+        is (its local parameters now) and writes its round state when the run checkpoints."""
+        mark = getattr(self, "_best_to_mark", None) == round_idx
+        name = self.client_files_name() if self.checkpoint_file else None
+        if mark or name:
+            self.call_each("end_round", {cid: (round_idx, mark, name) for cid in self.clients})
+        self._best_to_mark = None
+
     def save_checkpoint(self, round_idx):
-        """Write the federation after ``round_idx``: each client its own state file, then the
-        server its parameters, strategy, history and RNG (loads with ``weights_only=True``)."""
+        """Close round ``round_idx`` on the clients (:meth:`end_round`: each writes its own state
+        file), then write the server's parameters, strategy, history and RNG (loads with
+        ``weights_only=True``)."""
+        self.end_round(round_idx)
         if not self.checkpoint_file:
             return
-        self.call_each("save_state", {cid: (round_idx, self.client_files_name()) for cid in self.clients})
         config = self.config
         state = {
             "recbole_cmr": __version__,
