@@ -75,10 +75,13 @@ def run_settings(argv):
     parser.add_argument("--markets", nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a node")
+    parser.add_argument("--config_files", default=None, help="yaml files, space separated")
     args, rest = parser.parse_known_args(argv)
     extra = {"train_mode": "federated", **({"markets": args.markets} if args.markets else {}),
              **({"fed_rounds": args.rounds} if args.rounds else {})}
-    config = Config(model=args.model, dataset=args.dataset, config_dict=extra, argv=rest)
+    files = args.config_files.split() if args.config_files else None
+    config = Config(model=args.model, dataset=args.dataset, config_file_list=files,
+                    config_dict=extra, argv=rest)
     markets = resolve_markets(config)
     data_root = os.path.dirname(os.path.abspath(config["data_path"]))
     config_dict = {k: v for k, v in checkpoint_safe(config.external_config_dict).items()
@@ -237,7 +240,11 @@ def wait_listening(port, deployment, name, timeout=60):
 
 
 def main(argv=None):
-    result = deploy(argv)
+    """The command line; a bad input or a failed run ends with a one-line error (exit status 1)."""
+    try:
+        result = deploy(argv)
+    except (ValueError, KeyError, OSError, TimeoutError, RuntimeError) as err:
+        raise SystemExit(f"recbole_cmr.flower: error: {err}") from None
     print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]},
                      indent=2))
 

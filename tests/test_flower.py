@@ -147,3 +147,8 @@ def test_ctrl_c_stops_every_process_of_the_deployment(tmp_path):
     launch.communicate(timeout=60)
     assert launch.returncode != 0
     assert not [c for c in _command_lines() if workdir in c or link in c]
+
+
+def test_bad_input_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit, match=r"^recbole_cmr.flower: error: markets \['xx'\] named in the config have no file"):
+        launcher.main(["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "xx"])
