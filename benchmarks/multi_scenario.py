@@ -107,6 +107,11 @@ def write_run(model, dataset, settings, name, seed, selected_by, out_file):
                              for m, r in result["per_market"].items()}}
     if result.get("federated_rounds"):
         record["federated_rounds"] = result["federated_rounds"]
+    write_record(record, out_file)
+
+
+def write_record(record, out_file):
+    """Write a run record (JSON) to ``out_file`` atomically."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2))

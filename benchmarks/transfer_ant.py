@@ -32,14 +32,14 @@ three times the multi-modal one's).
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
 
-from cross_market import DATA, HERE, RESULTS, SHARED, _cell, seed_table
-from multi_scenario import current_runs, harness_main, paired_bars, ran_with, write_summary
+from cross_market import DATA, HERE, RESULTS, SHARED, _cell, _floats, seed_table
+from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, write_record,
+                            write_summary)
 
 NAME = "ant-scientific"
 FOLDER = RESULTS / NAME
@@ -139,17 +139,6 @@ def _run(model, dataset, settings):
     return result, round(time.time() - start, 1)
 
 
-def _floats(result):
-    return {k: float(v) for k, v in result.items()}
-
-
-def _write(record, out_file):
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_file)
-
-
 def ensure_pretrained(seed):
     """Pretrain on the auxiliary domains for ``seed`` unless its record is current and its
     checkpoint is in ``saved/``; returns the checkpoint path."""
@@ -162,7 +151,7 @@ def ensure_pretrained(seed):
     result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
     SAVED.mkdir(exist_ok=True)
     shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
-    _write({"name": "pretrain", "model": "ANT", "seed": seed, "settings": settings, "wall_s": wall,
+    write_record({"name": "pretrain", "model": "ANT", "seed": seed, "settings": settings, "wall_s": wall,
             "selected_by": "macro valid ndcg@10 of the auxiliary domains",
             "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
                            for m, r in result["per_market"].items()}}, out_file)
@@ -176,7 +165,7 @@ def run_one(name, seed, out_file):
         ensure_pretrained(seed)
     result, wall = _run(model, dataset, settings)
     target = result["per_market"][MARKET]
-    _write({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
+    write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
             "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
             "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
                                                     "test": _floats(target["test"])}}}, out_file)
