@@ -39,6 +39,7 @@ def main():
     from recbole_cmr import flower, run_recbole_cmr
 
     work = tempfile.mkdtemp(prefix="flower_overhead_")
+    load = os.getloadavg()[0]  # other work on the machine (both runs share it alike)
     common = {"fed_rounds": args.rounds, "stopping_step": 10**6, "show_progress": False, "state": "WARNING"}
     argv = [f"--{k}={v}" for k, v in common.items()] + rest
     start = time.time()
@@ -57,6 +58,7 @@ def main():
     out = {
         "dataset": args.dataset, "markets": sorted(remote["per_market"]), "rounds": args.rounds,
         "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": load,
         "flower_median_round_s": flower_round, "in_process_median_round_s": local_round,
         "round_ratio": flower_round / local_round, "round_ratio_target": 1.25,
         "flower_run_wall_s": flower_wall, "in_process_run_wall_s": local_wall,

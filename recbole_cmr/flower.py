@@ -14,6 +14,7 @@ Flower").
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-LAST_RUN = {}  # the last deploy()'s work folder and process ids (tests check the tear-down)
+LAST_RUN = {}  # the last deploy()'s work folder, process ids and SuperNode pid per market (tests)
 APP_TOML = """[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -40,7 +41,7 @@ publisher = "recbole-cmr"
 
 [tool.flwr.app.components]
 serverapp = "recbole_cmr.federated.flower:server_app"
-clientapp = "recbole_cmr.federated.flower:client_app"
+clientapp = "recbole_cmr_node:app"
 
 [tool.flwr.app.config]
 settings = '''{settings}'''
@@ -102,8 +103,9 @@ class Deployment:
     """The SuperLink, SuperNodes and ``flwr run`` processes of one local run (a context manager
     that stops every one of them on exit)."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, on_stop=None):
         self.workdir = Path(workdir)
+        self.on_stop = on_stop  # called after every process stopped (the node workers)
         self.processes = []
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.workdir / "flwr-home"),
                     "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -143,6 +145,8 @@ class Deployment:
             _signal(pid, signal.SIGKILL)
         for _, proc in self.processes:
             proc.wait()
+        if self.on_stop:
+            self.on_stop()
 
 
 def descendants(pid):
@@ -179,9 +183,28 @@ def _signal(pid, sig):
 
 
 def write_app(folder, settings, timeout):
-    """The Flower App folder (``pyproject.toml`` naming recbole_cmr's ServerApp and ClientApp)."""
+    """The Flower App folder: ``pyproject.toml`` (recbole_cmr's ServerApp, the run's settings) and
+    ``recbole_cmr_node.py`` (the ClientApp, :mod:`recbole_cmr.federated.flower_node`)."""
+    from recbole_cmr.federated import flower_node
+
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(APP_TOML.format(settings=json.dumps(settings), timeout=timeout))
+    shutil.copyfile(flower_node.__file__, folder / "recbole_cmr_node.py")
+
+
+def stop_workers(settings):
+    """SIGKILL the node workers of the run that are still up (they also end with their SuperNode)."""
+    folder = Path(settings["config_dict"]["checkpoint_dir"]) / f"flower-{settings['run']}.clients"
+    for info in folder.glob("*.worker"):
+        try:
+            pid = json.loads(info.read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for _ in range(20):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        _signal(pid, signal.SIGKILL)
 
 
 def deploy(argv=None):
@@ -201,17 +224,17 @@ def deploy(argv=None):
     (work / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     write_app(work / "app", settings, timeout)
-    LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[])
+    LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[], nodes={})
     print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
           + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
-    with Deployment(work) as deployment:
+    with Deployment(work, lambda: stop_workers(settings)) as deployment:
         deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                                        "--port", str(link), "--database", str(work / "state.db")])
         wait_listening(link, deployment, "superlink")
         for market, port in zip(markets, nodes):
-            deployment.start(f"supernode-{market}", [
+            LAST_RUN.setdefault("nodes", {})[market] = deployment.start(f"supernode-{market}", [
                 "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
-                "--node-config", f"market='{market}' data-path='{data_root}'"])
+                "--node-config", f"market='{market}' data-path='{data_root}'"]).pid
         run = deployment.start("flwr-run", ["flwr", "run", str(work / "app"), "local", "--stream"], log=False)
         while run.poll() is None and not result_file.exists():
             time.sleep(1)

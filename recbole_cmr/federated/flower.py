@@ -5,15 +5,17 @@ A Flower App around the package's own objects, with no second copy of the round 
 * the **ServerApp** runs :class:`~recbole_cmr.federated.server.FederatedServer` itself; only its
   ``call_each`` (every server -> client call) is replaced by Flower messages to the SuperNodes
   (:class:`FlowerServer`). It loads no interaction file: it holds parameters, counts and metrics.
-* the **ClientApp** turns each message into a call of a
-  :class:`~recbole_cmr.federated.client.Client` of the node's own market, built from that
+* the **ClientApp** (:mod:`recbole_cmr.federated.flower_node`, copied into the App folder) hands
+  each message to the node's worker process, which keeps a :class:`NodeSession`: a
+  :class:`~recbole_cmr.federated.client.Client` of the node's own market, built once from that
   market's files only (node config ``market``, ``data-path``) with the dataset's shared item
-  vocabulary (``item_vocabulary``). Flower starts a fresh process per message, so the client's
-  state between messages (optimizer, local parameters, loader RNG, best round) lives in
-  ``<checkpoint_dir>/flower-<run id>.clients/<market>.pth`` on the node.
+  vocabulary (``item_vocabulary``). After every message the client's state (optimizer, local
+  parameters, loader RNG, best round) is written to
+  ``<checkpoint_dir>/flower-<run id>.clients/<market>.pth`` on the node, so a restarted node
+  continues where it stopped.
 
 Messages: ``train`` (``Client.fit``), ``evaluate`` (``Client.evaluate``) and ``query.call`` (any
-other client message, e.g. ``end_round``, ``export``, ``finetune``); arguments and replies are
+other client message, e.g. ``end_round``, ``export``, ``finetune``, ``close``); arguments and replies are
 named tensors (``ArrayRecord``) and JSON (``ConfigRecord``).
 
 Run it with ``python -m recbole_cmr.flower`` (one machine) or by hand (README).
@@ -26,7 +28,6 @@ from logging import getLogger
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-    from flwr.clientapp import ClientApp
     from flwr.serverapp import Grid, ServerApp
 except ImportError as err:  # pragma: no cover - exercised without the extra
     raise ImportError("Flower is not installed: pip install '.[flower]' (flwr==1.41.0).") from err
@@ -104,44 +105,115 @@ def content_bytes(content):
     return sum(record.count_bytes() for record in content.values())
 
 
+# Error codes of a reply the SuperLink writes for a node it lost (no heartbeat, message gone):
+# the node may come back; any other error is the ClientApp's own and is raised.
+LOST_NODE_CODES = (3, 4, 5)  # flwr ErrorCode MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE
+POLL_S = 0.2  # reply polling interval (Flower's send_and_receive polls every 3 s)
+
+
 def call_nodes(grid, nodes, method, args, timeout=None, wire=None):
-    """``{market: reply}`` of ``Client.<method>(*args[market])`` on each market's node (``nodes``:
-    ``{market: node id}``), the messages sent at once; a node's error is raised naming it.
-    ``wire`` (a dict), when given, adds the bytes sent (``up``: to nodes) and received."""
-    messages = [Message(encode(list(a), method=method), dst_node_id=nodes[cid],
-                        message_type=MESSAGE_TYPES.get(method, "query.call"))
-                for cid, a in args.items()]
-    by_node = {node: cid for cid, node in nodes.items()}
-    replies = {}
+    """``({market: reply}, {market: why lost})`` of ``Client.<method>(*args[market])`` on each
+    market's node (``nodes``: ``{market: node id}``), the messages sent at once. A market whose
+    node the SuperLink reports unavailable, or that does not reply within ``timeout`` seconds, is
+    *lost* (its node may come back); an error raised by a ClientApp is raised naming its market.
+    ``wire`` (a dict), when given, adds the bytes sent (``down``: to nodes) and received."""
+    messages = {cid: Message(encode(list(a), method=method), dst_node_id=nodes[cid],
+                             message_type=MESSAGE_TYPES.get(method, "query.call"))
+                for cid, a in args.items()}
     if wire is not None:
-        wire["down"] = wire.get("down", 0) + sum(content_bytes(m.content) for m in messages)
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        market = by_node[reply.metadata.src_node_id]
-        if wire is not None and not reply.has_error():
-            wire["up"] = wire.get("up", 0) + content_bytes(reply.content)
-        if reply.has_error():
-            raise RuntimeError(f"market [{market}] (node {reply.metadata.src_node_id}) failed "
-                               f"in {method}: {reply.error.reason}")
-        replies[market] = decode_reply(reply.content)
-    missing = [cid for cid in args if cid not in replies]
-    if missing:
-        raise TimeoutError(f"no reply to {method} from markets {missing} within {timeout} s.")
-    return {cid: replies[cid] for cid in args}
+        wire["down"] = wire.get("down", 0) + sum(content_bytes(m.content) for m in messages.values())
+    ids = list(grid.push_messages(list(messages.values())))
+    by_id = {mid: cid for mid, cid in zip(ids, messages) if mid}
+    replies, lost = {}, {cid: "the SuperLink did not accept the message" for cid, mid in zip(messages, ids)
+                         if not mid}
+    end = time.time() + (timeout if timeout is not None else float("inf"))
+    while by_id and time.time() < end:
+        for reply in grid.pull_messages(list(by_id)):
+            market = by_id.pop(reply.metadata.reply_to_message_id, None)
+            if market is None:
+                continue
+            if reply.has_error() and reply.error.code in LOST_NODE_CODES:
+                lost[market] = f"node {nodes[market]} lost: {reply.error.reason}"
+            elif reply.has_error():
+                raise RuntimeError(f"market [{market}] (node {nodes[market]}) failed in {method}: "
+                                   f"{reply.error.reason}")
+            else:
+                if wire is not None:
+                    wire["up"] = wire.get("up", 0) + content_bytes(reply.content)
+                replies[market] = decode_reply(reply.content)
+        if by_id:
+            time.sleep(POLL_S)
+    lost.update({cid: f"no reply within {timeout:.0f} s" for cid in by_id.values()})
+    return {cid: replies[cid] for cid in args if cid in replies}, lost
+
+
+def describe_nodes(grid, node_ids, timeout):
+    """``{node id: {"market", "vocabulary"}}`` of the nodes that answer ``describe``."""
+    described, _ = call_nodes(grid, {n: n for n in node_ids}, "describe", {n: () for n in node_ids}, timeout)
+    return described
 
 
 def _flower_server_class():
     from recbole_cmr.federated.server import FederatedServer
 
     class FlowerServer(FederatedServer):
-        """:class:`FederatedServer` whose clients are SuperNodes: ``call_each`` sends messages."""
+        """:class:`FederatedServer` whose clients are SuperNodes: ``call_each`` sends messages.
 
-        def __init__(self, config, grid, nodes, timeout=None, **kwargs):
+        A lost node (killed, disconnected, silent for ``timeout`` s) is waited for: the server
+        logs which markets it waits for and resends once a node of that market reconnects (a
+        restarted SuperNode gets a new node id; it is recognised by its ``describe`` reply). A
+        training round instead goes on without lost markets when at least ``fed_min_clients``
+        of its selected markets replied."""
+
+        def __init__(self, config, grid, nodes, timeout=None, vocabulary=None, **kwargs):
             self.grid, self.nodes, self.timeout = grid, dict(nodes), timeout
+            self.vocabulary = vocabulary  # the digest every node must report
             self.wire = {"up": 0, "down": 0}  # message bytes so far
             super().__init__(config, [RemoteClient(m, n) for m, n in nodes.items()], **kwargs)
 
         def call_each(self, method, args):
-            return call_nodes(self.grid, self.nodes, method, args, self.timeout, self.wire)
+            deadline = time.time() + (self.timeout or float("inf"))
+            need = len(args)
+            if method == "fit" and self.min_clients:
+                need = min(self.min_clients, len(args))
+            replies, pending = {}, dict(args)
+            while pending:
+                got, lost = call_nodes(self.grid, self.nodes, method, pending,
+                                       max(1.0, deadline - time.time()), self.wire)
+                replies.update(got)
+                pending = {cid: a for cid, a in pending.items() if cid in lost}
+                if not pending:
+                    break
+                why = "; ".join(f"{cid}: {reason}" for cid, reason in sorted(lost.items()))
+                if len(replies) >= need:
+                    self.logger.warning(f"{method}: markets {sorted(pending)} did not reply ({why}); "
+                                        f"the round goes on with {sorted(replies)} "
+                                        f"(fed_min_clients={self.min_clients}).")
+                    break
+                self.logger.warning(f"{method}: waiting up to {deadline - time.time():.0f} s for the "
+                                    f"SuperNodes of markets {sorted(pending)} ({why}); restart each with "
+                                    "its --node-config and the run goes on.")
+                self.nodes.update(self.reconnect(sorted(pending), deadline))
+            return replies
+
+        def reconnect(self, markets, deadline):
+            """``{market: node id}`` of newly connected nodes serving ``markets`` (waits until
+            ``deadline``; a node of another vocabulary is an error)."""
+            found, known = {}, set(self.nodes.values())
+            while time.time() < deadline:
+                new = [n for n in self.grid.get_node_ids() if n not in known]
+                for node, described in describe_nodes(self.grid, new, max(1.0, deadline - time.time())).items():
+                    known.add(node)
+                    check_vocabularies({**{m: self.vocabulary for m in self.nodes},
+                                        described["market"]: described["vocabulary"]})
+                    if described["market"] in markets:
+                        found[described["market"]] = node
+                        self.logger.info(f"market [{described['market']}] is back on node {node}")
+                if set(found) == set(markets):
+                    return found
+                time.sleep(1.0)
+            raise TimeoutError(f"the SuperNodes of markets {sorted(set(markets) - set(found))} did not "
+                               "come back in time (node-timeout).")
 
         def _train_round(self, round_idx):
             """The round, plus the message bytes of its training (``wire_up``, ``wire_down``)."""
@@ -157,9 +229,16 @@ def _flower_server_class():
     return FlowerServer
 
 
+def check_vocabularies(digests):
+    """Raise when the markets' item-vocabulary digests (``{market: sha256}``) differ."""
+    if len(set(digests.values())) > 1:
+        raise ValueError(f"the markets' item vocabularies differ (sha256 per market: {digests}): every "
+                         "node must load the vocabulary file the federation agreed on.")
+
+
 def wait_for_nodes(grid, markets, timeout):
-    """``{market: node id}`` once a node of every market in ``markets`` has connected; every node
-    must report the same item-vocabulary digest (else a clear error)."""
+    """``({market: node id}, vocabulary digest)`` once a node of every market in ``markets`` has
+    connected; every node must report the same item-vocabulary digest (else a clear error)."""
     start, nodes = time.time(), []
     while time.time() - start < timeout:
         nodes = sorted(grid.get_node_ids())
@@ -168,17 +247,15 @@ def wait_for_nodes(grid, markets, timeout):
         time.sleep(0.5)
     if len(nodes) < len(markets):
         raise TimeoutError(f"{len(nodes)} of {len(markets)} SuperNodes connected within {timeout} s.")
-    described = call_nodes(grid, {n: n for n in nodes}, "describe", {n: () for n in nodes}, timeout)
+    described = describe_nodes(grid, nodes, timeout)
     by_market = {d["market"]: n for n, d in described.items()}
     unknown = sorted(set(by_market) - set(markets))
     if unknown or len(by_market) < len(nodes):
         raise ValueError(f"SuperNodes serve markets {sorted(d['market'] for d in described.values())}; "
                          f"this run expects one node for each of {markets}.")
     digests = {d["market"]: d["vocabulary"] for d in described.values()}
-    if len(set(digests.values())) > 1:
-        raise ValueError(f"the markets' item vocabularies differ (sha256 per market: {digests}): every "
-                         "node must load the vocabulary file the federation agreed on.")
-    return {m: by_market[m] for m in markets}
+    check_vocabularies(digests)
+    return {m: by_market[m] for m in markets}, next(iter(digests.values()))
 
 
 server_app = ServerApp()
@@ -196,9 +273,9 @@ def server_main(grid: Grid, context: Context) -> None:
     log_path = init_run_logger(config)
     quiet_transport_logs()
     timeout = float(context.run_config.get("node-timeout", 600))
-    nodes = wait_for_nodes(grid, markets, timeout)
+    nodes, vocabulary = wait_for_nodes(grid, markets, timeout)
     getLogger().info(f"SuperNodes: {nodes}")
-    server = _flower_server_class()(config, grid, nodes, timeout=timeout,
+    server = _flower_server_class()(config, grid, nodes, timeout=timeout, vocabulary=vocabulary,
                                     checkpoint_file=checkpoint_file(config, "federated"))
     if config["fed_resume"]:
         server.resume_checkpoint(config["fed_resume"])
@@ -211,6 +288,7 @@ def server_main(grid: Grid, context: Context) -> None:
     if config["finetune"]:
         tuned = server.call_each("finetune", {m: (server.best_params_for(m),) for m in markets})
         per_market = {m: {**tuned[m], "federated": per_market[m]} for m in markets}
+    server.call_each("close", {m: () for m in markets})  # the nodes' workers end
     result = {**_summarise(config, per_market), "federated_rounds": round_summary(server)}
     _report(config, result, log_path)
     out = json.loads(context.run_config["settings"]).get("result_file")
@@ -240,8 +318,7 @@ def server_config(run_config):
     return config, list(settings["markets"])
 
 
-# ---- the node side ---------------------------------------------------------------------------
-client_app = ClientApp()
+# ---- the node side (in the node's worker process) --------------------------------------------
 
 
 def node_client(run_config, node_config):
@@ -268,26 +345,38 @@ def node_client(run_config, node_config):
     return config, client, dataset, session
 
 
-def _node_call(message, context):
-    from recbole_cmr.compat import load_checkpoint
-    from recbole_cmr.data.vocabulary import vocabulary_digest
-    from recbole_cmr.utils import save_atomic
+class NodeSession:
+    """The node's client for one run, kept in its worker process between messages
+    (:mod:`recbole_cmr.federated.node_worker`); after every message its state is written to the
+    node's session file, from which a restarted worker continues."""
 
-    args, plain = decode(message.content)
-    method = plain["method"]
-    quiet_transport_logs()
-    config, client, dataset, session = node_client(context.run_config, context.node_config)
-    if os.path.exists(session):
-        client.load_session_state(load_checkpoint(session))
-    if method == "describe":
-        reply = {"market": client.client_id, "vocabulary": vocabulary_digest(dataset.item_tokens)}
-    elif method == "finetune":
-        reply = node_finetune(config, client, *args)
-    else:
-        reply = getattr(client, method)(*args)
-    os.makedirs(os.path.dirname(session), exist_ok=True)
-    save_atomic(client.session_state(), session)
-    return Message(encode_reply(reply), reply_to=message)
+    def __init__(self, run_config, node_config):
+        from recbole_cmr.compat import load_checkpoint
+
+        quiet_transport_logs()
+        self.config, self.client, self.dataset, self.file = node_client(run_config, node_config)
+        if os.path.exists(self.file):
+            self.client.load_session_state(load_checkpoint(self.file))
+        self.closed = False
+
+    def handle(self, content):
+        """The reply ``RecordDict`` to a message's ``content`` (``Client.<method>(*args)``)."""
+        from recbole_cmr.data.vocabulary import vocabulary_digest
+        from recbole_cmr.utils import save_atomic
+
+        args, plain = decode(content)
+        method, client = plain["method"], self.client
+        if method == "describe":
+            reply = {"market": client.client_id, "vocabulary": vocabulary_digest(self.dataset.item_tokens)}
+        elif method == "finetune":
+            reply = node_finetune(self.config, client, *args)
+        elif method == "close":  # the run is over: the worker ends
+            reply, self.closed = None, True
+        else:
+            reply = getattr(client, method)(*args)
+        os.makedirs(os.path.dirname(self.file), exist_ok=True)
+        save_atomic(client.session_state(), self.file)
+        return encode_reply(reply)
 
 
 def node_finetune(config, client, best_params):
@@ -301,18 +390,3 @@ def node_finetune(config, client, best_params):
     result = _finetune_local(config, {market: client.model}, *loaders, saved=True, verbose=False,
                              seeded=True)[market]
     return _jsonable(result)
-
-
-@client_app.train()
-def node_train(message: Message, context: Context) -> Message:
-    return _node_call(message, context)
-
-
-@client_app.evaluate()
-def node_evaluate(message: Message, context: Context) -> Message:
-    return _node_call(message, context)
-
-
-@client_app.query("call")
-def node_query(message: Message, context: Context) -> Message:
-    return _node_call(message, context)

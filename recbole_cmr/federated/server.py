@@ -6,6 +6,8 @@ Settings (defaults in properties/overall.yaml)::
     fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
     fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
                                 #   drawn with a generator seeded by `seed` (reproducible).
+    fed_min_clients: 0          # (int) Under Flower: a round goes on without the selected markets
+                                #   whose node is lost once this many replied (0: wait for all).
     fed_strategy: fedavg        # (str) fedavg, fedavg_rows, fedavgm, fedadam, fedyogi, fedadagrad,
                                 #   fedprox (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
@@ -164,7 +166,8 @@ class FederatedServer:
             each client's own shared parameters (empty otherwise).
         best (dict): ``round``, ``global``, ``personal`` and ``valid`` (``{market: result}``) of
             the best validated round (each client keeps its own local parameters of that round).
-        history (list[dict]): one record per round: ``round``, ``markets`` (trained),
+        history (list[dict]): one record per round: ``round``, ``markets`` (trained), ``dropped``
+            (selected, but their node was lost: see ``fed_min_clients``),
             ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
             ``train_time``, ``aggregate_time``, ``valid_time``, ``round_time`` (seconds).
     """
@@ -177,6 +180,10 @@ class FederatedServer:
         self.fraction = setting(config, "fed_client_fraction")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fed_client_fraction [{self.fraction}] must be in (0, 1].")
+        self.min_clients = setting(config, "fed_min_clients") or 0
+        if not isinstance(self.min_clients, int) or not 0 <= self.min_clients <= len(clients):
+            raise ValueError(f"fed_min_clients [{self.min_clients}] must be an int from 0 (every "
+                             f"selected market) to the number of markets ({len(clients)}).")
         self.valid_metric = config["valid_metric"].lower()
         self.bigger = config["valid_metric_bigger"]
         self.eval_step = min(config["eval_step"], self.rounds)
@@ -251,6 +258,8 @@ class FederatedServer:
         self.strategy.configure_round(round_idx, starts if personalized else self.global_params)
         instructions = self.strategy.client_config(round_idx)
         replies = self.call_each("fit", {cid: (starts[cid], round_idx, instructions) for cid in selected})
+        dropped = [cid for cid in selected if cid not in replies]  # lost nodes (``fed_min_clients``)
+        selected = [cid for cid in selected if cid in replies]
         for client_id in selected:
             client_id, update, num_examples, metrics = self._collect(client_id, *replies[client_id])
             results.append((client_id, update, num_examples))
@@ -266,6 +275,7 @@ class FederatedServer:
         return {
             "round": round_idx,
             "markets": selected,
+            "dropped": dropped,
             "train_loss": float(np.mean(losses)),
             "bytes_up": bytes_up,
             "bytes_down": sum(nbytes(self.params_for(c)) for c in selected),
@@ -307,7 +317,8 @@ class FederatedServer:
         valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
         self.logger.info(
             set_color(f"round {record['round']}", "green")
-            + f" [{set_color('markets', 'blue')}: {', '.join(record['markets'])}, "
+            + f" [{set_color('markets', 'blue')}: {', '.join(record['markets'])}"
+            + (f" (lost: {', '.join(record['dropped'])})" if record.get("dropped") else "") + ", "
             f"{set_color('train loss', 'blue')}: {record['train_loss']:.4f}, "
             f"{set_color('valid ' + self.valid_metric, 'blue')}: {valid}, "
             f"{set_color('up', 'blue')}: {_mb(record['bytes_up'])}, "
@@ -582,11 +593,12 @@ def round_summary(server):
     """``{"best_round", "rounds", "rounds_wall_s", "history"}`` of a server's rounds: the best
     validated round (0-based), how many rounds ran, their wall time, and per round the macro valid
     score (None where not validated), mean train loss, seconds, the tensor bytes sent up and down
-    and, under Flower, the message bytes (``wire_up``, ``wire_down``)."""
+    and, under Flower, the message bytes (``wire_up``, ``wire_down``) and the markets left out
+    because their node was lost (``dropped``, only where any was)."""
     keys = ("bytes_up", "bytes_down", "wire_up", "wire_down")
     history = [{"round": r["round"], "valid_score": r["valid_score"],
                 "train_loss": r["train_loss"], "round_time": round(r["round_time"], 3),
-                **{k: r[k] for k in keys if k in r}}
+                **{k: r[k] for k in keys if k in r}, **({"dropped": r["dropped"]} if r.get("dropped") else {})}
                for r in server.history]
     return {"best_round": server.best["round"] if server.best else None, "rounds": len(history),
             "rounds_wall_s": round(sum(r["round_time"] for r in history), 1), "history": history}
