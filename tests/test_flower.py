@@ -253,13 +253,43 @@ def _restart_like(pid):
                             start_new_session=True)
 
 
-def test_a_killed_supernode_is_left_out_of_its_round_and_rejoins_when_restarted(tmp_path):
-    """fed_min_clients=1: the round after the kill aggregates `de` alone; validation waits for
-    `fr`, whose restarted node (a new node id) takes over from its own session file."""
+POISON = """
+
+_forward = forward
+
+
+def forward(message, context):  # test: market fr sends NaN parameters in round 0
+    import json
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    reply = _forward(message, context)
+    if (context.node_config["market"] == "fr" and message.metadata.message_type == "train"
+            and json.loads(message.content["plain"]["json"])["values"][1] == 0):
+        update = reply.content["a0"]
+        reply.content["a0"] = ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in update.items()})
+    return reply
+"""
+
+
+def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeypatch):
+    """Round 0: `fr` sends NaN parameters, which the server leaves out of the aggregate (as
+    in-process). Then `fr`'s SuperNode is killed and restarted: with fed_min_clients=1 round 1
+    aggregates `de` alone; validation waits for `fr`, whose new node (a new node id) takes over
+    from its own session file."""
     import signal
     import threading
     import time
 
+    write_app = launcher.write_app
+
+    def poisoned_app(folder, settings, timeout):
+        write_app(folder, settings, timeout)
+        with open(folder / "recbole_cmr_node.py", "a") as f:
+            f.write(POISON)
+
+    monkeypatch.setattr(launcher, "write_app", poisoned_app)
     out = {}
 
     def run():
@@ -286,6 +316,10 @@ def test_a_killed_supernode_is_left_out_of_its_round_and_rejoins_when_restarted(
     assert "error" not in out, out.get("error")
     history = out["run"]["federated_rounds"]["history"]
     assert [r["round"] for r in history] == [0, 1, 2]
-    assert [r.get("dropped") for r in history if r.get("dropped")] == [["fr"]]
+    assert [r.get("dropped") for r in history] == [None, ["fr"], None]
+    [log] = list((tmp_path / "log" / "FedAvgSASRec").glob("*.log"))  # the ServerApp's
+    text = log.read_text()
+    assert "Round 0: the update of market [fr] holds NaN/Inf values" in text
+    assert "fit: markets ['fr'] did not reply" in text and "is back on node" in text
     assert set(out["run"]["per_market"]) == {"de", "fr"}
     assert all(out["run"]["per_market"][m]["test"]["ndcg@10"] >= 0 for m in ("de", "fr"))
