@@ -76,6 +76,17 @@ def test_two_markets_on_flower_give_the_in_process_numbers_and_leave_nothing_run
     assert not [c for c in _command_lines() if workdir in c or any(p in c for p in ports)]
 
 
+def test_the_serverapp_has_no_data_to_read():
+    """Every Flower run in these tests runs its ServerApp with a data path that does not exist."""
+    import json
+
+    run_config = {"settings": json.dumps({"model": "FedAvgSASRec", "dataset": "xmrec-mini",
+                                          "markets": ["de", "fr"], "config_dict": {"data_path": "dataset"},
+                                          "run": "x"})}
+    config, markets = flower.server_config(run_config)
+    assert markets == ["de", "fr"] and not os.path.exists(config["data_path"])
+
+
 def test_plain_data_crosses_the_wire_unchanged():
     update = {"w": torch.randn(3, 2), "b": torch.arange(4)}
     reply = (update, 17, {"loss": 1.5})
@@ -323,3 +334,43 @@ def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeyp
     assert "fit: markets ['fr'] did not reply" in text and "is back on node" in text
     assert set(out["run"]["per_market"]) == {"de", "fr"}
     assert all(out["run"]["per_market"][m]["test"]["ndcg@10"] >= 0 for m in ("de", "fr"))
+
+
+def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterrupted_numbers(tmp_path):
+    import signal
+    import threading
+    import time
+
+    argv = ["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "3",
+            *SMALL[3:], f"--checkpoint_dir={tmp_path / 'flower'}"]
+    out = {}
+
+    def run():
+        try:
+            out["run"] = launcher.deploy(argv)
+        except RuntimeError as err:
+            out["error"] = str(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "flower").glob("FedAvgSASRec-*-federated-*.pth")):
+        time.sleep(0.2)  # round 0 closed: its checkpoint is written
+    pids = {p for pid in launcher.LAST_RUN["pids"] for p in (pid, *launcher.descendants(pid))}
+    serverapps = [p for p in pids if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert serverapps, "no ServerApp process found"
+    for pid in serverapps:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "the Flower run ended without results" in out.get("error", ""), out
+    [checkpoint] = (tmp_path / "flower").glob("FedAvgSASRec-*-federated-*.pth")
+    resumed = launcher.deploy([*argv, f"--fed_resume={checkpoint}"])
+    uninterrupted = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
+        **_settings(SMALL[3:]), "markets": ["de", "fr"], "fed_rounds": 3,
+        "checkpoint_dir": str(tmp_path / "in-process")})
+    for market in ("de", "fr"):
+        for phase in ("valid", "test"):
+            assert resumed["per_market"][market][phase] == {
+                k: float(v) for k, v in uninterrupted["per_market"][market][phase].items()}
+    assert [r["valid_score"] for r in resumed["federated_rounds"]["history"]] == \
+        [r["valid_score"] for r in uninterrupted["federated_rounds"]["history"]]

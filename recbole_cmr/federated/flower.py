@@ -306,14 +306,20 @@ def quiet_transport_logs():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+# The ServerApp's data path: a folder that does not exist, so that a run proves it reads no data.
+SERVER_DATA_PATH = "/nonexistent/recbole_cmr-the-serverapp-reads-no-data"
+
+
 def server_config(run_config):
     """``(Config, markets)`` of the run from the App's run config (``settings``: JSON of
-    ``model``, ``dataset``, ``markets`` and the ``config_dict``)."""
+    ``model``, ``dataset``, ``markets`` and the ``config_dict``); its ``data_path`` does not
+    exist (:data:`SERVER_DATA_PATH`)."""
     from recbole_cmr.config import Config
 
     settings = json.loads(run_config["settings"])
     config = Config(model=settings["model"], dataset=settings["dataset"],
-                    config_dict={**settings["config_dict"], "train_mode": "federated"},
+                    config_dict={**settings["config_dict"], "train_mode": "federated",
+                                 "data_path": SERVER_DATA_PATH},
                     argv=[])  # the process's own command line is Flower's, not settings
     return config, list(settings["markets"])
 
