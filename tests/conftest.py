@@ -4,6 +4,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import recbole_cmr  # noqa: F401  (numpy shims before recbole)
@@ -66,3 +67,37 @@ def shared_data(*parts):
 def files_under(path):
     """Every file below ``path`` (for checking that nothing was written)."""
     return sorted(str(p) for p in Path(path).rglob("*") if p.is_file()) if os.path.exists(path) else []
+
+
+SCENARIOS = resource_path("dataset", "ml100k-scenarios")
+USERS_PER_SCENARIO = 12
+
+CTR_FAST = {"epochs": 2, "stopping_step": 2, "show_progress": False, "state": "WARNING",
+            "train_batch_size": 1024, "embedding_size": 8, "expert_mlp_sizes": [16],
+            "tower_mlp_sizes": [8]}
+
+
+@pytest.fixture
+def scenarios(tmp_path):
+    """The first users of each scenario of the shipped ml100k-scenarios, as dataset ``mlsc``."""
+    root = tmp_path / "data"
+    target = root / "mlsc"
+    target.mkdir(parents=True)
+    src = Path(SCENARIOS)
+    for inter in sorted(src.glob("*.inter")):
+        frame = pd.read_csv(inter, sep="\t", dtype=str)
+        users = sorted(frame["user_id:token"].unique(), key=int)[:USERS_PER_SCENARIO]
+        frame[frame["user_id:token"].isin(users)].to_csv(target / inter.name, sep="\t", index=False)
+        user = pd.read_csv(inter.with_suffix(".user"), sep="\t", dtype=str)
+        user[user["user_id:token"].isin(users)].to_csv(target / f"{inter.stem}.user", sep="\t",
+                                                       index=False)
+    shutil.copy(src / "ml100k-scenarios.item", target / "mlsc.item")
+    return {**CTR_FAST, "data_path": str(root), "checkpoint_dir": str(tmp_path / "saved"),
+            **_dataset_yaml()}
+
+
+def _dataset_yaml():
+    import yaml
+
+    with open(resource_path("properties", "dataset", "ml100k-scenarios.yaml")) as f:
+        return yaml.safe_load(f)

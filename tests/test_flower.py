@@ -374,3 +374,30 @@ def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterru
                 k: float(v) for k, v in uninterrupted["per_market"][market][phase].items()}
     assert [r["valid_score"] for r in resumed["federated_rounds"]["history"]] == \
         [r["valid_score"] for r in uninterrupted["federated_rounds"]["history"]]
+
+
+def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
+    """Four scenarios share users, items and features through the vocabulary file the launcher
+    writes: the personalized federation gives exactly the in-process numbers."""
+    settings = {**scenarios, "fed_rounds": 2, "state": "INFO"}
+    argv = [f"--{k}={v}" for k, v in settings.items()
+            if k not in ("checkpoint_dir", "load_col", "eval_args")]
+    argv += ["--config_files", str(_yaml(tmp_path, {k: scenarios[k] for k in ("load_col", "eval_args")}))]
+    remote = launcher.deploy(["--model=PFMSMTrec", "--dataset=mlsc", *argv,
+                              f"--checkpoint_dir={tmp_path / 'flower'}"])
+    local = run_recbole_cmr(model="PFMSMTrec", dataset="mlsc", config_dict={
+        **settings, "checkpoint_dir": str(tmp_path / "in-process")})
+    assert set(remote["per_market"]) == set(local["per_market"]) and len(local["per_market"]) == 4
+    for market, result in local["per_market"].items():
+        for phase in ("valid", "test"):
+            assert remote["per_market"][market][phase] == {k: float(v) for k, v in result[phase].items()}
+    assert [r["bytes_up"] for r in remote["federated_rounds"]["history"]] == \
+        [r["bytes_up"] for r in local["federated_rounds"]["history"]]  # the same parameters shared
+
+
+def _yaml(folder, values):
+    import yaml
+
+    path = folder / "settings.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path

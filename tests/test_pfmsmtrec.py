@@ -19,40 +19,9 @@ from recbole_cmr.federated.personalized import (
     simplex_weights,
     tower_attention,
 )
-from recbole_cmr.utils import matching, resource_path
+from recbole_cmr.utils import matching
 
-SHIPPED = resource_path("dataset", "ml100k-scenarios")
-USERS_PER_SCENARIO = 12
-
-CTR_FAST = {"epochs": 2, "stopping_step": 2, "show_progress": False, "state": "WARNING",
-            "train_batch_size": 1024, "embedding_size": 8, "expert_mlp_sizes": [16],
-            "tower_mlp_sizes": [8]}
-
-
-@pytest.fixture
-def scenarios(tmp_path):
-    """The first users of each scenario of the shipped ml100k-scenarios, as dataset ``mlsc``."""
-    root = tmp_path / "data"
-    target = root / "mlsc"
-    target.mkdir(parents=True)
-    src = Path(SHIPPED)
-    for inter in sorted(src.glob("*.inter")):
-        frame = pd.read_csv(inter, sep="\t", dtype=str)
-        users = sorted(frame["user_id:token"].unique(), key=int)[:USERS_PER_SCENARIO]
-        frame[frame["user_id:token"].isin(users)].to_csv(target / inter.name, sep="\t", index=False)
-        user = pd.read_csv(inter.with_suffix(".user"), sep="\t", dtype=str)
-        user[user["user_id:token"].isin(users)].to_csv(target / f"{inter.stem}.user", sep="\t",
-                                                       index=False)
-    shutil.copy(src / "ml100k-scenarios.item", target / "mlsc.item")
-    return {**CTR_FAST, "data_path": str(root), "checkpoint_dir": str(tmp_path / "saved"),
-            **_dataset_yaml()}
-
-
-def _dataset_yaml():
-    import yaml
-
-    with open(resource_path("properties", "dataset", "ml100k-scenarios.yaml")) as f:
-        return yaml.safe_load(f)
+from conftest import CTR_FAST, USERS_PER_SCENARIO, _dataset_yaml  # noqa: E402,F401  (and the scenarios fixture)
 
 
 def _run(model, settings, **extra):

@@ -6,7 +6,13 @@ import pytest
 import yaml
 
 from recbole_cmr import Config, create_dataset
-from recbole_cmr.data.vocabulary import main, read_item_vocabulary, vocabulary_digest
+from recbole_cmr.data.vocabulary import (
+    main,
+    read_item_vocabulary,
+    read_vocabulary,
+    vocabulary_digest,
+    write_item_vocabulary,
+)
 
 
 def _dataset(settings, **extra):
@@ -54,3 +60,34 @@ def test_a_vocabulary_without_a_markets_item_is_an_error_naming_it(two_markets, 
         read_item_vocabulary(str(repeated))
     with pytest.raises(FileNotFoundError, match="item_vocabulary: no file .*missing.vocab"):
         _dataset(two_markets, item_vocabulary="missing.vocab")
+
+
+def test_every_shared_token_field_gets_the_federations_ids(scenarios, tmp_path):
+    """Scenarios of one platform share users, items and categorical features: a scenario loaded
+    alone with the file gets the ids of every shared field that all scenarios loaded together have."""
+    def ctr(**extra):
+        return create_dataset(Config(model="MMoE", dataset="mlsc",
+                                     config_dict={**scenarios, "train_mode": "federated", **extra}))
+
+    together = ctr()
+    assert {"user_id", "gender", "occupation", "genre"} <= set(together.shared_fields)
+    path, digest = write_item_vocabulary(together.config, str(tmp_path / "mlsc.vocab"))
+    items, fields = read_vocabulary(path)
+    assert items == list(together.item_tokens[1:])
+    assert fields["user_id"] == list(together.shared_field_tokens("user_id")[1:])
+    for market in together.markets:
+        alone = ctr(markets=[market], item_vocabulary=path)
+        assert alone.vocabulary_digest() == digest
+        ds, all_ds = alone.market_datasets[market], together.market_datasets[market]
+        for field in ("user_id", "item_id", "gender", "occupation", "genre"):
+            assert ds.num(field) == all_ds.num(field), field
+            assert list(ds.field2id_token[field]) == list(all_ds.field2id_token[field]), field
+        assert np.array_equal(np.asarray(ds.inter_feat["user_id"]), np.asarray(all_ds.inter_feat["user_id"]))
+    plain = ctr(markets=[together.markets[0]])  # without the file: its own, smaller user space
+    assert plain.market_datasets[together.markets[0]].num("user_id") < \
+        together.market_datasets[together.markets[0]].num("user_id")
+    short = tmp_path / "short.vocab"
+    short.write_text("".join(line for line in open(path) if not line.startswith("occupation\t")) +
+                     "".join(f"occupation\t{t}\n" for t in fields["occupation"][1:]))
+    with pytest.raises(ValueError, match=r"short\.vocab lacks 1 token\(s\) of field \[occupation\] of market"):
+        ctr(item_vocabulary=str(short))

@@ -405,10 +405,12 @@ class MultiMarketDataset:
         self.market_datasets = {m: self._load_market(dataset_class, m) for m in self.markets}
         self._check_labels()
         iid = config["ITEM_ID_FIELD"]
+        self.shared_fields = []  # shared token fields besides the item (one per alias group)
+        self.vocabulary_fields = {}  # {field: tokens} the item_vocabulary file gave
         if self.shared_ids:
             self._share_vocabularies()
             if config["item_vocabulary"]:
-                self._use_item_vocabulary(config["item_vocabulary"])
+                self._use_vocabulary(config["item_vocabulary"])
         self.item_tokens, _ = _global_vocabulary(
             [ds.field2id_token[iid] for ds in self.market_datasets.values()])
         self.item_token_id = {t: i for i, t in enumerate(self.item_tokens)} if self.shared_ids else None
@@ -478,30 +480,54 @@ class MultiMarketDataset:
             done.update(group)
             if not private.intersection(group):
                 self._remap_markets(field, {m: ds.field2id_token[field] for m, ds in having.items()})
+                if self.config["ITEM_ID_FIELD"] not in group:
+                    self.shared_fields.append(field)
             elif self.global_users:
                 self._remap_markets(field, {
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
                     for m, ds in having.items()
                 })
 
-    def _use_item_vocabulary(self, name):
-        """Give the item field the ids of the ``item_vocabulary`` file (token ``i`` of the file is
-        id ``i + 1``) in every market; an item the file lacks is an error naming it."""
+    def shared_field_tokens(self, field):
+        """The shared tokens of token field ``field``, in id order (``[PAD]`` first)."""
+        return next(ds.field2id_token[field] for ds in self.market_datasets.values()
+                    if field in ds.field2id_token)
+
+    def vocabulary_digest(self):
+        """SHA-256 of the ids that the ``item_vocabulary`` file fixes (items and its fields)."""
+        return vocabulary.vocabulary_digest(self.item_tokens, self.vocabulary_fields)
+
+    def _use_vocabulary(self, name):
+        """Give the item field, and every other field the ``item_vocabulary`` file lists, the ids
+        of the file (its ``i``-th token of a field is id ``i``) in every market; a token the file
+        lacks, or a field no market has, is an error naming it."""
         path = vocabulary.vocabulary_path(self.config, name)
-        tokens = np.array([PAD] + vocabulary.read_item_vocabulary(path), dtype=object)
-        token_id = {t: i for i, t in enumerate(tokens)}
-        iid = self.config["ITEM_ID_FIELD"]
-        for market, ds in self.market_datasets.items():
-            local = ds.field2id_token[iid]
-            missing = [str(local[i]) for i in ds.item_ids if local[i] not in token_id]
-            if missing:
-                raise ValueError(
-                    f"item_vocabulary {path} lacks {len(missing)} item(s) of market [{market}] "
-                    f"({', '.join(market_inter_files(self.config, market))}), e.g. {missing[:3]}: "
-                    "every market must use the vocabulary its federation agreed on (rewrite it "
-                    "with python -m recbole_cmr.data.vocabulary over all markets).")
-            lut = np.array([token_id.get(t, 0) for t in local], dtype=np.int64)
-            ds.remap_to_global(iid, lut, tokens, token_id)
+        items, fields = vocabulary.read_vocabulary(path)
+        for field, tokens in ((self.config["ITEM_ID_FIELD"], items), *fields.items()):
+            having = {m: ds for m, ds in self.market_datasets.items() if field in ds.field2id_token}
+            if not having:
+                raise ValueError(f"item_vocabulary {path} lists field [{field}], which no market of "
+                                 f"{self.markets} has: rewrite it for this dataset.")
+            tokens = np.array([PAD] + tokens, dtype=object)
+            token_id = {t: i for i, t in enumerate(tokens)}
+            for market, ds in having.items():
+                self._remap_to_file(path, market, ds, field, tokens, token_id)
+        self.vocabulary_fields = {f: self.shared_field_tokens(f) for f in fields}
+
+    def _remap_to_file(self, path, market, ds, field, tokens, token_id):
+        """Re-number ``field`` of market ``ds`` to the file's ``tokens`` (errors name the gap)."""
+        local = ds.field2id_token[field]
+        used = ds.item_ids if field == ds.iid_field else range(1, len(local))
+        missing = [str(local[i]) for i in used if local[i] not in token_id]
+        if missing:
+            what = "item(s)" if field == ds.iid_field else f"token(s) of field [{field}]"
+            raise ValueError(
+                f"item_vocabulary {path} lacks {len(missing)} {what} of market [{market}] "
+                f"({', '.join(market_inter_files(self.config, market))}), e.g. {missing[:3]}: "
+                "every market must use the vocabulary its federation agreed on (rewrite it "
+                "with python -m recbole_cmr.data.vocabulary over all markets).")
+        lut = np.array([token_id.get(t, 0) for t in local], dtype=np.int64)
+        ds.remap_to_global(field, lut, tokens, token_id)
 
     def _private_fields(self):
         """The user id and ``market_private_fields`` (checked: token fields of every market)."""

@@ -367,13 +367,12 @@ class NodeSession:
 
     def handle(self, content):
         """The reply ``RecordDict`` to a message's ``content`` (``Client.<method>(*args)``)."""
-        from recbole_cmr.data.vocabulary import vocabulary_digest
         from recbole_cmr.utils import save_atomic
 
         args, plain = decode(content)
         method, client = plain["method"], self.client
         if method == "describe":
-            reply = {"market": client.client_id, "vocabulary": vocabulary_digest(self.dataset.item_tokens)}
+            reply = {"market": client.client_id, "vocabulary": self.dataset.vocabulary_digest()}
         elif method == "finetune":
             reply = node_finetune(self.config, client, *args)
         elif method == "close":  # the run is over: the worker ends
