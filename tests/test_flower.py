@@ -47,6 +47,17 @@ def _round_checkpoint(folder):
     return torch.load(path, weights_only=True)
 
 
+def _assert_same_results(remote, local, key):
+    """Flower's ``remote`` run result equals the in-process ``local`` one: every market's valid and
+    test metrics, and the per-round ``key`` of the federated history."""
+    assert set(remote["per_market"]) == set(local["per_market"])
+    for market, result in local["per_market"].items():
+        for phase in ("valid", "test"):
+            assert remote["per_market"][market][phase] == {k: float(v) for k, v in result[phase].items()}
+    assert [r[key] for r in remote["federated_rounds"]["history"]] == \
+        [r[key] for r in local["federated_rounds"]["history"]]
+
+
 def test_two_markets_on_flower_give_the_in_process_numbers_and_leave_nothing_running(tmp_path):
     """FeCoSR: federated rounds (adapters local), then each SuperNode's own fine-tuning."""
     flower_run = launcher.deploy(["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "fr",
@@ -368,12 +379,7 @@ def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterru
     uninterrupted = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
         **_settings(SMALL[3:]), "markets": ["de", "fr"], "fed_rounds": 3,
         "checkpoint_dir": str(tmp_path / "in-process")})
-    for market in ("de", "fr"):
-        for phase in ("valid", "test"):
-            assert resumed["per_market"][market][phase] == {
-                k: float(v) for k, v in uninterrupted["per_market"][market][phase].items()}
-    assert [r["valid_score"] for r in resumed["federated_rounds"]["history"]] == \
-        [r["valid_score"] for r in uninterrupted["federated_rounds"]["history"]]
+    _assert_same_results(resumed, uninterrupted, "valid_score")
 
 
 def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
@@ -387,12 +393,8 @@ def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
                               f"--checkpoint_dir={tmp_path / 'flower'}"])
     local = run_recbole_cmr(model="PFMSMTrec", dataset="mlsc", config_dict={
         **settings, "checkpoint_dir": str(tmp_path / "in-process")})
-    assert set(remote["per_market"]) == set(local["per_market"]) and len(local["per_market"]) == 4
-    for market, result in local["per_market"].items():
-        for phase in ("valid", "test"):
-            assert remote["per_market"][market][phase] == {k: float(v) for k, v in result[phase].items()}
-    assert [r["bytes_up"] for r in remote["federated_rounds"]["history"]] == \
-        [r["bytes_up"] for r in local["federated_rounds"]["history"]]  # the same parameters shared
+    assert len(local["per_market"]) == 4
+    _assert_same_results(remote, local, "bytes_up")  # bytes_up: the same parameters shared
 
 
 def _yaml(folder, values):
@@ -443,9 +445,4 @@ def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(
     local = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
         **_settings(SMALL[3:] + extra), "markets": ["de", "fr"], "fed_rounds": 2, "fed_strategy": strategy,
         "checkpoint_dir": str(tmp_path / "in-process")})
-    for market in ("de", "fr"):
-        for phase in ("valid", "test"):
-            assert remote["per_market"][market][phase] == {
-                k: float(v) for k, v in local["per_market"][market][phase].items()}
-    assert [r["train_loss"] for r in remote["federated_rounds"]["history"]] == \
-        [r["train_loss"] for r in local["federated_rounds"]["history"]]
+    _assert_same_results(remote, local, "train_loss")
