@@ -52,6 +52,12 @@ SELECTED_BY = "valid ndcg@10 of the target"
 # pretraining settings and the seed).
 WHERE = ("data_path", "text_cache_dir", "pretrained")
 METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50"]
+# Changes of ANT's code that change its numbers at unchanged settings; an ANT record (a variant or
+# a pretraining) of an older revision is stale. Absent = 1. 2: per-epoch learning-rate decay
+# (0.995 pretraining, 0.99 target), adaptors initialised N(0, 0.02) like the other layers, and
+# re-learning restarts positions at N(0, 0.02) (was N(0, 1)) and experts Xavier-normal (the
+# authors' code).
+ANT_REVISION = 2
 SETTINGS = {
     # Adaptation: early stopping decides (re-learning from re-initialised adaptors was still
     # gaining at epoch 50 in a first try).
@@ -145,13 +151,14 @@ def ensure_pretrained(seed):
     out_file = FOLDER / "pretrain" / f"seed{seed}.json"
     settings = pretrain_settings(seed)
     if (pretrained_file(seed).exists() and out_file.exists()
-            and ran_with(json.loads(out_file.read_text()), settings, WHERE)):
+            and current_ant(json.loads(out_file.read_text()), settings)):
         return pretrained_file(seed)
     print(f"== pretraining on {SOURCES}, seed {seed}", flush=True)
     result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
     SAVED.mkdir(exist_ok=True)
     shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
-    write_record({"name": "pretrain", "model": "ANT", "seed": seed, "settings": settings, "wall_s": wall,
+    write_record({"name": "pretrain", "model": "ANT", "revision": ANT_REVISION, "seed": seed,
+            "settings": settings, "wall_s": wall,
             "selected_by": "macro valid ndcg@10 of the auxiliary domains",
             "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
                            for m, r in result["per_market"].items()}}, out_file)
@@ -166,6 +173,7 @@ def run_one(name, seed, out_file):
     result, wall = _run(model, dataset, settings)
     target = result["per_market"][MARKET]
     write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
+            **({"revision": ANT_REVISION} if model == "ANT" else {}),
             "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
             "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
                                                     "test": _floats(target["test"])}}}, out_file)
@@ -175,7 +183,13 @@ def is_current(record):
     """True when ``record`` ran with the settings the harness would use now."""
     if record["name"] not in MODELS:
         return False
-    return ran_with(record, run_settings(record["name"], record["seed"])[2], WHERE)
+    return current_ant(record, run_settings(record["name"], record["seed"])[2])
+
+
+def current_ant(record, settings):
+    """True when ``record`` ran with ``settings`` and, an ANT run, under ``ANT_REVISION``."""
+    revision = record.get("revision", 1) if record["model"] == "ANT" else ANT_REVISION
+    return revision == ANT_REVISION and ran_with(record, settings, WHERE)
 
 
 def summarise_runs(runs):
@@ -247,7 +261,7 @@ def pretraining_summary():
     out = {}
     for path in sorted((FOLDER / "pretrain").glob("seed*.json")):
         record = json.loads(path.read_text())
-        if not ran_with(record, pretrain_settings(record["seed"]), WHERE):
+        if not current_ant(record, pretrain_settings(record["seed"])):
             continue
         out[record["seed"]] = {"wall_s": record["wall_s"], **{
             f"{split}_ndcg@10": sum(r[split]["ndcg@10"] for r in record["per_market"].values())

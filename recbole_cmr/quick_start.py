@@ -27,7 +27,8 @@ from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.federated import train_federated
 from recbole_cmr.federated.client import client_seed
 from recbole_cmr.results import format_table, init_run_logger, results_frame, save_results
-from recbole_cmr.trainer import finetune_trainer, keep_pretrained, macro_average, new_market_trainer
+from recbole_cmr.trainer import (check_lr_decay, finetune_trainer, keep_pretrained, macro_average,
+                                 new_market_trainer)
 from recbole_cmr.utils import get_model, get_trainer
 
 TRAIN_MODES = ("local", "pooled", "federated", "transfer")
@@ -128,6 +129,9 @@ def _first_stage(config, train, valid, test, markets, valid_markets, tag, saved,
     single = len(markets) == 1 and list(valid_markets) == list(markets)
     data = train[markets[0]] if len(markets) == 1 else pooled_train_data(config, {m: train[m] for m in markets})
     model, trainer = new_market_trainer(config, data._dataset, tag, list(test))
+    if config["train_mode"] == "transfer" or config["finetune"]:  # a pretraining stage
+        if config["pretrain_learning_rate_decay"] is not None:
+            trainer.lr_decay = check_lr_decay(config, "pretrain_learning_rate_decay")
     if verbose:
         getLogger().info(model)
     if config["pretrained"]:

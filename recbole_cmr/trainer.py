@@ -60,7 +60,10 @@ class MultiMarketTrainerMixin:
       by RecBole's own ``evaluate`` and the valid score is the macro average over markets;
     * checkpoints hold plain data only and load with ``torch.load(weights_only=True)``
       (RecBole 1.2.1 pickles its Config and cannot reload its own checkpoints on torch >= 2.6);
-    * ``checkpoint_info``: what else the checkpoint should record (dataset, markets, ...).
+    * ``checkpoint_info``: what else the checkpoint should record (dataset, markets, ...);
+    * ``learning_rate_decay``: inside ``fit``, every parameter group's learning rate is
+      multiplied by ``lr_decay`` after each training epoch (PyTorch's ``StepLR`` with step 1;
+      federated rounds, which call ``_train_epoch`` themselves, are not decayed).
     """
 
     checkpoint_info = {}
@@ -68,10 +71,13 @@ class MultiMarketTrainerMixin:
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = Collector(config)
+        self.lr_decay = check_lr_decay(config, "learning_rate_decay")
+        self._decaying = False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
             callback_fn=None):
         self.best_valid_per_market = None
+        self._decaying = True
 
         def remember_best(epoch_idx, valid_score):
             if self.cur_step == 0:  # early_stopping just recorded a new best
@@ -79,11 +85,18 @@ class MultiMarketTrainerMixin:
             if callback_fn:
                 callback_fn(epoch_idx, valid_score)
 
-        return super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
+        try:
+            return super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
+        finally:
+            self._decaying = False
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         self._loss_position = [epoch_idx, 0]  # epoch, batch: for _check_nan's message
-        return super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
+        if self._decaying and self.lr_decay != 1.0:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= self.lr_decay
+        return loss
 
     def _check_nan(self, loss):
         """Stop on a non-finite training loss (RecBole checks NaN only; Inf too here), naming the
@@ -184,6 +197,17 @@ class MultiMarketTrainerMixin:
         self.model.load_other_parameter(checkpoint.get("other_parameter"))
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+
+def check_lr_decay(config, key):
+    """``config[key]`` as a per-epoch learning-rate factor in (0, 1] (None: 1.0, no decay)."""
+    value = config[key]
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{key} must be a number in (0, 1] (the learning rate's factor per epoch; "
+                         f"1 = constant), not {value!r}.")
+    return float(value)
 
 
 class MultiTaskTrainerMixin:

@@ -177,8 +177,35 @@ def test_relearn_reinitialises_and_freezes_exactly(domains):
     assert changed == {k for k in reinit if "bias" not in k or not before[k].eq(0).all()}
     for name, adaptor in model.item_embedding.adaptors.items():  # gates back to zero: uniform
         assert not adaptor.w_gate.any() and not adaptor.w_noise.any()
+        for expert in adaptor.experts:  # Xavier-normal weights, zero biases (the authors' code)
+            linear = getattr(expert, "linear", expert)
+            fan_out, fan_in = linear.weight.shape
+            assert linear.weight.std().item() == pytest.approx((2 / (fan_in + fan_out)) ** 0.5, rel=0.2)
+            assert not getattr(expert, "bias", linear.bias).any()
+    # positions restart at N(0, initializer_range) (nn.Embedding's own reset draws N(0, 1))
+    assert model.position_embedding.weight.std().item() == pytest.approx(0.02, rel=0.3)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in model.named_parameters() if not n.startswith("trm_encoder.")}
+
+
+def test_adaptors_start_like_the_other_layers(domains):
+    _, model, _ = _model(_for("ANT", domains))
+    for adaptor in model.item_embedding.adaptors.values():
+        for expert in adaptor.experts:
+            assert getattr(expert, "linear", expert).weight.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+def test_learning_rate_decays_per_epoch_in_each_stage(domains):
+    settings = {**_for("ANT", domains), "epochs": 2, "eval_step": 1, "stopping_step": 10,
+                "learning_rate": 0.01, "learning_rate_decay": 0.5, "pretrain_learning_rate_decay": 0.8}
+    result = run_recbole_cmr(model="ANT", dataset="mlant", config_dict=settings)
+    for market, decay in (("ml100k", 0.8), ("south", 0.5)):  # source (pretraining), target
+        checkpoint = load_checkpoint(result["per_market"][market]["checkpoint"])
+        # saved after the best epoch's training step: lr * decay^(epoch + 1)
+        lrs = [g["lr"] for g in checkpoint["optimizer"]["param_groups"]]
+        assert lrs == pytest.approx([0.01 * decay ** (checkpoint["epoch"] + 1)] * len(lrs))
+    with pytest.raises(ValueError, match=r"learning_rate_decay must be a number in \(0, 1\]"):
+        run_recbole_cmr(model="ANT", dataset="mlant", config_dict={**settings, "learning_rate_decay": 1.5})
 
 
 def test_finetune_adaptation_keeps_the_adaptors(domains):

@@ -260,3 +260,16 @@ def test_ant_harness_runs_pretrained_variants_from_one_checkpoint_per_seed(ant_h
     assert (model, dataset, settings["markets"]) == ("SASRec", "scientific-full-transfer", ["scientific"])
     assert "pretrained" not in settings
     assert "ANT-relearn-noMoE@scientific-full" not in ant_harness.MODELS  # ablations: mm only
+
+
+def test_ant_records_of_an_older_ant_revision_are_stale(ant_harness):
+    def record(name, **extra):
+        model, _, settings = ant_harness.run_settings(name, 2020)
+        return {"name": name, "model": model, "seed": 2020, "settings": settings, **extra}
+
+    assert not ant_harness.is_current(record("ANT-relearn@scientific-mm"))  # before revision 2
+    assert ant_harness.is_current(record("ANT-relearn@scientific-mm", revision=ant_harness.ANT_REVISION))
+    assert ant_harness.is_current(record("SASRec-scratch@scientific-mm"))  # not ANT's code
+    changed = record("ANT-relearn@scientific-mm", revision=ant_harness.ANT_REVISION)
+    changed["settings"] = {**changed["settings"], "learning_rate": 0.01}
+    assert not ant_harness.is_current(changed)

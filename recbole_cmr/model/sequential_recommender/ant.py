@@ -12,8 +12,12 @@ Stages (``set_stage``): ``pretrain`` on the auxiliary domains - in-batch contras
 loss (duplicate positives masked) + ``image_text_weight`` x image->text InfoNCE over the batch's
 items that have both; ``finetune`` on the target - a softmax over the target's items
 (``market_softmax``) after the ``adaptation``: ``relearn`` re-initialises the position embedding
-and every adaptor (experts and gates) and freezes the Transformer encoder; ``finetune`` keeps the
+(N(0, initializer_range)) and every adaptor (experts Xavier-normal, gates zero) and freezes the
+Transformer encoder; ``finetune`` keeps the
 pretrained adaptors and trains them (encoder frozen with ``freeze_encoder``).
+
+The learning rate decays per epoch (``learning_rate_decay`` 0.99 on the target,
+``pretrain_learning_rate_decay`` 0.995 in pretraining), as in the authors' code.
 
 Switches for the ablations: ``text_modality``, ``image_modality``, ``price_modality``, ``fusion``,
 ``moe`` (False: one linear layer per modality).
@@ -67,14 +71,21 @@ class MoEAdaptor(nn.Module):
         return (self.gates(x).unsqueeze(-1) * experts).sum(1)
 
     def reset(self):
-        """Re-initialise every expert and the gates (re-learning)."""
+        """Re-initialise every expert (``relearn_init``) and the gates (zero: uniform)."""
         for expert in self.experts:
-            linear = expert.linear if isinstance(expert, WhitenedExpert) else expert
-            linear.reset_parameters()
-            if isinstance(expert, WhitenedExpert):
-                nn.init.zeros_(expert.bias)
+            relearn_init(expert)
         nn.init.zeros_(self.w_gate)
         nn.init.zeros_(self.w_noise)
+
+
+def relearn_init(module):
+    """Re-learning's fresh start of an expert or linear adaptor, as the authors' code does it:
+    Xavier-normal weights, zero biases (the whitening bias included)."""
+    linear = module.linear if isinstance(module, WhitenedExpert) else module
+    nn.init.xavier_normal_(linear.weight)
+    for bias in (getattr(module, "bias", None), linear.bias):
+        if bias is not None:
+            nn.init.zeros_(bias)
 
 
 class ModalityItemEncoder(nn.Module):
@@ -151,7 +162,7 @@ class ModalityItemEncoder(nn.Module):
             if isinstance(adaptor, MoEAdaptor):
                 adaptor.reset()
             else:
-                adaptor.reset_parameters()
+                relearn_init(adaptor)
 
 
 class ANT(MarketSoftmax, SASRec):
@@ -166,6 +177,7 @@ class ANT(MarketSoftmax, SASRec):
                 "gives none: add item text (<dataset>.item), image_feature_file or price_field, "
                 "or enable text_modality / image_modality / price_modality.")
         self.item_embedding = ModalityItemEncoder(modalities, self.hidden_size, config)
+        self.item_embedding.apply(self._init_weights)  # like every other layer: N(0, initializer_range)
         self.item_embedding.set_active(catalogue_mask(dataset, self.n_items))
         self.temperature = config["temperature"]
         self.image_text_weight = config["image_text_weight"]
@@ -223,7 +235,7 @@ class ANT(MarketSoftmax, SASRec):
         if stage not in ("pretrain", "finetune"):
             raise ValueError(f"ANT stage [{stage}] must be 'pretrain' or 'finetune'.")
         if stage == "finetune" and self.stage == "pretrain" and self.adaptation == "relearn":
-            self.position_embedding.reset_parameters()
+            nn.init.normal_(self.position_embedding.weight, 0.0, self.initializer_range)
             self.item_embedding.reset()
         self.stage = stage
         frozen = stage == "finetune" and self.freeze_encoder
