@@ -188,8 +188,9 @@ def is_current(record):
 
 def current_ant(record, settings):
     """True when ``record`` ran with ``settings`` and, an ANT run, under ``ANT_REVISION``."""
-    revision = record.get("revision", 1) if record["model"] == "ANT" else ANT_REVISION
-    return revision == ANT_REVISION and ran_with(record, settings, WHERE)
+    if record["model"] == "ANT" and record.get("revision", 1) != ANT_REVISION:
+        return False
+    return ran_with(record, settings, WHERE)
 
 
 def summarise_runs(runs):

@@ -129,9 +129,9 @@ def _first_stage(config, train, valid, test, markets, valid_markets, tag, saved,
     single = len(markets) == 1 and list(valid_markets) == list(markets)
     data = train[markets[0]] if len(markets) == 1 else pooled_train_data(config, {m: train[m] for m in markets})
     model, trainer = new_market_trainer(config, data._dataset, tag, list(test))
-    if config["train_mode"] == "transfer" or config["finetune"]:  # a pretraining stage
-        if config["pretrain_learning_rate_decay"] is not None:
-            trainer.lr_decay = check_lr_decay(config, "pretrain_learning_rate_decay")
+    pretraining = config["train_mode"] == "transfer" or config["finetune"]
+    if pretraining and config["pretrain_learning_rate_decay"] is not None:
+        trainer.lr_decay = check_lr_decay(config, "pretrain_learning_rate_decay")
     if verbose:
         getLogger().info(model)
     if config["pretrained"]:

@@ -81,11 +81,12 @@ class MoEAdaptor(nn.Module):
 def relearn_init(module):
     """Re-learning's fresh start of an expert or linear adaptor, as the authors' code does it:
     Xavier-normal weights, zero biases (the whitening bias included)."""
-    linear = module.linear if isinstance(module, WhitenedExpert) else module
-    nn.init.xavier_normal_(linear.weight)
-    for bias in (getattr(module, "bias", None), linear.bias):
-        if bias is not None:
-            nn.init.zeros_(bias)
+    if isinstance(module, WhitenedExpert):
+        nn.init.zeros_(module.bias)
+        module = module.linear
+    nn.init.xavier_normal_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
 
 
 class ModalityItemEncoder(nn.Module):
