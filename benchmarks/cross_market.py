@@ -18,6 +18,7 @@ against the benchmark targets (README, Results) on the seeds each pair of models
 """
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -92,12 +93,23 @@ DATASETS = {
 }
 
 
+def convert_once(convert_args, name):
+    """Run ``python -m recbole_cmr.data.convert <convert_args>`` into ``DATA/name`` unless done.
+
+    A lock file makes parallel benchmark workers wait for one conversion instead of racing.
+    """
+    DATA.mkdir(parents=True, exist_ok=True)
+    with open(DATA / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (DATA / name).is_dir():
+            cmd = [sys.executable, "-m", "recbole_cmr.data.convert", *convert_args,
+                   "--out", str(DATA), "--name", name]
+            subprocess.run(cmd, check=True)
+
+
 def ensure_dataset(name):
     """Convert the source files with recbole_cmr's converter unless already done."""
-    if not (DATA / name).is_dir():
-        cmd = [sys.executable, "-m", "recbole_cmr.data.convert", *DATASETS[name]["convert"],
-               "--out", str(DATA), "--name", name]
-        subprocess.run(cmd, check=True)
+    convert_once(DATASETS[name]["convert"], name)
 
 
 def eval_args(test_mode):

@@ -33,11 +33,9 @@ three times the multi-modal one's).
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 
-from cross_market import DATA, HERE, RESULTS, SHARED, _cell, _floats, seed_table
+from cross_market import DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, seed_table
 from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, write_record,
                             write_summary)
 
@@ -101,16 +99,11 @@ CONVERT = {
 
 def ensure_datasets():
     """Convert and merge the target and auxiliary data with recbole_cmr's converters (once)."""
-    def convert(args, name):
-        if not (DATA / name).is_dir():
-            subprocess.run([sys.executable, "-m", "recbole_cmr.data.convert", *args, "--out",
-                            str(DATA), "--name", name], check=True)
-
     for name, args in CONVERT.items():
-        convert(args, name)
+        convert_once(args, name)
     for target, merged in TARGETS.items():
-        convert(["merge", str(DATA / "office-products"), str(DATA / "movielens-markets") + ":ml100k",
-                 str(DATA / target)], merged)
+        sources = [str(DATA / "office-products"), str(DATA / "movielens-markets") + ":ml100k"]
+        convert_once(["merge", *sources, str(DATA / target)], merged)
 
 
 def common(seed):

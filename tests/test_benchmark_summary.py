@@ -273,3 +273,26 @@ def test_ant_records_of_an_older_ant_revision_are_stale(ant_harness):
     changed = record("ANT-relearn@scientific-mm", revision=ant_harness.ANT_REVISION)
     changed["settings"] = {**changed["settings"], "learning_rate": 0.01}
     assert not ant_harness.is_current(changed)
+
+
+def test_parallel_workers_convert_a_dataset_once(harness, tmp_path, monkeypatch):
+    """Two workers asking for the same missing dataset at once: one converts, the other waits."""
+    import threading
+    import time
+
+    calls = []
+
+    def fake_convert(cmd, check):
+        calls.append(cmd)
+        time.sleep(0.2)  # the other worker asks while this conversion is under way
+        (tmp_path / cmd[cmd.index("--name") + 1]).mkdir()
+
+    monkeypatch.setattr(harness, "DATA", tmp_path)
+    monkeypatch.setattr(harness.subprocess, "run", fake_convert)
+    workers = [threading.Thread(target=harness.convert_once, args=(["xmrec", "src"], "xm"))
+               for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and (tmp_path / "xm").is_dir()
