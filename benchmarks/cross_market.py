@@ -18,6 +18,7 @@ against the benchmark targets (README, Results) on the seeds each pair of models
 """
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -93,14 +94,19 @@ DATASETS = {
 }
 
 
-def convert_once(convert_args, name):
-    """Run ``python -m recbole_cmr.data.convert <convert_args>`` into ``DATA/name`` unless done.
-
-    A lock file makes parallel benchmark workers wait for one conversion instead of racing.
-    """
-    DATA.mkdir(parents=True, exist_ok=True)
-    with open(DATA / ".convert.lock", "w") as lock:
+@contextlib.contextmanager
+def exclusive(lock_file):
+    """Hold an exclusive lock on ``lock_file`` (created if missing): parallel benchmark workers
+    that need the same shared artefact wait for one of them to build it instead of racing."""
+    Path(lock_file).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def convert_once(convert_args, name):
+    """Run ``python -m recbole_cmr.data.convert <convert_args>`` into ``DATA/name`` unless done."""
+    with exclusive(DATA / ".convert.lock"):
         if not (DATA / name).is_dir():
             cmd = [sys.executable, "-m", "recbole_cmr.data.convert", *convert_args,
                    "--out", str(DATA), "--name", name]

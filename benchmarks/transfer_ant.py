@@ -35,7 +35,8 @@ import json
 import shutil
 import time
 
-from cross_market import DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, seed_table
+from cross_market import (DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, exclusive,
+                          seed_table)
 from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, write_record,
                             write_summary)
 
@@ -141,6 +142,11 @@ def _run(model, dataset, settings):
 def ensure_pretrained(seed):
     """Pretrain on the auxiliary domains for ``seed`` unless its record is current and its
     checkpoint is in ``saved/``; returns the checkpoint path."""
+    with exclusive(SAVED / f".pretrain-seed{seed}.lock"):  # parallel workers pretrain once
+        return _pretrain_unless_current(seed)
+
+
+def _pretrain_unless_current(seed):
     out_file = FOLDER / "pretrain" / f"seed{seed}.json"
     settings = pretrain_settings(seed)
     if (pretrained_file(seed).exists() and out_file.exists()
@@ -148,7 +154,6 @@ def ensure_pretrained(seed):
         return pretrained_file(seed)
     print(f"== pretraining on {SOURCES}, seed {seed}", flush=True)
     result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
-    SAVED.mkdir(exist_ok=True)
     shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
     write_record({"name": "pretrain", "model": "ANT", "revision": ANT_REVISION, "seed": seed,
             "settings": settings, "wall_s": wall,
