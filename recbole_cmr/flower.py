@@ -1,5 +1,5 @@
 """One-machine Flower deployment of a federated run: a SuperLink, one SuperNode per market, the
-App run with ``flwr run``, everything torn down at the end (success, error or Ctrl-C).
+App run with ``flwr run``, everything torn down at the end (success, error, Ctrl-C or ``kill``).
 
     python -m recbole_cmr.flower --model=FedAvgSASRec --dataset=xmrec-mini --markets de fr --rounds 3
 
@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -227,7 +228,7 @@ def deploy(argv=None):
     LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[], nodes={})
     print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
           + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
-    with Deployment(work, lambda: stop_workers(settings)) as deployment:
+    with Deployment(work, lambda: stop_workers(settings)) as deployment, _sigterm_interrupts():
         deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
                                        "--port", str(link), "--database", str(work / "state.db")])
         wait_listening(link, deployment, "superlink")
@@ -249,6 +250,26 @@ def deploy(argv=None):
     return json.loads(result_file.read_text())
 
 
+class _sigterm_interrupts:
+    """Within the block a SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so the deployment is
+    torn down instead of left running (main thread only; elsewhere it does nothing)."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def wait_listening(port, deployment, name, timeout=60):
     """Wait until something listens on ``port`` (the process ``name`` must stay alive)."""
     start = time.time()
@@ -268,6 +289,9 @@ def main(argv=None):
         result = deploy(argv)
     except (ValueError, KeyError, OSError, TimeoutError, RuntimeError) as err:
         raise SystemExit(f"recbole_cmr.flower: error: {err}") from None
+    except KeyboardInterrupt as stop:
+        raise SystemExit(f"recbole_cmr.flower: stopped ({stop.args[0] if stop.args else 'SIGINT'}); "
+                         "every process of the deployment was stopped.") from None
     print(json.dumps({"best_valid_result": result["best_valid_result"], "test_result": result["test_result"]},
                      indent=2))
 
