@@ -167,6 +167,8 @@ def _train_transfer(config, train, valid, test, saved, verbose, info=None):
         if hasattr(target, "use_market"):  # e.g. market_softmax: the target's own item mask
             target.use_market(train[market]._dataset)
     per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
+    if info is not None:
+        info["transfer_targets"] = list(targets)  # what the run's valid score is over by default
     for source in sources:
         per_market[source]["after_transfer"] = {}
         for market, target in targets.items():
@@ -229,11 +231,14 @@ def _load_pretrained(config, model, trainer):
     getLogger().info(set_color("First stage loaded from", "blue") + f": {path}")
 
 
-def _summarise(config, per_market):
-    """The dict RecBole's HyperTuning reads (macro over markets), plus the per-market results."""
-    chosen = config["valid_markets"]  # e.g. the target entity: what HyperTuning optimises
+def _summarise(config, per_market, default_valid=None):
+    """The dict RecBole's HyperTuning reads (macro over markets), plus the per-market results.
+    The valid and test macros are over ``valid_markets``, else ``default_valid`` (a transfer run's
+    targets: tuning a transfer tunes its adaptation), else every market."""
+    chosen = config["valid_markets"] or default_valid  # e.g. the target entity: what HyperTuning optimises
     chosen = [chosen] if isinstance(chosen, str) else chosen
-    valids = {m: r["valid"] for m, r in per_market.items() if not chosen or m in chosen}
+    chosen = [m for m in per_market if not chosen or m in chosen]
+    valids = {m: per_market[m]["valid"] for m in chosen}
     macro_valid = None if None in valids.values() else macro_average(valids)
     return {
         "model": config["model"],
@@ -244,7 +249,7 @@ def _summarise(config, per_market):
         ),
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": macro_valid,
-        "test_result": macro_average({m: r["test"] for m, r in per_market.items()}),
+        "test_result": macro_average({m: per_market[m]["test"] for m in chosen}),
         "per_market": per_market,
     }
 
@@ -258,7 +263,7 @@ def _run(config, saved=True, verbose=True):
                   "federated": _train_federated, "transfer": _train_transfer}
     info = {}
     per_market = trainer_fn[config["train_mode"]](config, train, valid, test, saved, verbose, info)
-    return {**_summarise(config, per_market), **info}
+    return {**_summarise(config, per_market, info.get("transfer_targets")), **info}
 
 
 def _report(config, result, log_path):

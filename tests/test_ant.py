@@ -225,6 +225,10 @@ def test_two_stages_with_two_sources_and_stage_two_alone(domains):
     assert source_checkpoint == result["per_market"]["east"]["checkpoint"]  # one pooled pretraining
     assert set(result["per_market"]["east"]["after_transfer"]) == {"south"}
     assert load_checkpoint(south["checkpoint"])["stage"] == "finetune"
+    # what HyperTuning optimises is the adaptation: the target's valid score, not the sources'
+    assert result["best_valid_result"] == south["valid"]
+    assert result["best_valid_score"] == south["valid"]["mrr@10"]  # RecBole's default valid_metric
+    assert result["test_result"] == south["test"]
     alone = run_recbole_cmr(model="ANT", dataset="mlant",
                             config_dict={**settings, "pretrained": source_checkpoint})
     assert alone["per_market"]["ml100k"]["test"] == result["per_market"]["ml100k"]["test"]

@@ -285,3 +285,4 @@ def test_hyper_tuning_objective_selects_on_the_target_entity(entities):
                                  "valid_markets": ["target"]}, saved=False)
     assert result["best_valid_score"] == result["per_market"]["target"]["valid"]["auc"]
     assert result["best_valid_result"] == result["per_market"]["target"]["valid"]
+    assert result["test_result"] == result["per_market"]["target"]["test"]
