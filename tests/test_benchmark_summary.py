@@ -296,3 +296,19 @@ def test_parallel_workers_convert_a_dataset_once(harness, tmp_path, monkeypatch)
     for w in workers:
         w.join()
     assert len(calls) == 1 and (tmp_path / "xm").is_dir()
+
+
+def test_ant_tuning_grid_reads_as_recbole_space_and_a_done_variant_is_skipped(ant_harness, tmp_path,
+                                                                              monkeypatch):
+    from recbole.trainer import HyperTuning
+
+    tune = _load_harness("tune_ant")
+    grid = tmp_path / "grid.hyper"
+    grid.write_text(tune.params_text({"learning_rate": [0.001, 0.003], "hidden_dropout_prob": [0.5]}))
+    assert set(HyperTuning._build_space_from_file(str(grid))) == {"learning_rate", "hidden_dropout_prob"}
+    monkeypatch.setattr(tune, "FOLDER", tmp_path)
+    done = tmp_path / "ANT-relearn@scientific-mm-seed2020"
+    done.mkdir()
+    (done / "ANT-scientific-mm-transfer.best.json").write_text("{}")
+    monkeypatch.setattr(tune.ant, "ensure_pretrained", lambda seed: pytest.fail("a done variant ran"))
+    assert tune.tune("ANT-relearn", 2020) == done

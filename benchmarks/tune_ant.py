@@ -1,0 +1,63 @@
+"""Validation-only search of ANT's adaptation stage on ``scientific-mm``: the same grid for
+re-learning and fine-tuning, through ``recbole_cmr.hyper_tuning`` (RecBole's HyperTuning), from
+the benchmark's pretraining of the seed.
+
+    python benchmarks/tune_ant.py --seed 2020
+
+Asks whether re-learning's shortfall against fine-tuning in ``transfer_ant.py`` is a matter of
+the adaptation settings (the benchmark uses ANT.yaml's for both). Each variant writes
+``results/ant-tuning/<variant>@scientific-mm-seed<S>/`` (``*.best.json``: the trial with the
+best valid NDCG@10 of the target, with its test metrics; ``*.trials.csv``: every trial) and is
+skipped when that folder has its ``best.json``. Test metrics are read only after selection.
+"""
+
+import argparse
+import shutil
+
+import transfer_ant as ant
+from cross_market import RESULTS
+
+GRID = {"learning_rate": [0.001, 0.003], "hidden_dropout_prob": [0.5, 0.2]}
+VARIANTS = ["ANT-relearn", "ANT-finetune"]
+FOLDER = RESULTS / "ant-tuning"
+
+
+def params_text(grid):
+    """RecBole's hyper-parameter file format: ``name choice [v1,v2]`` per line."""
+    return "".join(f"{k} choice [{','.join(map(str, v))}]\n" for k, v in grid.items())
+
+
+def tune(variant, seed):
+    """Run the grid for ``variant`` on scientific-mm; returns its output folder."""
+    from recbole_cmr.hyper_tuning import run_hyper
+
+    out = FOLDER / f"{variant}@scientific-mm-seed{seed}"
+    if list(out.glob("*.best.json")):
+        print(f"== {out.name}: done, skipped", flush=True)
+        return out
+    model, dataset, settings = ant.run_settings(f"{variant}@scientific-mm", seed)
+    ant.ensure_pretrained(seed)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "grid.hyper").write_text(params_text(GRID))
+    print(f"== tuning {variant}@scientific-mm, seed {seed}: {GRID}", flush=True)
+    run_hyper(model, dataset, str(partial / "grid.hyper"), algo="exhaustive", config_dict=settings,
+              output_dir=str(partial))
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)  # nothing half-written under the final name
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=2020)
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    args = parser.parse_args(argv)
+    ant.ensure_datasets()
+    for variant in args.variants:
+        tune(variant, args.seed)
+
+
+if __name__ == "__main__":
+    main()
