@@ -245,6 +245,19 @@ def with_stage_runs(runs):
     return runs + derived
 
 
+def device_name():
+    """What trained the run: the GPU's name, or ``cpu`` (RecBole uses the GPU when it sees one)."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def torch_threads():
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_one(dataset, name, seed, out_file):
     """Train one model on every market, evaluate both protocols, write ``out_file``."""
     from recbole_cmr import run_recbole_cmr
@@ -285,7 +298,8 @@ def run_one(dataset, name, seed, out_file):
         record_extra["federated_rounds"] = result["federated_rounds"]
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
               "seed": seed, "revision": REVISIONS.get(name, 1), "selected_by": SELECTED_BY,
-              "settings": settings, "wall_s": round(prior_s + time.time() - start, 1),
+              "settings": settings, "device": device_name(), "threads": torch_threads(),
+              "wall_s": round(prior_s + time.time() - start, 1),
               **record_extra, "per_market": per_market}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
