@@ -334,8 +334,31 @@ def seed_table(runs, result_of, metrics):
         table[m] = {}
         for k in metrics:
             table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
+    by_device = wall_by_device(runs, lambda r: r["wall_s"])
     return {"per_market": {m: table[m] for m in markets}, "macro": table["macro"],
-            "runs": len(runs), "wall_s": _mean_std([r["wall_s"] for r in runs])[0]}
+            "runs": len(runs), "wall_s": by_device.get("cpu", _mean_std([r["wall_s"] for r in runs])[0]),
+            "wall_s_by_device": by_device}
+
+
+def wall_by_device(runs, wall_of):
+    """``{device: mean wall_of(run)}``: wall times are comparable on one kind of machine only (a
+    record without ``device`` ran on this project's CPU machine, as every run did before GPUs)."""
+    by = {}
+    for run in runs:
+        by.setdefault(short_device(run.get("device", "cpu")), []).append(wall_of(run))
+    return {device: _mean_std(values)[0] for device, values in sorted(by.items())}
+
+
+def short_device(name):
+    """``"NVIDIA H200"`` -> ``"H200"``; ``"cpu"`` stays."""
+    return name.removeprefix("NVIDIA ").strip()
+
+
+def _wall_cell(by_device):
+    """Minutes per device: ``"42.6"`` for CPU runs alone, ``"78.9 (cpu) / 8.0 (H200)"`` else."""
+    if list(by_device) == ["cpu"]:
+        return f"{by_device['cpu'] / 60:.1f}"
+    return " / ".join(f"{wall / 60:.1f} ({device})" for device, wall in by_device.items())
 
 
 def summarise_protocol(runs, protocol):
@@ -346,11 +369,13 @@ def summarise_protocol(runs, protocol):
         mine = [r for r in runs if r["name"] == name]
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
         summary["models"][name] = seed_table(mine, lambda res: res["test"][protocol], METRICS)
-        rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds", {}).get("rounds")]
-        if rounds and not any("federated_stage" in r for r in mine):
-            summary["models"][name]["rounds_to_best"] = _mean_std(
-                [r["best_round"] + 1 for r in rounds])[0]
-            summary["models"][name]["rounds_wall_s"] = _mean_std([r["rounds_wall_s"] for r in rounds])[0]
+        fed = [r for r in mine if r.get("federated_rounds", {}).get("rounds")]
+        if fed and not any("federated_stage" in r for r in mine):
+            entry = summary["models"][name]
+            entry["rounds_to_best"] = _mean_std([r["federated_rounds"]["best_round"] + 1 for r in fed])[0]
+            entry["rounds_wall_s_by_device"] = wall_by_device(fed, lambda r: r["federated_rounds"]["rounds_wall_s"])
+            entry["rounds_wall_s"] = entry["rounds_wall_s_by_device"].get(
+                "cpu", _mean_std([r["federated_rounds"]["rounds_wall_s"] for r in fed])[0])
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
@@ -445,11 +470,16 @@ def markdown(dataset, summaries):
                      for m in markets]
             macro = entry["macro"]
             cells += [_cell(macro["ndcg@10"], macro["ndcg@10_std"]),
-                      f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", f"{entry['wall_s'] / 60:.1f}",
+                      f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", _wall_cell(entry["wall_s_by_device"]),
                       f"{entry['rounds_to_best']:.0f}" if "rounds_to_best" in entry else "–",
-                      f"{entry['rounds_wall_s'] / 60:.1f}" if "rounds_wall_s" in entry else "–"]
+                      _wall_cell(entry["rounds_wall_s_by_device"]) if "rounds_wall_s" in entry else "–"]
             mark = " †" if "federated_stage_of" in entry else ""
             lines.append(f"| {name}{mark} (n={entry['runs']}) | " + " | ".join(cells) + " |")
+        if any(set(entry["wall_s_by_device"]) - {"cpu"} for entry in models.values()):
+            lines += ["", "Wall time per machine, never averaged across machines: cpu = the 2-core CPU "
+                      "machine, one torch thread per run, two runs at a time; H200 = one NVIDIA H200 "
+                      "beside 16 CPU cores, up to 14 runs at a time, one CPU thread each. Metrics do not "
+                      "depend on the machine beyond floating-point noise."]
         if any("federated_stage_of" in entry for entry in models.values()):
             lines += ["", "† fine-tunes the federated stage of the run it ablates (same seed); its "
                       "wall time counts the fine-tuning only."]
@@ -506,14 +536,17 @@ def rounds_chart(dataset, runs, path):
     curves = {}
     for run in sorted(runs, key=lambda r: r["seed"]):
         history = (run.get("federated_rounds") or {}).get("history")
-        if history and run["name"] not in curves and "federated_stage" not in run:
-            curves[run["name"]] = (run["seed"], [(h["round"] + 1, h["valid_score"]) for h in history
-                                                 if h["valid_score"] is not None])
+        derived = run["name"].endswith(" w/o fine-tuning")  # the same rounds as the run itself
+        if history and run["name"] not in curves and "federated_stage" not in run and not derived:
+            device = short_device(run.get("device", "cpu"))
+            label = f"{run['name']} (seed {run['seed']}{'' if device == 'cpu' else ', ' + device})"
+            curves[run["name"]] = (label, [(h["round"] + 1, h["valid_score"]) for h in history
+                                           if h["valid_score"] is not None])
     if not curves:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, (seed, points) in curves.items():
-        ax.plot(*zip(*points), label=f"{name} (seed {seed})")
+    for label, points in curves.values():
+        ax.plot(*zip(*points), label=label)
     pooled = [r for r in runs if r["name"] == "Pooled"]
     if pooled:
         import numpy as np

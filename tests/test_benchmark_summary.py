@@ -132,6 +132,17 @@ def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness):
     assert row.endswith("| 8 | 3.0 |")
 
 
+def test_wall_times_are_kept_apart_per_machine(harness):
+    runs = [_run("Local", 2020, {"a": 0.1}, 600.0), _run("Local", 2021, {"a": 0.1}, 60.0),
+            _run("Local", 2022, {"a": 0.1}, 120.0)]
+    runs[1]["device"] = runs[2]["device"] = "NVIDIA H200"
+    entry = harness.summarise_protocol(runs, "full")["models"]["Local"]
+    assert entry["wall_s"] == pytest.approx(600.0)  # the CPU machine's, never mixed with the GPU's
+    assert entry["wall_s_by_device"] == {"H200": pytest.approx(90.0), "cpu": pytest.approx(600.0)}
+    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
+    assert "| 1.5 (H200) / 10.0 (cpu) |" in text and "Wall time per machine" in text
+
+
 def test_a_run_from_an_older_model_revision_is_stale(harness):
     _, settings = harness.run_settings("xmrec", "Local", 2020)
     record = {"name": "Local", "dataset": "xmrec", "seed": 2020, "settings": settings}
