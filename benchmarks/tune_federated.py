@@ -49,6 +49,12 @@ GRID = [
     ("fedprox-mu0.01-etal0.003-E1", {"fed_strategy": "fedprox", "proximal_mu": 0.01,
                                      "eta_l": 0.003}),
     ("fedavg-etal0.005-E1", {"fed_strategy": "fedavg", "eta_l": 0.005}),
+    # XMRec, where most items are sold in one or two markets: each market's softmax over its own
+    # items and per-item averaging (``+MS``), at both client learning rates, and with server momentum
+    ("ms-rows-E1", {"fed_strategy": "fedavg_rows", "market_softmax": True}),
+    ("ms-rows-etal0.003-E1", {"fed_strategy": "fedavg_rows", "market_softmax": True, "eta_l": 0.003}),
+    ("ms-rows-fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "fed_rowwise": True, "market_softmax": True,
+                                 "server_momentum": 0.5}),
 ]
 
 
