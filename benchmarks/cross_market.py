@@ -245,17 +245,13 @@ def with_stage_runs(runs):
     return runs + derived
 
 
-def device_name():
-    """What trained the run: the GPU's name, or ``cpu`` (RecBole uses the GPU when it sees one)."""
+def machine():
+    """What trained the run: ``{"device": the GPU's name or "cpu", "threads": torch threads}``
+    (RecBole uses the GPU when it sees one)."""
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def torch_threads():
-    import torch
-
-    return torch.get_num_threads()
+    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "threads": torch.get_num_threads()}
 
 
 def run_one(dataset, name, seed, out_file):
@@ -298,7 +294,7 @@ def run_one(dataset, name, seed, out_file):
         record_extra["federated_rounds"] = result["federated_rounds"]
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
               "seed": seed, "revision": REVISIONS.get(name, 1), "selected_by": SELECTED_BY,
-              "settings": settings, "device": device_name(), "threads": torch_threads(),
+              "settings": settings, **machine(),
               "wall_s": round(prior_s + time.time() - start, 1),
               **record_extra, "per_market": per_market}
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -334,19 +330,20 @@ def seed_table(runs, result_of, metrics):
         table[m] = {}
         for k in metrics:
             table[m][k], table[m][f"{k}_std"] = _mean_std([res[m][k] for res in per_run])
-    by_device = wall_by_device(runs, lambda r: r["wall_s"])
+    wall_s, by_device = wall_by_device(runs, lambda r: r["wall_s"])
     return {"per_market": {m: table[m] for m in markets}, "macro": table["macro"],
-            "runs": len(runs), "wall_s": by_device.get("cpu", _mean_std([r["wall_s"] for r in runs])[0]),
-            "wall_s_by_device": by_device}
+            "runs": len(runs), "wall_s": wall_s, "wall_s_by_device": by_device}
 
 
 def wall_by_device(runs, wall_of):
-    """``{device: mean wall_of(run)}``: wall times are comparable on one kind of machine only (a
-    record without ``device`` ran on this project's CPU machine, as every run did before GPUs)."""
+    """``(wall, {device: mean wall_of(run)})``: wall times are comparable on one kind of machine
+    only, so ``wall`` is the CPU machine's mean (all runs' where none ran there). A record without
+    ``device`` ran on this project's CPU machine, as every run did before GPUs."""
     by = {}
     for run in runs:
         by.setdefault(short_device(run.get("device", "cpu")), []).append(wall_of(run))
-    return {device: _mean_std(values)[0] for device, values in sorted(by.items())}
+    by_device = {device: _mean_std(values)[0] for device, values in sorted(by.items())}
+    return by_device.get("cpu", _mean_std([wall_of(r) for r in runs])[0]), by_device
 
 
 def short_device(name):
@@ -373,9 +370,8 @@ def summarise_protocol(runs, protocol):
         if fed and not any("federated_stage" in r for r in mine):
             entry = summary["models"][name]
             entry["rounds_to_best"] = _mean_std([r["federated_rounds"]["best_round"] + 1 for r in fed])[0]
-            entry["rounds_wall_s_by_device"] = wall_by_device(fed, lambda r: r["federated_rounds"]["rounds_wall_s"])
-            entry["rounds_wall_s"] = entry["rounds_wall_s_by_device"].get(
-                "cpu", _mean_std([r["federated_rounds"]["rounds_wall_s"] for r in fed])[0])
+            entry["rounds_wall_s"], entry["rounds_wall_s_by_device"] = wall_by_device(
+                fed, lambda r: r["federated_rounds"]["rounds_wall_s"])
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
@@ -536,8 +532,7 @@ def rounds_chart(dataset, runs, path):
     curves = {}
     for run in sorted(runs, key=lambda r: r["seed"]):
         history = (run.get("federated_rounds") or {}).get("history")
-        derived = run["name"].endswith(" w/o fine-tuning")  # the same rounds as the run itself
-        if history and run["name"] not in curves and "federated_stage" not in run and not derived:
+        if history and run["name"] not in curves and "federated_stage" not in run:
             device = short_device(run.get("device", "cpu"))
             label = f"{run['name']} (seed {run['seed']}{'' if device == 'cpu' else ', ' + device})"
             curves[run["name"]] = (label, [(h["round"] + 1, h["valid_score"]) for h in history
@@ -574,7 +569,8 @@ def summarise(dataset):
         else:
             runs.append(run)
     order = {name: i for i, name in enumerate(MODELS)}
-    runs = with_stage_runs(sorted(runs, key=lambda r: (order.get(r["name"], len(order)), r["seed"])))
+    trained = sorted(runs, key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
+    runs = with_stage_runs(trained)  # + "w/o fine-tuning" runs, whose rounds are their run's
     summaries = [summarise_protocol(runs, p) for p in PROTOCOLS]
     for summary in summaries:
         suffix = "" if summary["protocol"] == "full" else f"-{summary['protocol']}"
@@ -582,7 +578,7 @@ def summarise(dataset):
     text = markdown(dataset, summaries)
     (RESULTS / f"{dataset}.md").write_text(text)
     gain_chart(dataset, summaries[0], RESULTS / f"{dataset}-gain.png")
-    rounds_chart(dataset, runs, RESULTS / f"{dataset}-rounds.png")
+    rounds_chart(dataset, trained, RESULTS / f"{dataset}-rounds.png")
     print(text)
 
 
