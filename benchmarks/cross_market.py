@@ -61,6 +61,8 @@ SETTINGS = {
     "valid_metric": "NDCG@10",
     "show_progress": False,
 }
+# "+MS" (see MODELS): per-market softmax with per-item averaging.
+MS = {"market_softmax": True, "fed_strategy": "fedavg_rows"}
 MODELS = {
     "Local": {"model": "SASRec", "train_mode": "local"},
     "Pooled": {"model": "SASRec", "train_mode": "pooled"},
@@ -74,12 +76,11 @@ MODELS = {
     # "+MS": each market trains its softmax over its own items (market_softmax) and item rows are
     # averaged over the markets that have the item (fedavg_rows); plain FedAvg dilutes a market's
     # own items by its share of all interactions (XMRec: most items are sold in one or two markets).
-    "FeCoSR+MS": {"model": "FeCoSR", "market_softmax": True, "fed_strategy": "fedavg_rows"},
-    "FedAvg-SASRec+MS": {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"},
+    "FeCoSR+MS": {"model": "FeCoSR", **MS},
+    "FedAvg-SASRec+MS": {"model": "FedAvgSASRec", **MS},
     # XMRec's federated setting, chosen by validation (tune_federated.py, seed 2020): +MS at client
     # learning rate 0.001 validated 0.1991 against 0.1939 at the yaml's 0.003 and plain FedAvg's 0.1835.
-    "FedAvg-SASRec+MS-lr0.001": {"model": "FedAvgSASRec", "market_softmax": True,
-                                 "fed_strategy": "fedavg_rows", "eta_l": 0.001},
+    "FedAvg-SASRec+MS-lr0.001": {"model": "FedAvgSASRec", **MS, "eta_l": 0.001},
     # "+keep": a market keeps its federated model unless fine-tuning validates higher
     # (finetune_keep_pretrained); fine-tuning only, on the federated stage of the run named.
     "FeCoSR+keep": {"model": "FeCoSR", "finetune_keep_pretrained": True,

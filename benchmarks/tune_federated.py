@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from cross_market import RESULTS, ensure_dataset, run_settings
+from cross_market import MS, RESULTS, ensure_dataset, run_settings
 
 SEED = 2020
 # (name, settings), in the order they run; E = fed_local_epochs.
@@ -51,8 +51,8 @@ GRID = [
     ("fedavg-etal0.005-E1", {"fed_strategy": "fedavg", "eta_l": 0.005}),
     # XMRec, where most items are sold in one or two markets: each market's softmax over its own
     # items and per-item averaging (``+MS``), at both client learning rates, and with server momentum
-    ("ms-rows-E1", {"fed_strategy": "fedavg_rows", "market_softmax": True}),
-    ("ms-rows-etal0.003-E1", {"fed_strategy": "fedavg_rows", "market_softmax": True, "eta_l": 0.003}),
+    ("ms-rows-E1", MS),
+    ("ms-rows-etal0.003-E1", {**MS, "eta_l": 0.003}),
     ("ms-rows-fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "fed_rowwise": True, "market_softmax": True,
                                  "server_momentum": 0.5}),
 ]
