@@ -158,7 +158,9 @@ def run_settings(dataset, name, seed):
     settings = {**SETTINGS, **DATASETS[dataset]["settings"], **own, **spec, "data_path": str(DATA),
                 "seed": seed, "eval_args": eval_args("full"),
                 "checkpoint_dir": str(HERE / "saved"), "text_cache_dir": str(HERE / "saved")}
-    return model, settings
+    from recbole_cmr.config import mode_settings
+
+    return model, mode_settings(model, dataset, settings)  # e.g. no round budget for Local
 
 
 # The round budget and the resume file do not change the rounds a federated run has run so far.

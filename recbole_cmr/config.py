@@ -24,8 +24,9 @@ class Config(RecBoleConfig):
     there.
 
     ``argv`` (a list of ``--key=value`` strings) replaces ``sys.argv`` as the command line.
-    A setting that only other plugin models read (``--model=SASRec --market_softmax=True``) is
-    an error.
+    A setting that only other plugin models read (``--model=SASRec --market_softmax=True``), or
+    that the run's ``train_mode`` does not read (``--train_mode=local --fed_rounds=10``), is an
+    error.
     """
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None,
@@ -33,6 +34,7 @@ class Config(RecBoleConfig):
         self._argv = None if argv is None else [str(a) for a in argv]
         super().__init__(model, dataset, config_file_list, config_dict)
         check_model_settings(self.model, self.external_config_dict)
+        check_mode_settings(self)
 
     def _load_cmd_line(self):
         if self._argv is None:
@@ -139,3 +141,78 @@ def check_model_settings(model, settings):
                 f"{key} is a setting of {', '.join(models)}; model {model} does not read it. "
                 f"Drop it, or run a model that has it (e.g. --model={models[0]})."
             )
+
+
+# Server-side settings of the federated strategies (Flower's names); every ``fed_*`` key too.
+FEDERATED_SETTINGS = ("server_learning_rate", "server_momentum", "eta", "beta_1", "beta_2", "tau",
+                      "eta_l", "proximal_mu")
+# Settings of a fine-tuning stage (train_mode transfer; pooled or federated with finetune: True).
+FINETUNE_SETTINGS = ("finetune_params", "finetune_lr_scale", "finetune_keep_pretrained",
+                     "pretrain_learning_rate_decay")
+
+
+def reading_modes(key, finetune):
+    """The train modes that read ``key`` (with ``finetune`` as set), or None for a setting every
+    mode reads."""
+    if key.startswith("fed_") or key in FEDERATED_SETTINGS:
+        return ("federated",)
+    if key in FINETUNE_SETTINGS:
+        return ("transfer",) + (("pooled", "federated") if finetune else ())
+    return {"pretrained": ("pooled", "transfer"), "pooled_markets": ("pooled",),
+            "finetune_markets": ("pooled",) if finetune else (),
+            "source_market": ("pooled", "transfer"),
+            "finetune": ("pooled", "federated")}.get(key)
+
+
+def unread_mode_settings(config, keys):
+    """``{key: modes that read it}`` for each of ``keys`` that ``config``'s ``train_mode`` does
+    not read; a key holding None or its default value reads as unset."""
+    mode, finetune = config["train_mode"], bool(config["finetune"])
+    unread = {}
+    for key in keys:
+        modes = reading_modes(key, finetune)
+        if key == "finetune":  # local never fine-tunes, transfer always does
+            if mode in modes or bool(config[key]) == (mode == "transfer"):
+                continue
+        elif modes is None or mode in modes or config[key] is None or \
+                config[key] == config.internal_config_dict.get(key):
+            continue
+        unread[key] = modes
+    return unread
+
+
+def check_mode_settings(config):
+    """Raise ValueError for a setting the user set that the run's ``train_mode`` does not read
+    (it would be silently ignored), naming the modes that read it."""
+    unread = unread_mode_settings(config, config.external_config_dict)
+    if unread:
+        key, modes = next(iter(unread.items()))
+        raise ValueError(f"{key} is not read by train_mode {config['train_mode']}: {_reader_hint(key, modes)}. "
+                         "Drop it, or change train_mode.")
+
+
+def _reader_hint(key, modes):
+    if key == "finetune":
+        return "transfer always fine-tunes and local never does; set it with pooled or federated"
+    if key == "finetune_markets":
+        return "only train_mode pooled with finetune: True reads it"
+    if key in FINETUNE_SETTINGS:
+        return "it is a fine-tuning setting: train_mode transfer, or pooled / federated with finetune: True"
+    return f"only train_mode {' / '.join(modes)} reads it"
+
+
+def mode_settings(model, dataset, settings):
+    """``settings`` less the keys the run's train mode does not read: for harnesses whose shared
+    settings serve models of every train mode (e.g. a round budget)."""
+    mode, finetune = _train_mode(model, dataset, settings.get("train_mode"))
+    finetune = bool(settings.get("finetune", finetune))
+    return {k: v for k, v in settings.items()
+            if (modes := reading_modes(k, finetune)) is None or mode in modes}
+
+
+@lru_cache(maxsize=None)
+def _train_mode(model, dataset, train_mode=None):
+    """``(train_mode, finetune)`` of ``model`` on ``dataset`` by its yaml (``train_mode`` given)."""
+    config = Config(model=model, dataset=dataset, argv=[],
+                    config_dict={"train_mode": train_mode} if train_mode else {})
+    return config["train_mode"], bool(config["finetune"])

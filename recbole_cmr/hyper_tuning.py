@@ -19,9 +19,10 @@ from recbole.trainer import HyperTuning
 from recbole_cmr.quick_start import objective_function
 
 
-def _objective(base_config, config_dict, config_file_list):
-    """HyperTuning's call ``f(params, files)`` with the fixed model/dataset settings added."""
-    return objective_function({**base_config, **config_dict}, config_file_list)
+def _objective(base_config, argv, config_dict, config_file_list):
+    """HyperTuning's call ``f(params, files)`` with the fixed model/dataset settings and the
+    command line ``argv`` (``--key=value`` strings) added."""
+    return objective_function({**base_config, **config_dict}, config_file_list, argv=argv)
 
 
 def trials_frame(hp):
@@ -36,13 +37,20 @@ def trials_frame(hp):
 
 
 def run_hyper(model, dataset, params_file, algo="exhaustive", max_evals=100, early_stop=10,
-              config_file_list=None, config_dict=None, output_dir="hyper"):
-    """Run the search; return ``(best_params, best_result, paths written)``."""
+              config_file_list=None, config_dict=None, output_dir="hyper", argv=()):
+    """Run the search; return ``(best_params, best_result, paths written)``.
+
+    ``argv``: further settings as ``--key=value`` strings (the command line's), fixed for every
+    trial; the process's own ``sys.argv`` is never read."""
     base = {"model": model, "dataset": dataset, **(config_dict or {})}
     hp = HyperTuning(
-        partial(_objective, base), params_file=params_file, algo=algo, max_evals=max_evals,
+        partial(_objective, base, list(argv)), params_file=params_file, algo=algo, max_evals=max_evals,
         early_stop=early_stop, fixed_config_file_list=config_file_list,
     )
+    searched = sorted(set(hp.space) & {a.split("=", 1)[0].lstrip("-") for a in argv})
+    if searched:
+        raise ValueError(f"{', '.join(searched)} is searched ({params_file}) and also set on the "
+                         "command line, which would fix it in every trial: drop one of them.")
     hp.run()
     os.makedirs(output_dir, exist_ok=True)
     stem = os.path.join(output_dir, f"{model}-{dataset}")
@@ -56,6 +64,8 @@ def run_hyper(model, dataset, params_file, algo="exhaustive", max_evals=100, ear
 
 
 def main(argv=None):
+    """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any ``--key=value``
+    that is not one of the search's options is a setting of every trial."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", "-m", default="SASRec")
     parser.add_argument("--dataset", "-d", default="xmrec-mini")
@@ -65,11 +75,11 @@ def main(argv=None):
     parser.add_argument("--early_stop", type=int, default=10, help="stop after N trials without gain")
     parser.add_argument("--config_files", default=None, help="fixed yaml files, space separated")
     parser.add_argument("--output_dir", default="hyper")
-    args, _ = parser.parse_known_args(argv)
+    args, settings = parser.parse_known_args(argv)  # settings: --key=value for every trial
     files = args.config_files.split() if args.config_files else None
     best, result, paths = run_hyper(
         args.model, args.dataset, args.params_file, args.algo, args.max_evals, args.early_stop,
-        files, output_dir=args.output_dir,
+        files, output_dir=args.output_dir, argv=settings,
     )
     print("best params:", best)
     print("best valid score:", result["best_valid_score"], "test (macro):", dict(result["test_result"]))

@@ -10,11 +10,11 @@
 * ``transfer``: one-to-one transfer, pretrained on ``source_market`` and fine-tuned on each other
   market.
 
-Either way each market is validated and tested by RecBole's Evaluator on its own loaders, and the
-result holds every market and the macro average.
+The modes themselves live in :mod:`recbole_cmr.modes`. Either way each market is validated and
+tested by RecBole's Evaluator on its own loaders, and the result holds every market and the macro
+average.
 """
 
-import copy
 import logging
 import sys
 from logging import getLogger
@@ -24,217 +24,16 @@ from recbole.utils import calculate_valid_score, init_seed, set_color
 from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
-from recbole_cmr.federated import train_federated
-from recbole_cmr.federated.client import client_seed
+from recbole_cmr.modes import check_train_mode, train_markets, use_market
 from recbole_cmr.results import format_table, init_run_logger, results_frame, save_results
-from recbole_cmr.trainer import (check_lr_decay, finetune_trainer, keep_pretrained, macro_average,
-                                 new_market_trainer)
-from recbole_cmr.utils import get_model, get_trainer
-
-TRAIN_MODES = ("local", "pooled", "federated", "transfer")
+from recbole_cmr.trainer import macro_average
+from recbole_cmr.utils import get_model
 
 
-def _check_train_mode(config):
-    if config["train_mode"] not in TRAIN_MODES:
-        raise ValueError(f"train_mode [{config['train_mode']}] must be one of {list(TRAIN_MODES)}.")
-
-
-def _fit_and_test(config, trainer, market, train, valid, test, saved, verbose):
-    """RecBole's fit on one market, then its test: ``{valid, test, checkpoint}``."""
-    best_valid = trainer.fit(train[market], valid[market], verbose=verbose, saved=saved,
-                             show_progress=config["show_progress"])[1]
-    return {
-        "valid": best_valid,
-        "test": trainer.evaluate(test[market], load_best_model=saved,
-                                 show_progress=config["show_progress"]),
-        "checkpoint": trainer.saved_model_file if saved else None,
-    }
-
-
-def _log_market(market, stage=""):
-    getLogger().info(set_color(f"======== market {market} {stage}========", "yellow"))
-
-
-def _train_local(config, train, valid, test, saved, verbose, info=None):
-    """One model per market. Returns ``{market: {valid, test, checkpoint}}``."""
-    per_market = {}
-    for market in train:
-        _log_market(market)
-        model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
-        if market == next(iter(train)) and verbose:
-            getLogger().info(model)
-        per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
-    return per_market
-
-
-def _finetune_local(config, models, train, valid, test, saved, verbose, seeded=False):
-    """Fine-tune each market's pretrained model on that market (see ``finetune_trainer``);
-    ``seeded``: each market from its own seed (``client_seed``), as a federated client would on
-    its own machine."""
-    per_market = {}
-    for market, model in models.items():
-        _log_market(market, "fine-tuning ")
-        if seeded:
-            init_seed(client_seed(config["seed"], market, "finetune"), config["reproducibility"])
-        trainer = finetune_trainer(config, model, f"{market}-finetuned", [market])
-        keep = config["finetune_keep_pretrained"]
-        before = keep_pretrained(trainer, valid[market], saved, config["show_progress"]) if keep else None
-        per_market[market] = _fit_and_test(config, trainer, market, train, valid, test, saved, verbose)
-        if keep:
-            per_market[market]["kept_pretrained"] = bool(trainer.best_valid_score == before)
-    return per_market
-
-
-def _train_federated(config, train, valid, test, saved, verbose, info=None):
-    """Federated pretraining over all markets, then (``finetune: True``) local fine-tuning.
-
-    With fine-tuning, each market also records its federated (pre-fine-tuning) results under
-    ``federated``. ``info["federated_rounds"]`` gets the rounds' summary (best round, wall time,
-    macro valid score per round).
-    """
-    models, rounds = {}, {}
-    federated = train_federated(config, train, valid, test, saved, verbose,
-                                resume_file=config["fed_resume"], models_out=models,
-                                pretrained_file=config["fed_pretrained"], rounds_out=rounds)
-    if info is not None:
-        info["federated_rounds"] = rounds
-    if not config["finetune"]:
-        return federated
-    per_market = _finetune_local(config, models, train, valid, test, saved, verbose, seeded=True)
-    for market, result in per_market.items():
-        result["federated"] = federated[market]
-    return per_market
-
-
-def source_markets(config, train):
-    """The markets of ``source_market`` (one name or a list; checked), else the market with the
-    most training interactions."""
-    named = config["source_market"]
-    if named is None:
-        return [max(train, key=lambda m: train[m]._dataset.inter_num)]
-    named = [named] if isinstance(named, str) else list(named)
-    unknown = [m for m in named if m not in train]
-    if unknown or not named:
-        raise ValueError(f"source_market {unknown or named} is not one of the markets {list(train)}.")
-    return named
-
-
-def _first_stage(config, train, valid, test, markets, valid_markets, tag, saved, verbose):
-    """One model trained on the training rows of ``markets`` (pooled when several) and selected by
-    the macro valid score over ``valid_markets``, or loaded from ``pretrained``.
-
-    Returns:
-        tuple: ``(model, {market: {valid, test, checkpoint}})`` for every market of ``test``.
-    """
-    single = len(markets) == 1 and list(valid_markets) == list(markets)
-    data = train[markets[0]] if len(markets) == 1 else pooled_train_data(config, {m: train[m] for m in markets})
-    model, trainer = new_market_trainer(config, data._dataset, tag, list(test))
-    pretraining = config["train_mode"] == "transfer" or config["finetune"]
-    if pretraining and config["pretrain_learning_rate_decay"] is not None:
-        trainer.lr_decay = check_lr_decay(config, "pretrain_learning_rate_decay")
-    if verbose:
-        getLogger().info(model)
-    if config["pretrained"]:
-        _load_pretrained(config, model, trainer)
-    else:
-        checks = valid[markets[0]] if single else {m: valid[m] for m in valid_markets}
-        trainer.fit(data, checks, verbose=verbose, saved=saved, show_progress=config["show_progress"])
-    loaded = saved or bool(config["pretrained"])
-    progress = config["show_progress"]
-    tests = {m: trainer.evaluate(test[m], load_best_model=loaded and i == 0, show_progress=progress)
-             for i, m in enumerate(test)}
-    best = {markets[0]: trainer.best_valid_result} if single and not config["pretrained"] else \
-        (getattr(trainer, "best_valid_per_market", None) or {})
-    valids = {m: best.get(m) or trainer.evaluate(valid[m], load_best_model=False, show_progress=progress)
-              for m in test}
-    checkpoint = config["pretrained"] or (trainer.saved_model_file if saved else None)
-    return model, {m: {"valid": valids[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
-
-
-def _train_transfer(config, train, valid, test, saved, verbose, info=None):
-    """Transfer: train on the source market(s) (pooled when several, e.g. ANT's auxiliary
-    domains), fine-tune a copy on each other market (the targets).
-
-    Each source keeps its own results, plus ``after_transfer``: its test results under each
-    target's fine-tuned model (the source degradation that one-to-one transfer causes).
-    """
-    sources = source_markets(config, train)
-    _log_market(", ".join(sources), "(source) ")
-    model, per_market = _first_stage(config, train, valid, {m: test[m] for m in sources}, sources,
-                                     sources, "-".join(sources), saved, verbose)
-    targets = {m: copy.deepcopy(model) for m in train if m not in sources}
-    for market, target in targets.items():
-        if hasattr(target, "use_market"):  # e.g. market_softmax: the target's own item mask
-            target.use_market(train[market]._dataset)
-    per_market.update(_finetune_local(config, targets, train, valid, test, saved, verbose))
-    if info is not None:
-        info["transfer_targets"] = list(targets)  # what the run's valid score is over by default
-    for source in sources:
-        per_market[source]["after_transfer"] = {}
-        for market, target in targets.items():
-            if hasattr(target, "use_market"):  # e.g. ANT scores only its market's items
-                target.use_market(train[source]._dataset)
-            per_market[source]["after_transfer"][market] = trainer_for(config, target).evaluate(
-                test[source], load_best_model=False)
-    return per_market
-
-
-def trainer_for(config, model):
-    """A plugin trainer around an existing ``model`` (for evaluation)."""
-    return get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
-
-
-def _train_pooled(config, train, valid, test, saved, verbose, info=None):
-    """One model on the training data of all markets (or of ``pooled_markets``), validated on the
-    macro average over ``valid_markets``; with ``finetune: True`` a copy of it is then
-    fine-tuned on each of ``finetune_markets`` (as after federated pretraining), which also
-    record their pooled results under ``pooled``. ``pretrained`` loads a pooled run's
-    checkpoint instead of training (e.g. MKT's stage 2 alone)."""
-    selected = {key: _market_subset(config, key, list(train))
-                for key in ("pooled_markets", "valid_markets", "finetune_markets")}
-    model, per_market = _first_stage(config, train, valid, test, selected["pooled_markets"],
-                                     selected["valid_markets"], "pooled", saved, verbose)
-    if not config["finetune"]:
-        return per_market
-    copies = {m: copy.deepcopy(model) for m in selected["finetune_markets"]}
-    tuned = _finetune_local(config, copies, train, valid, test, saved, verbose)
-    for market, result in tuned.items():
-        result["pooled"] = per_market[market]
-    return {**per_market, **tuned}
-
-
-def _market_subset(config, key, markets):
-    """The markets ``config[key]`` names (checked), all ``markets`` when unset."""
-    named = config[key]
-    if named is None:
-        return markets
-    named = [named] if isinstance(named, str) else list(named)
-    unknown = [m for m in named if m not in markets]
-    if unknown or not named:
-        raise ValueError(f"{key} {named} must name markets of dataset [{config['dataset']}] "
-                         f"(its markets: {markets}).")
-    return named
-
-
-def _load_pretrained(config, model, trainer):
-    """Load ``pretrained`` (weights only) into ``model`` as the first stage's result."""
-    path = config["pretrained"]
-    checkpoint = load_checkpoint(path)
-    if checkpoint.get("model") != config["model"]:
-        raise ValueError(f"pretrained {path} holds a {checkpoint.get('model')} model, "
-                         f"not {config['model']}.")
-    if "stage" in checkpoint and hasattr(model, "set_stage"):
-        model.set_stage(checkpoint["stage"])
-    model.load_state_dict(checkpoint["state_dict"])
-    model.load_other_parameter(checkpoint.get("other_parameter"))
-    trainer.saved_model_file = path
-    getLogger().info(set_color("First stage loaded from", "blue") + f": {path}")
-
-
-def _summarise(config, per_market, default_valid=None):
+def summarise(config, per_market, default_valid=None):
     """The dict RecBole's HyperTuning reads (macro over markets), plus the per-market results.
-    The valid and test macros are over ``valid_markets``, else ``default_valid`` (a transfer run's
-    targets: tuning a transfer tunes its adaptation), else every market."""
+    The valid and test macros are over ``valid_markets``, else ``default_valid`` (the markets a
+    transfer or a pooled run fine-tunes: tuning it tunes its adaptation), else every market."""
     chosen = config["valid_markets"] or default_valid  # e.g. the target entity: what HyperTuning optimises
     chosen = [chosen] if isinstance(chosen, str) else chosen
     chosen = [m for m in per_market if not chosen or m in chosen]
@@ -255,18 +54,16 @@ def _summarise(config, per_market, default_valid=None):
 
 
 def _run(config, saved=True, verbose=True):
-    _check_train_mode(config)
+    check_train_mode(config)
     dataset = create_dataset(config)
     getLogger().info(dataset)
     train, valid, test = data_preparation(config, dataset)
-    trainer_fn = {"local": _train_local, "pooled": _train_pooled,
-                  "federated": _train_federated, "transfer": _train_transfer}
-    info = {}
-    per_market = trainer_fn[config["train_mode"]](config, train, valid, test, saved, verbose, info)
-    return {**_summarise(config, per_market, info.get("transfer_targets")), **info}
+    per_market, info = train_markets(config, train, valid, test, saved, verbose)
+    default_valid = info.pop("default_valid", None)
+    return {**summarise(config, per_market, default_valid), **info}
 
 
-def _report(config, result, log_path):
+def report(config, result, log_path):
     """Print the results table and save it (JSON, CSV) beside the run's log file."""
     valid_metric = config["valid_metric"].lower()
     macro = {"valid": result["best_valid_result"], "test": result["test_result"]}
@@ -309,13 +106,15 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
     logger.info(sys.argv)
     logger.info(config)
     result = _run(config, saved=saved)
-    _report(config, result, log_path)
+    report(config, result, log_path)
     return result
 
 
-def objective_function(config_dict=None, config_file_list=None, saved=True):
-    """Objective for RecBole's ``HyperTuning``: one quiet run, returning the dict it reads."""
-    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None):
+    """Objective for RecBole's ``HyperTuning``: one quiet run, returning the dict it reads.
+
+    ``argv`` (``--key=value`` strings) stands for the command line instead of ``sys.argv``."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
     init_seed(config["seed"], config["reproducibility"])
     logging.basicConfig(level=logging.ERROR)
     config["show_progress"] = False
@@ -344,8 +143,8 @@ def load_data_and_model(model_file, config_dict=None):
     train, valid, test = ({m: d[m] for m in checkpoint["markets"]} for d in loaders)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, next(iter(train.values()))._dataset)
-    if len(train) > 1 and hasattr(model, "use_market"):  # a pooled first stage: all its markets
-        model.use_market(pooled_train_data(config, train)._dataset)
+    if len(train) > 1:  # a pooled first stage: all its markets
+        use_market(model, pooled_train_data(config, train)._dataset)
     if "stage" in checkpoint and hasattr(model, "set_stage"):
         model.set_stage(checkpoint["stage"])  # e.g. FeCoSR after fine-tuning: adapter applied
     model.load_state_dict(checkpoint["state_dict"])

@@ -53,3 +53,36 @@ def test_recbole_hypertuning_random_search(two_markets, tmp_path):
         alone = objective_function({**fixed, "hidden_dropout_prob": float(params.split(":")[1])},
                                    saved=False)
         assert result["best_valid_result"] == alone["best_valid_result"]
+
+
+def test_main_passes_its_settings_to_every_trial_and_ignores_the_process_argv(two_markets, tmp_path,
+                                                                              monkeypatch):
+    """``main(argv)``: a ``--key=value`` that is not a search option is a setting of every trial;
+    the process's own command line (here pytest's, plus a bogus setting) is never read."""
+    import json
+
+    import yaml
+
+    from recbole_cmr.hyper_tuning import main
+
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(yaml.safe_dump(two_markets))
+    params = tmp_path / "params.hyper"
+    params.write_text("learning_rate choice [0.01]\n")
+    monkeypatch.setattr("sys.argv", ["pytest", "--epochs=abc"])
+    main(["--model=SASRec", "--dataset=xm2", f"--params_file={params}", f"--config_files={fixed}",
+          f"--output_dir={tmp_path / 'hyper'}", "--epochs=1", "--hidden_size=16"])
+    trial = json.load(open(tmp_path / "hyper" / "SASRec-xm2.best.json"))
+    settings = {**two_markets, "model": "SASRec", "dataset": "xm2", "learning_rate": 0.01}
+    with_argv = objective_function({**settings, "epochs": 1, "hidden_size": 16}, saved=False, argv=[])
+    without = objective_function(settings, saved=False, argv=[])
+    assert with_argv["best_valid_score"] != without["best_valid_score"]
+    assert trial["best_valid_score"] == pytest.approx(with_argv["best_valid_score"])
+
+
+def test_a_searched_setting_fixed_on_the_command_line_is_an_error(two_markets, tmp_path):
+    params = tmp_path / "params.hyper"
+    params.write_text("learning_rate choice [0.01,0.001]\n")
+    with pytest.raises(ValueError, match="learning_rate is searched .* and also set on the command line"):
+        run_hyper("SASRec", "xm2", str(params), config_dict=two_markets,
+                  output_dir=str(tmp_path / "hyper"), argv=["--learning_rate=0.1"])

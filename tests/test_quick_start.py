@@ -99,6 +99,22 @@ def test_results_table_is_saved_beside_the_log(two_markets):
     assert saved["test_result"]["ndcg@10"] == pytest.approx(table.loc["macro", "ndcg@10"])
 
 
+def test_results_of_runs_sharing_a_log_name_get_numbered_files(tmp_path):
+    """Two runs in the same second share a log name: the second run's results go to ``-2``,
+    a third's to ``-3``; none overwrites another's."""
+    from recbole_cmr.results import save_results
+
+    log_path = str(tmp_path / "SASRec-xm2-Dec-06-2026_14-00-00.log")
+    frame = pd.DataFrame({"ndcg@10": [0.1]}, index=pd.Index(["macro"], name="market"))
+    paths = [save_results({"run": i}, frame, log_path) for i in range(3)]
+    stem = log_path[:-len(".log")]
+    assert [p[0] for p in paths] == [f"{stem}.results.json", f"{stem}-2.results.json",
+                                     f"{stem}-3.results.json"]
+    assert [p[1] for p in paths] == [f"{stem}.results.csv", f"{stem}-2.results.csv",
+                                     f"{stem}-3.results.csv"]
+    assert [json.load(open(p[0]))["run"] for p in paths] == [0, 1, 2]
+
+
 def test_recbole_general_model_learns_through_the_plugin(two_markets):
     settings = {**two_markets, "learning_rate": 0.01}
     untrained = run_recbole_cmr(model="BPR", dataset="xm2", saved=False,

@@ -265,7 +265,7 @@ server_app = ServerApp()
 def server_main(grid: Grid, context: Context) -> None:
     """Federated rounds (the in-process round logic), each node's fine-tuning, results files."""
     from recbole_cmr.federated.server import round_summary
-    from recbole_cmr.quick_start import _report, _summarise
+    from recbole_cmr.quick_start import report, summarise
     from recbole_cmr.results import init_run_logger
     from recbole_cmr.trainer import checkpoint_file
 
@@ -289,8 +289,8 @@ def server_main(grid: Grid, context: Context) -> None:
         tuned = server.call_each("finetune", {m: (server.best_params_for(m),) for m in markets})
         per_market = {m: {**tuned[m], "federated": per_market[m]} for m in markets}
     server.call_each("close", {m: () for m in markets})  # the nodes' workers end
-    result = {**_summarise(config, per_market), "federated_rounds": round_summary(server)}
-    _report(config, result, log_path)
+    result = {**summarise(config, per_market), "federated_rounds": round_summary(server)}
+    report(config, result, log_path)
     out = json.loads(context.run_config["settings"]).get("result_file")
     if out:  # the launcher's handle on the run's outcome
         with open(f"{out}.tmp", "w") as f:
@@ -386,12 +386,12 @@ class NodeSession:
 
 def node_finetune(config, client, best_params):
     """The node's local fine-tuning after the rounds, from the best round: ``{valid, test,
-    checkpoint}`` as the in-process fine-tuning stage records them."""
-    from recbole_cmr.quick_start import _finetune_local
+    checkpoint}`` as the in-process fine-tuning stage records them (the same market copy,
+    :func:`recbole_cmr.modes.market_model`)."""
+    from recbole_cmr.modes import finetune_local
 
     client.restore_best(best_params)
     market = client.client_id
     loaders = ({market: client.train_data}, {market: client.valid_data}, {market: client.test_data})
-    result = _finetune_local(config, {market: client.model}, *loaders, saved=True, verbose=False,
-                             seeded=True)[market]
+    result = finetune_local(config, {market: client.model}, *loaders, saved=True, verbose=False)[market]
     return _jsonable(result)
