@@ -1,7 +1,11 @@
 """MKT and the multi-entity CTR path on a slice of the shipped ml100k-entities: entity schemas,
-click histories without look-ahead, bad input, CTRGAUC, HFA, PDL, the frozen MEM of stage 2 and
-the baselines."""
+click histories from training clicks only (no look-ahead, no valid/test click of any entity), bad
+input, CTRGAUC, HFA, PDL, what each ablation switch changes, the frozen MEM of stage 2, the
+baselines and the benchmark harness's revision."""
 
+import copy
+import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import torch
 import yaml
 from recbole.data.interaction import cat_interactions
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
 from recbole_cmr import Config, create_dataset, data_preparation, objective_function, run_recbole_cmr
 from recbole_cmr.compat import load_checkpoint
@@ -49,7 +54,7 @@ def entities(tmp_path):
         for ext in ("user", "item"):
             shutil.copy(SHIPPED / f"{entity}.{ext}", target / f"{entity}.{ext}")
     return {**_dataset_yaml(), **MKT_FAST, "data_path": str(root),
-            "checkpoint_dir": str(tmp_path / "saved"), "finetune_markets": ["target"]}
+            "checkpoint_dir": str(tmp_path / "saved")}
 
 
 def _for(model, settings):
@@ -69,6 +74,22 @@ def _dataset(settings, model="EntityDNN", **extra):
 
 def _raw(settings, entity):
     return pd.read_csv(Path(settings["data_path"]) / "mlent" / f"{entity}.inter", sep="\t", dtype=str)
+
+
+def _rows(split):
+    """The rows of one RecBole split: DataFrame ``user_id, item_id, label, timestamp``."""
+    return pd.DataFrame({f: split.inter_feat[f].numpy() for f in
+                         ("user_id", "item_id", "label", "timestamp")})
+
+
+def _history_items(split, field):
+    """One line per history item of ``split``'s rows: DataFrame ``row, user_id, item_id,
+    timestamp`` (the row's user and time)."""
+    history = split.inter_feat[field].numpy()
+    row, pos = np.nonzero(history)
+    rows = _rows(split)
+    return pd.DataFrame({"row": row, "user_id": rows["user_id"].to_numpy()[row],
+                         "item_id": history[row, pos], "timestamp": rows["timestamp"].to_numpy()[row]})
 
 
 # ---------------------------------------------------------------- data
@@ -91,26 +112,47 @@ def test_entities_share_users_and_one_item_table(entities):
     assert set(batch["entity"].tolist()) == {2}
 
 
-def test_histories_are_earlier_clicks_of_the_entity(entities):
-    _, dataset = _dataset(entities)
-    clicks = {}
-    for entity in ("source", "target"):
-        raw = _raw(entities, entity)
-        raw = raw[raw["label:float"].astype(float) == 1]
-        clicks[entity] = raw.assign(t=raw["timestamp:float"].astype(float))
-    ds = dataset.market_datasets["target"]
-    feat = ds.inter_feat
-    tokens = ds.field2id_token
+def test_histories_hold_only_earlier_training_clicks_across_entities(entities):
+    """For every row of every split of each entity: no history item sits in the valid or test
+    split of the entity it came from, and each is a training click of that entity strictly
+    before the row's time."""
+    _, dataset = _dataset(entities, model="MKT")
+    built = dataset.build()
     checked = 0
-    for row in range(0, len(feat), 97):
-        user = tokens["user_id"][feat["user_id"][row]]
-        time = feat["timestamp"][row]
-        for field, entity in (("hist_source", "source"), ("hist_target", "target")):
-            got = [tokens["item_id"][i] for i in feat[field][row]]
-            mine = clicks[entity][(clicks[entity]["user_id:token"] == user) & (clicks[entity]["t"] < time)]
-            mine = mine.sort_values("t", kind="stable")
-            assert got == mine["item_id:token"].tolist()[-5:]
-            checked += len(got)
+    for field, entity in entities["history_fields"].items():
+        train = _rows(built[entity][0])
+        first_click = train[train["label"] == 1].groupby(["user_id", "item_id"])["timestamp"].min()
+        held_out = pd.concat([_rows(s) for s in built[entity][1:]])
+        held_out = set(zip(held_out["user_id"], held_out["item_id"]))
+        for market, splits in built.items():
+            for split in splits:
+                items = _history_items(split, field)
+                leaked = set(zip(items["user_id"], items["item_id"])) & held_out
+                assert not leaked, f"{field} of {market} rows holds {len(leaked)} held-out {entity} rows"
+                clicked = first_click.reindex(pd.MultiIndex.from_frame(items[["user_id", "item_id"]]))
+                assert (clicked.to_numpy() < items["timestamp"].to_numpy()).all()  # NaN: no click
+                checked += len(items)
+    assert checked > 0
+
+
+def test_histories_are_the_last_earlier_training_clicks(entities):
+    _, dataset = _dataset(entities)
+    built = dataset.build()
+    max_len = entities["history_max_len"]
+    checked = 0
+    for market, splits in built.items():
+        for split in splits:
+            rows = _rows(split)
+            for field, entity in entities["history_fields"].items():
+                train = _rows(built[entity][0])
+                clicks = train[train["label"] == 1].sort_values("timestamp", kind="stable")
+                for row in range(0, len(rows), 97):
+                    user, time = rows["user_id"][row], rows["timestamp"][row]
+                    mine = clicks[(clicks["user_id"] == user) & (clicks["timestamp"] < time)]
+                    got = split.inter_feat[field][row]
+                    assert got[got != 0].tolist() == mine["item_id"].tolist()[-max_len:]
+                    assert len(got) == max_len
+                    checked += int((got != 0).sum())
     assert checked > 0
 
 
@@ -144,7 +186,7 @@ def test_missing_entity_field_and_bad_settings_are_errors(entities):
         _dataset(entities, load_col=no_time, eval_args={**entities["eval_args"], "order": "RO"})
 
 
-def test_given_history_is_checked_for_look_ahead(entities):
+def test_given_history_is_checked_for_look_ahead_and_keeps_training_clicks(entities):
     frame = _raw(entities, "target")
     user = frame["user_id:token"].iloc[0]
     mine = frame[(frame["user_id:token"] == user) & (frame["label:float"] == "1")]
@@ -156,12 +198,24 @@ def test_given_history_is_checked_for_look_ahead(entities):
     _write(entities, "source", "inter", src)
     load = {**entities["load_col"], "inter": [*entities["load_col"]["inter"], "hist_target"]}
     settings = {**entities, "load_col": load, "history_fields": {"hist_target": "target"}}
-    row = mine.index[-1]
-    frame.loc[row, "hist_target:token_seq"] = first  # an earlier click: fine
+    earlier = mine["item_id:token"].iloc[:-1].tolist()  # all earlier clicks, some held out
+    frame.loc[mine.index[-1], "hist_target:token_seq"] = " ".join(earlier)
     _write(entities, "target", "inter", frame)
     _, dataset = _dataset(settings)
     ds = dataset.market_datasets["target"]
-    assert [ds.field2id_token["item_id"][i] for i in ds.inter_feat["hist_target"][row]] == [first]
+    assert [ds.field2id_token["item_id"][i] for i in ds.inter_feat["hist_target"][mine.index[-1]]] == earlier
+    built = dataset.build()["target"]
+    token_id = ds.field2token_id
+    train = _rows(built[0])
+    in_train = set(train.loc[(train["user_id"] == token_id["user_id"][user]) & (train["label"] == 1),
+                             "item_id"])
+    kept = [i for i in (token_id["item_id"][t] for t in earlier) if i in in_train]
+    assert 0 < len(kept) < len(earlier)
+    test = _rows(built[2])
+    row = np.flatnonzero((test["user_id"] == token_id["user_id"][user])
+                         & (test["item_id"] == token_id["item_id"][later]).to_numpy())
+    got = built[2].inter_feat["hist_target"][row[0]]
+    assert got[got != 0].tolist() == kept[-entities["history_max_len"]:]
     frame.loc[mine.index[0], "hist_target:token_seq"] = later  # its own future click
     _write(entities, "target", "inter", frame)
     with pytest.raises(ValueError, match=r"target\.inter: field \[hist_target\] of row 1 .*earlier clicks"):
@@ -193,7 +247,7 @@ def test_douban_domains_load_as_entities(tmp_path):
     assert len(both) > 100  # users in two domains keep one id
     # every user's rows share one time_bin: no click is strictly earlier, so every history is empty
     assert raw.groupby("user_id")["timestamp"].nunique().max() == 1
-    assert sum(len(h) for h in movie.inter_feat["hist_book"]) == 0
+    assert all(not (split.inter_feat["hist_book"] != 0).any() for split in dataset.build()["movie"])
 
 
 # ---------------------------------------------------------------- metric and layers
@@ -263,9 +317,92 @@ def test_source_rows_never_reach_the_stage2_loss(entities):
     assert all(not p.requires_grad for p in model.mem.parameters())
 
 
+@pytest.fixture
+def mkt_inputs(entities):
+    """``(config, dataset, batch)``: MKT's config on the fixture, the target's training split and
+    a batch of 64 source then 64 target training rows."""
+    config, dataset = _dataset(entities, model="MKT")
+    train, _, _ = data_preparation(config, dataset)
+    batch = cat_interactions([next(iter(train[m]))[:64] for m in ("source", "target")])
+    return config, train["target"]._dataset, batch
+
+
+def _mkt(config, dataset, **switches):
+    """An MKT in eval mode (no dropout) built from seed 0 with ``switches`` set."""
+    config = copy.deepcopy(config)
+    for key, value in switches.items():
+        config[key] = value
+    torch.manual_seed(0)
+    return get_model("MKT")(config, dataset).eval()
+
+
+HFA_LAYERS = {"cross_w", "cross_b", "implicit", "score"}
+
+
+def test_without_hfa_the_specific_fields_are_aligned_unweighted(mkt_inputs, monkeypatch):
+    config, dataset, batch = mkt_inputs
+    full, plain = _mkt(config, dataset), _mkt(config, dataset, hfa=False)
+    extra = set(full.state_dict()) - set(plain.state_dict())
+    assert {k.split(".")[3] for k in extra} == HFA_LAYERS  # mem.hfa.<entity>.<layer>...
+    assert set(plain.state_dict()) < set(full.state_dict())
+    plain.load_state_dict({k: v for k, v in full.state_dict().items() if k not in extra})
+    with torch.no_grad():
+        assert not torch.allclose(full.mem.logits(batch), plain.mem.logits(batch), atol=1e-4)
+        for hfa in full.mem.hfa.values():  # every field weighted 1: HFA's only difference gone
+            monkeypatch.setattr(hfa, "importance", lambda spec: spec.new_ones(spec.shape[:2]))
+        assert torch.allclose(full.mem.logits(batch), plain.mem.logits(batch), atol=1e-6)
+
+
+def test_pdl_adds_its_weighted_term_and_without_it_the_loss_is_the_entities_bce(mkt_inputs):
+    config, dataset, batch = mkt_inputs
+    entity, labels = batch["entity"] - 1, batch["label"].float()
+    assert set(entity.tolist()) == {0, 1}
+    losses = {}
+    for pdl in (True, False):
+        model = _mkt(config, dataset, pdl=pdl)
+        with torch.no_grad():
+            rep = model.mem.represent(batch)
+            logits = model.mem.logits(batch, rep)
+            losses[pdl] = model.calculate_loss(batch).item()
+        bce = sum(nn.functional.binary_cross_entropy_with_logits(logits[entity == k], labels[entity == k])
+                  for k in (0, 1))
+        cos = nn.functional.cosine_similarity(rep["knowledge"], rep["individual"], dim=-1)
+        term = sum(cos[entity == k].mean() for k in (0, 1))
+        expected = bce + config["pdl_weight"] * term if pdl else bce
+        assert losses[pdl] == pytest.approx(expected.item(), rel=1e-6)
+    assert losses[True] != pytest.approx(losses[False], rel=1e-6)
+
+
+def test_without_gates_the_transferred_vectors_are_added_as_they_are(mkt_inputs):
+    config, dataset, batch = mkt_inputs
+    target = batch[torch.arange(64, 128)]
+    plain, gated = _mkt(config, dataset, stage2_gates=False), _mkt(config, dataset)
+    assert plain.gates is None and not any(k.startswith("gates.") for k in plain.state_dict())
+    assert set(gated.gates) == {"user", "history", "shared", "knowledge"}
+    for model in (plain, gated):
+        model.set_stage("finetune")
+    with torch.no_grad():
+        rep = plain.mem.represent(target)
+        raw = {"user": rep["user"], "history": rep["history"], "shared": rep["shared"],
+               "specific": rep["knowledge"]}
+        sent = plain.transferred(target)
+        assert set(sent) == set(raw) and all(torch.equal(sent[k], raw[k]) for k in raw)
+        logits = plain.target_logits(target)
+        assert torch.equal(logits, plain.target_net.logits(target, added=raw))
+        assert not torch.allclose(logits, plain.target_net.logits(target), atol=1e-4)
+        rep = gated.mem.represent(target)
+        gated_sent = gated.transferred(target)
+        for name, key in (("user", "user"), ("history", "history"), ("shared", "shared"),
+                          ("specific", "knowledge")):
+            gate = gated.gates[key]
+            expected = gate.value(rep[key]) * torch.sigmoid(gate.gate(rep[key]))
+            assert torch.allclose(gated_sent[name], expected, atol=1e-6)
+            assert not torch.allclose(expected, rep[key], atol=1e-3)
+
+
 @pytest.mark.parametrize("model,extra", [
     ("EntityDNN", {"pooled_markets": ["target"], "valid_markets": ["target"]}),
-    ("EntityDNN", {"finetune": True}),
+    ("EntityDNN", {"finetune": True, "finetune_markets": ["target"]}),
     ("SharedBottom", {}),
     ("PLE", {}),
     ("MKT", {"hfa": False, "pdl": False, "stage2_gates": False}),
@@ -278,6 +415,23 @@ def test_baselines_and_ablations_run(entities, model, extra):
     if extra.get("finetune"):  # the Finetune baseline: pooled on both, then tuned on the target
         assert "pooled" in result["per_market"]["target"]
         assert "pooled" not in result["per_market"]["source"]
+
+
+def test_entity_harness_reruns_records_of_older_code_and_tunes_the_target_only(monkeypatch):
+    """benchmarks/multi_entity.py: a record without the current code revision (made before the
+    histories were leak-free) is stale; MKT keeps its own default of fine-tuning the target."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))  # it imports the other harnesses' helpers
+    spec = importlib.util.spec_from_file_location("multi_entity", folder / "multi_entity.py")
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    _, settings = harness.run_settings("MKT", 2020)
+    record = {"name": "MKT", "seed": 2020, "settings": json.loads(json.dumps(settings))}
+    assert harness.is_current({**record, "revision": harness.REVISION})
+    assert not harness.is_current(record)  # no revision: before the fix
+    assert not harness.is_current({**record, "revision": harness.REVISION - 1})
+    assert "finetune_markets" not in settings and not harness.SETTINGS.get("finetune_markets")
+    assert harness.run_settings("Finetune", 2020)[1]["finetune_markets"] == [harness.TARGET]
 
 
 def test_hyper_tuning_objective_selects_on_the_target_entity(entities):

@@ -431,7 +431,7 @@ class MultiMarketDataset:
         if self.entity_fields:
             entity.unify_item_features(self, self.entity_fields)
         if histories:
-            entity.add_histories(self, histories)
+            entity.declare_histories(self, histories)
 
     def _load_market(self, dataset_class, market):
         empty = ValueError(
@@ -602,8 +602,11 @@ class MultiMarketDataset:
         return self.catalogues[market]
 
     def build(self):
-        """Split every market with RecBole's own ``build()``: ``{market: [train, valid, test]}``."""
-        return {m: ds.build() for m, ds in self.market_datasets.items()}
+        """Split every market with RecBole's own ``build()``: ``{market: [train, valid, test]}``;
+        then the rows of every split get their ``history_fields`` from the training splits."""
+        built = {m: ds.build() for m, ds in self.market_datasets.items()}
+        entity.add_histories(self, built)
+        return built
 
     @cached_property
     def item_text_embedding(self):

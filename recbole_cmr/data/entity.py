@@ -9,15 +9,19 @@ from the other entities' files; every other field is shared. Entity-specific ite
   entity's fields filled, the others' padded) plus the token field ``entity_field`` naming the
   item's entity, so pooled training, RecBole's ``join`` and any context-aware model see one schema;
 * ``history_fields: {field: entity}`` gives each row the user's last ``history_max_len`` clicks
-  (``LABEL_FIELD`` = 1) in that entity strictly before the row's ``TIME_FIELD`` - built here when
-  the files lack the field, checked for look-ahead when they hold it (a ``token_seq`` of item
-  tokens).
+  (``LABEL_FIELD`` = 1) in that entity that are in the entity's **training split** and strictly
+  before the row's ``TIME_FIELD``, for the rows of every split of every entity: a click of an
+  entity's valid or test split is never a feature of any row. The fields are declared before
+  RecBole's ``build()`` splits the markets (:func:`declare_histories`) and filled in its splits
+  (:func:`add_histories`), with times as the split holds them. A history the files hold (a
+  ``token_seq`` of item tokens) is checked for look-ahead, then keeps only those clicks.
 """
 
 import os
 
 import numpy as np
 import pandas as pd
+import torch
 from recbole.utils import FeatureSource, FeatureType
 
 import recbole_cmr.data.dataset as market_data  # (imports this module: names are read at call time)
@@ -159,21 +163,37 @@ def history_fields(config, markets):
     return dict(named)
 
 
-def _clicks(config, ds):
-    """The clicks (``LABEL_FIELD`` = 1) of one entity: DataFrame ``user, item, time``."""
-    feat = ds.inter_feat
+def _check_click_fields(config, ds):
+    """The time and label fields that tell a market's clicks are loaded (ValueError naming them)."""
     label, time = config["LABEL_FIELD"], config["TIME_FIELD"]
-    if time not in feat:
+    if time not in ds.inter_feat:
         raise ValueError(f"history_fields need the time field [{time}] of "
                          f"{market_data.market_inter_files(config, ds.market)[0]}: load it "
                          "(load_col['inter']) or set TIME_FIELD.")
-    if label not in feat:
+    if label not in ds.inter_feat:
         raise ValueError(f"history_fields: market [{ds.market}] has no label field [{label}] to "
                          "tell its clicks (LABEL_FIELD).")
-    clicked = feat[feat[label].to_numpy() == 1]
-    return pd.DataFrame({"user": clicked[config["USER_ID_FIELD"]].to_numpy(),
-                         "item": clicked[config["ITEM_ID_FIELD"]].to_numpy(),
-                         "time": clicked[config["TIME_FIELD"]].to_numpy(dtype=np.float64)})
+
+
+def _column(feat, field):
+    """One column of a DataFrame or a RecBole ``Interaction`` as a numpy array ``[N]``."""
+    return np.asarray(feat[field])
+
+
+def _rows(config, feat):
+    """``user, time`` of every row of ``feat`` (DataFrame or ``Interaction``)."""
+    return pd.DataFrame({"user": _column(feat, config["USER_ID_FIELD"]),
+                         "time": _column(feat, config["TIME_FIELD"]).astype(np.float64)})
+
+
+def _clicks(config, feat):
+    """The clicks (``LABEL_FIELD`` = 1) among the rows of ``feat`` (DataFrame or ``Interaction``):
+    DataFrame ``user, item, time``."""
+    clicked = _column(feat, config["LABEL_FIELD"]) == 1
+    rows = _rows(config, feat)[clicked]
+    return pd.DataFrame({"user": rows["user"].to_numpy(),
+                         "item": _column(feat, config["ITEM_ID_FIELD"])[clicked],
+                         "time": rows["time"].to_numpy()})
 
 
 def build_history(rows, clicks, max_len):
@@ -198,18 +218,24 @@ def build_history(rows, clicks, max_len):
     return [items[s:e].astype(np.int64) for s, e in zip(start, end)]
 
 
-def check_history(path, field, rows, history, clicks):
-    """ValueError naming ``path`` when a row's history holds an item its user did not click in
-    the entity strictly before the row's time (look-ahead)."""
-    lengths = np.array([len(h) for h in history])
-    if not lengths.sum():
-        return
+def _history_items(rows, history, clicks):
+    """One line per item of each row's history, in row then history order: DataFrame ``row,
+    user, time, item, time_click`` (``time_click``: the user's first click of the item in
+    ``clicks``, NaN if none)."""
+    lengths = np.array([len(h) for h in history], dtype=np.int64)
     exploded = pd.DataFrame({"row": np.repeat(np.arange(len(rows)), lengths),
                              "user": np.repeat(rows["user"].to_numpy(), lengths),
                              "time": np.repeat(rows["time"].to_numpy(), lengths),
-                             "item": np.concatenate(history)})
+                             "item": np.concatenate(history) if lengths.sum() else
+                             np.zeros(0, dtype=np.int64)})
     first = clicks.groupby(["user", "item"], as_index=False)["time"].min()
-    merged = exploded.merge(first, on=["user", "item"], how="left", suffixes=("", "_click"))
+    return exploded.merge(first, on=["user", "item"], how="left", suffixes=("", "_click"))
+
+
+def check_history(path, field, rows, history, clicks):
+    """ValueError naming ``path`` when a row's history holds an item its user did not click in
+    the entity strictly before the row's time (look-ahead)."""
+    merged = _history_items(rows, history, clicks)
     bad = merged[~(merged["time_click"] < merged["time"])]
     if len(bad):
         row = bad.iloc[0]
@@ -220,28 +246,80 @@ def check_history(path, field, rows, history, clicks):
             "history may hold only earlier clicks.")
 
 
-def add_histories(mm, named):
-    """Give every market's rows the ``history_fields`` (built, or checked and re-numbered into
-    the shared item ids when the file holds them)."""
+def keep_earlier_clicks(rows, history, clicks, max_len):
+    """Each row's history less the items its user did not click in ``clicks`` strictly before
+    the row's time; the last ``max_len`` of the rest (same arguments and result as
+    :func:`build_history`, ``history``: N int64 arrays)."""
+    merged = _history_items(rows, history, clicks)
+    kept = merged[merged["time_click"] < merged["time"]]
+    counts = np.bincount(kept["row"].to_numpy(), minlength=len(rows))
+    parts = np.split(kept["item"].to_numpy(np.int64), np.cumsum(counts)[:-1])
+    return [p[-max_len:] for p in parts]
+
+
+def padded(history, width):
+    """N item arrays (each at most ``width`` long) as a ``[N, width]`` LongTensor: each row's
+    items first, then 0 (padding)."""
+    lengths = np.array([len(h) for h in history], dtype=np.int64)
+    out = np.zeros((len(history), width), dtype=np.int64)
+    out[np.arange(width) < lengths[:, None]] = np.concatenate(history) if lengths.sum() else []
+    return torch.from_numpy(out)
+
+
+def unpadded(tensor):
+    """A ``[N, L]`` token_seq tensor as N int64 arrays without the padding (0)."""
+    return [row[row != 0] for row in tensor.numpy()]
+
+
+def declare_histories(mm, named):
+    """Declare the ``history_fields`` in every market, before the split: token_seq fields over
+    the shared item ids (a history the files hold is checked for look-ahead against all of the
+    entity's clicks and re-numbered into those ids). :func:`add_histories` fills them."""
     config = mm.config
-    uid, tid, iid = config["USER_ID_FIELD"], config["TIME_FIELD"], config["ITEM_ID_FIELD"]
     max_len = int(config["history_max_len"])
-    clicks = {m: _clicks(config, ds) for m, ds in mm.market_datasets.items()}
-    item_tokens = mm.item_tokens
+    for ds in mm.market_datasets.values():
+        _check_click_fields(config, ds)
+    clicks = {m: _clicks(config, ds.inter_feat) for m, ds in mm.market_datasets.items()}
     for market, ds in mm.market_datasets.items():
-        feat = ds.inter_feat
-        rows = pd.DataFrame({"user": feat[uid].to_numpy(), "time": feat[tid].to_numpy(np.float64)})
         for field, entity in named.items():
-            if field in feat:
+            width = max_len
+            if field in ds.inter_feat:
                 history = _given_history(mm, ds, field)
-                check_history(market_data.market_inter_files(config, market)[0], field, rows, history,
-                              clicks[entity])
-                history = [h[-max_len:] for h in history]
-            else:
-                history = build_history(rows, clicks[entity], max_len)
-            feat[field] = history
-            _set_field(ds, field, FeatureType.TOKEN_SEQ, FeatureSource.INTERACTION, item_tokens,
-                       max_len)
+                check_history(market_data.market_inter_files(config, market)[0], field,
+                              _rows(config, ds.inter_feat), history, clicks[entity])
+                ds.inter_feat[field] = history
+                width = max([max_len, *map(len, history)])  # build() keeps this many: all
+            _set_field(ds, field, FeatureType.TOKEN_SEQ, FeatureSource.INTERACTION, mm.item_tokens,
+                       width)
+
+
+def add_histories(mm, built):
+    """Fill the ``history_fields`` of the rows of every split, after RecBole's ``build()``: of
+    each entity only the clicks of its training split strictly before the row's time.
+
+    Args:
+        mm (MultiMarketDataset): the markets, their history fields declared.
+        built (dict): ``{market: [train, valid, test]}`` RecBole datasets of ``build()``; each
+            split's ``inter_feat[field]`` becomes a ``[N, history_max_len]`` LongTensor.
+    """
+    config = mm.config
+    named = history_fields(config, mm.markets)
+    if not named:
+        return
+    max_len = int(config["history_max_len"])
+    clicks = {m: _clicks(config, splits[0].inter_feat) for m, splits in built.items()}
+    for market, splits in built.items():
+        for split in splits:
+            rows = _rows(config, split.inter_feat)
+            for field, entity in named.items():
+                if field in split.inter_feat:
+                    history = keep_earlier_clicks(rows, unpadded(split.inter_feat[field]),
+                                                  clicks[entity], max_len)
+                else:
+                    history = build_history(rows, clicks[entity], max_len)
+                split.inter_feat[field] = padded(history, max_len)
+        for field in named:
+            mm.market_datasets[market].field2seqlen[field] = max_len
 
 
 def _given_history(mm, ds, field):

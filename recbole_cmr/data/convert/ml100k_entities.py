@@ -13,7 +13,8 @@ each positive followed by ``negatives`` movies of the same entity the user never
 the positive's timestamp; seeded by (seed, entity)). Rows are sorted by user, then time, so
 RecBole's time-ordered per-user ratio split tests each user's latest rows. ``<entity>.user``:
 age, gender, occupation. Per-user click histories per entity are built by the dataset
-(``history_fields``), strictly before each row's time.
+(``history_fields``) after the split, from the entity's training-split clicks strictly before each
+row's time.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def _method_notes(seed, negatives, clusters, encoder, default_src):
         "by its negatives (same timestamp)",
         "split recipe (RecBole): `eval_args: {split: {RS: [0.8, 0.1, 0.1]}, order: TO, "
         "group_by: user, mode: labeled}`; click histories per entity: `history_fields` (built by "
-        "recbole_cmr strictly before each row's time)",
+        "recbole_cmr after the split, from the entity's training-split clicks strictly before "
+        "each row's time)",
     ]
     if default_src:
         notes.append(f"source: the ml-100k atomic files shipped in the recbole "

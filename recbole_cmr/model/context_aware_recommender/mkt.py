@@ -154,6 +154,7 @@ class MKT(AbstractRecommender):
     type = ModelType.CONTEXT
     input_type = InputType.POINTWISE
     multi_entity = True
+    finetunes_source = False  # stage 2 learns the target only: never fine-tune a copy on the source
 
     def __init__(self, config, dataset):
         super().__init__()
