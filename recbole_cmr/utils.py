@@ -1,5 +1,5 @@
-"""Model and trainer look-up (the plugin first, RecBole as fallback), packaged paths, and
-atomic checkpoint writes."""
+"""Model and trainer look-up (the plugin first, RecBole as fallback), packaged paths, atomic
+checkpoint writes, and the one check of parameter-name pattern settings (:func:`check_patterns`)."""
 
 import contextlib
 import fnmatch
@@ -7,6 +7,7 @@ import importlib
 import os
 import re
 import tempfile
+from logging import getLogger
 
 import torch
 
@@ -143,8 +144,15 @@ def matching(names, patterns):
     return [n for n in names if any(_matches(n, p) for p in patterns)]
 
 
-def _suggestion(names, pattern):
-    """A pattern in the parameters' own capitalisation that matches, or None.
+def as_patterns(value):
+    """A pattern setting's value as a list: ``None`` -> ``[]``, one string -> ``[string]``."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _suggestion(names, pattern, select=matching):
+    """A pattern in the parameters' own capitalisation that ``select`` matches, or None.
 
     ``"*norm*"`` against ``trm_encoder.layer.0.output.LayerNorm.weight`` gives ``"*LayerNorm*"``:
     each literal piece of the pattern becomes the dotted name part holding it.
@@ -160,24 +168,65 @@ def _suggestion(names, pattern):
         else:
             start = near[0].lower().index(piece.lower())
             suggestion = suggestion.replace(piece, near[0][start:start + len(piece)], 1)
-    return suggestion if matching(names, [suggestion]) else None
+    return suggestion if select(names, [suggestion]) else None
 
 
-def check_patterns(names, patterns, key):
-    """Raise ValueError naming ``key`` for a pattern that matches none of ``names``.
+def name_families(names):
+    """Globs that together match ``names``, one per module kind: the last dotted part and every
+    number become ``*`` (``experts.task_1.0.bn_0.weight`` -> ``experts.task_*.*.bn_*.*``).
+
+    Returns:
+        list[str]: the distinct globs, in ``names`` order.
+    """
+    families = []
+    for name in names:
+        family = re.sub(r"\d+", "*", name.rsplit(".", 1)[0]) + ".*" if "." in name else name
+        if family not in families:
+            families.append(family)
+    return families
+
+
+def check_patterns(names, patterns, key, select=matching, strict=True):
+    """Check that each pattern of the setting ``key`` selects at least one of ``names``.
+
+    The one check of every pattern-valued setting (``fed_*_params``, ``finetune_params``,
+    PF-MSMTrec's ``template_scenario_params``, ``fed_bn_params``, ``pf_*``): a pattern that
+    selects nothing is an error naming the setting, the pattern and what would match (a
+    same-spelling suggestion, else globs of the parameters' names).
 
     Args:
-        names (Sequence[str]): parameter names of the model.
-        patterns (Sequence[str]): fnmatch globs or regexes (matching is case-sensitive).
-        key (str): the setting the patterns come from (for the message).
+        names (Sequence[str]): the parameter names the setting applies to.
+        patterns (Sequence[str]): the setting's patterns.
+        key (str): the setting (for the message).
+        select (callable): ``select(names, [pattern]) -> list[str]``; default :func:`matching`
+            (fnmatch globs or full regexes).
+        strict (bool): raise; False (a yaml default that another setting makes match nothing,
+            e.g. FeCoSR's ``*adapter*`` with ``adaptation: False``) logs a warning instead.
+
+    Returns:
+        list[str]: ``patterns``.
+
+    Raises:
+        ValueError: ``strict`` and a pattern selects none of ``names``.
     """
+    names = list(names)
     for pattern in patterns:
-        if matching(names, [pattern]):
+        if select(names, [pattern]):
             continue
-        suggestion = _suggestion(names, pattern)
+        suggestion, families = _suggestion(names, pattern, select), name_families(names)
         hint = (f'did you mean "{suggestion}"? (matching is case-sensitive)' if suggestion else
-                f"the model's parameters are {list(names)[:12]}{' ...' if len(names) > 12 else ''}")
-        raise ValueError(f'{key}: pattern "{pattern}" matches no parameter of the model; {hint}')
+                f"the parameters are {families[:12]}{' ...' if len(families) > 12 else ''}")
+        message = f'{key}: pattern "{pattern}" matches no parameter of the model; {hint}'
+        if strict:
+            raise ValueError(message)
+        getLogger().warning(message)
+    return list(patterns)
+
+
+def pattern_setting(config, key, names, select=matching):
+    """The patterns of setting ``key`` (:func:`as_patterns`), checked by :func:`check_patterns`
+    against ``names``: strictly when the user set ``key``, with a warning for a yaml default."""
+    return check_patterns(names, as_patterns(config[key]), key, select, strict=user_set(config, key))
 
 
 def user_set(config, key):

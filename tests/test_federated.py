@@ -224,7 +224,7 @@ def _plain(value):
     return value is None or isinstance(value, (torch.Tensor, int, float, str))
 
 
-MESSAGES = ("get_parameters", "parameter_shapes", "unmatched_patterns", "keep_local", "fit",
+MESSAGES = ("get_parameters", "parameter_shapes", "keep_local", "fit",
             "evaluate", "end_round", "mark_best", "restore_best", "export", "save_state", "load_state")
 
 

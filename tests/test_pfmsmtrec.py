@@ -17,9 +17,9 @@ from recbole_cmr.federated.personalized import (
     PersonalizedConflictAverse,
     conflict_averse_direction,
     simplex_weights,
+    starting_with,
     tower_attention,
 )
-from recbole_cmr.utils import matching
 
 from conftest import CTR_FAST, USERS_PER_SCENARIO, _dataset_yaml  # noqa: E402,F401  (and the scenarios fixture)
 
@@ -152,45 +152,119 @@ def _federation(settings, model="PFMSMTrec", checkpoint_file=None, strategy=None
     return FederatedServer(config, clients, strategy=strategy, checkpoint_file=checkpoint_file)
 
 
-def test_template_masks_exactly_its_patterns(scenarios):
-    server = _federation(scenarios, fed_rounds=1)
-    config = server.config
-    for client in server.clients.values():
-        names = list(client.model.state_dict())
-        parts = client.model.template_parts(config)
-        scenario_part = matching(names, ["experts.scenario.*"])
-        bn = matching(names, ["*.bn_*"])
-        assert parts["scenario"] == scenario_part and scenario_part
-        assert set(client.local_names) == set(scenario_part) | set(bn)
-        assert client.shared_names == [n for n in names if n not in set(scenario_part) | set(bn)]
-        assert matching(client.shared_names, ["experts.shared.*"]) and \
-            matching(client.shared_names, ["experts.task_1.*"])
-        assert not set(parts["global"]) & set(parts["task"])
-    # the ablations: no template -> plain experts, all shared but BN; no FedBN -> BN shared
-    plain = _federation(scenarios, fed_rounds=1, parameter_template=False, fed_bn=False)
-    client = next(iter(plain.clients.values()))
-    assert client.local_names == [] and not matching(client.shared_names, ["experts.scenario.*"])
-    assert len(client.model.experts["shared"]) == 8
+def _private_names(model):
+    """What must never leave a client, from the modules themselves (not from any pattern): the
+    scenario-specific experts' parameters and buffers and every BatchNorm layer's."""
+    scenario = model.experts["scenario"].state_dict() if "scenario" in model.experts else {}
+    bn = {f"{m}.{n}" for m, module in model.named_modules()
+          if isinstance(module, torch.nn.BatchNorm1d) for n in module.state_dict()}
+    return {f"experts.scenario.{n}" for n in scenario} | bn
 
 
-class Spy(PersonalizedConflictAverse):
-    """Records the names the server hands to the strategy."""
+def _one_client(settings, **extra):
+    """The client of the first scenario, built as a federated run builds each."""
+    from recbole_cmr.federated.server import make_client
 
-    received = []
+    config = Config(model="PFMSMTrec", dataset="mlsc", config_dict={**settings, **extra})
+    train, valid, test = data_preparation(config, create_dataset(config))
+    market = next(iter(train))
+    return make_client(config, market, train[market], valid[market], test[market])
 
-    def aggregate(self, round, results):
-        Spy.received.extend(name for _, update, _ in results for name in update)
-        return super().aggregate(round, results)
+
+@pytest.mark.parametrize("extra,private", [
+    ({}, {"scenario", "bn"}),
+    ({"fed_bn": False}, {"scenario"}),
+    ({"parameter_template": False}, {"bn"}),
+    ({"parameter_template": False, "fed_bn": False}, set()),
+])
+def test_scenario_experts_and_bn_are_what_stays_on_a_client(scenarios, extra, private):
+    """What training keeps local (the client's ``local_names``) is exactly the scenario-specific
+    experts (with the template) and the BatchNorm layers (with FedBN); all else is shared."""
+    client = _one_client(scenarios, **extra)
+    model, names = client.model, list(client.model.state_dict())
+    expected = {n for n in _private_names(model)
+                if ("scenario" if n.startswith("experts.scenario.") else "bn") in private}
+    assert set(client.local_names) == expected
+    assert client.shared_names == [n for n in names if n not in expected]
+    assert ("scenario" in model.experts) == ("scenario" in private)
+    assert sum(len(e) for e in model.experts.values()) == 8  # [4, 1, 2] with two tasks, or 8
 
 
-def test_scenario_parts_and_bn_never_reach_the_server(scenarios):
-    Spy.received = []
-    config = Config(model="PFMSMTrec", dataset="mlsc", config_dict={**scenarios, "fed_rounds": 2})
-    server = _federation(scenarios, strategy=Spy(config), fed_rounds=2)
+def test_pattern_settings_that_would_leak_or_do_nothing_are_errors(scenarios, caplog):
+    """A pattern setting of PF-MSMTrec or its strategy that matches no parameter (a typo) is an
+    error naming the setting, the pattern and what would match; so are patterns that would share
+    a scenario-specific expert, and settings whose switch is off."""
+    from recbole_cmr import get_model
+    from recbole_cmr.federated.personalized import PersonalizedConflictAverse
+
+    config = Config(model="PFMSMTrec", dataset="mlsc", config_dict=scenarios)
+    train, _, _ = data_preparation(config, create_dataset(config))
+    dataset = next(iter(train.values()))._dataset
+
+    def model(**extra):
+        return get_model("PFMSMTrec")(Config(model="PFMSMTrec", dataset="mlsc",
+                                             config_dict={**scenarios, **extra}), dataset)
+
+    cases = [
+        ({"fed_bn_params": ["*BatchNorm*"]},
+         r'fed_bn_params: pattern "\*BatchNorm\*" matches no parameter.*experts\.shared\.\*\.bn_\*\.\*'),
+        ({"template_scenario_params": ["experts.Scenario.*"]},
+         r'template_scenario_params: pattern "experts\.Scenario\.\*" .*did you mean "experts\.scenario\.\*"'),
+        ({"template_scenario_params": ["experts.scenario.0.*"]},
+         r"leaves scenario-specific expert parameters \['experts\.scenario\.1\."),
+        ({"fed_bn": False, "fed_bn_params": ["*.bn_*"]}, r"fed_bn_params is read only with fed_bn: True"),
+        ({"parameter_template": False, "template_scenario_params": ["experts.scenario.*"]},
+         r"template_scenario_params is read only with parameter_template: True"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**extra)
+    names = list(model().state_dict())
+    for key, typo, would_match in (("pf_expert_group", r"expert\.[^.]+\.\d+", r"experts\.shared\."),
+                                   ("pf_tower_layer", r"tower\.\d+", r"towers\.")):
+        strategy = PersonalizedConflictAverse(Config(model="PFMSMTrec", dataset="mlsc",
+                                                     config_dict={**scenarios, key: typo}))
+        with pytest.raises(ValueError, match=rf'{key}: pattern ".*" matches no parameter.*{would_match}'):
+            strategy.check_names(names)
+    # a yaml default that another setting makes match nothing is logged, not an error
+    with caplog.at_level("WARNING"):
+        plain = model(template_experts=[4, 1, 0])
+    assert "template_scenario_params" in caplog.text and "scenario" not in plain.experts
+
+
+class Wire(FederatedServer):
+    """Records every reply a client sends the server: ``[(message, {client_id: reply})]``."""
+
+    def call_each(self, method, args):
+        replies = super().call_each(method, args)
+        self.__dict__.setdefault("received", []).append((method, replies))
+        return replies
+
+
+def _tensor_names(value):
+    """The names of every named tensor in a reply (dicts of tensors, nested in lists/tuples)."""
+    if isinstance(value, dict):
+        own = {k for k, v in value.items() if isinstance(v, torch.Tensor)}
+        return own.union(*(_tensor_names(v) for v in value.values()))
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_tensor_names(v) for v in value))
+    return set()
+
+
+def test_no_scenario_expert_or_bn_parameter_reaches_the_server(scenarios):
+    """On the wire: every tensor a PF-MSMTrec client sends the server (its parameters at the
+    start, its updates, its replies to every other message) is shared, never a scenario-specific
+    expert's or a BatchNorm layer's (named from the modules, not from the patterns)."""
+    config = Config(model="PFMSMTrec", dataset="mlsc", config_dict={**scenarios, "fed_rounds": 1})
+    train, valid, test = data_preparation(config, create_dataset(config))
+    server = Wire(config, build_clients(config, train, valid, test))
     server.fit(verbose=False)
-    assert Spy.received
-    assert not matching(Spy.received, ["experts.scenario.*", "*.bn_*"])
-    assert matching(Spy.received, ["experts.shared.*"]) and matching(Spy.received, ["towers.*"])
+    private = _private_names(next(iter(server.clients.values())).model)
+    received = set().union(*(_tensor_names(r) for method, replies in server.received
+                             for r in replies.values()))
+    assert {method for method, _ in server.received} >= {"get_parameters", "fit"}
+    assert private and not received & private
+    assert received == set(server.shared_names)
 
 
 def test_personalized_weights_stay_in_range_and_change(scenarios):
@@ -209,6 +283,77 @@ def test_personalized_weights_stay_in_range_and_change(scenarios):
     a, b = list(personal)[:2]
     name = next(n for n in personal[a] if n.startswith("experts.shared."))
     assert not torch.equal(personal[a][name], personal[b][name])
+
+
+def test_personalized_update_rule_matches_a_hand_computation():
+    """θᵢ = startᵢ + Δᵢ + aᵢ·Δ_ca for an expert, Δᵢ + bᵢ·softmax(Δᵢ·Δ_allᵀ/√d)·Δ_all for a tower
+    layer, FedAvg for the rest, and aᵢ's momentum-SGD step from the next update, on hand-made
+    updates of two clients (orthogonal expert updates: w = (1/2, 1/2) by symmetry); in round 1
+    only client a trains, from its own personalized start."""
+    settings = {"ca_alpha": 0.4, "pf_weight_init": 0.1, "pf_weight_lr": 0.01, "pf_weight_momentum": 0.9}
+    alpha, a0, lr = settings["ca_alpha"], settings["pf_weight_init"], settings["pf_weight_lr"]
+    expert, tower, gate = "experts.shared.0.linear_0.weight", "towers.0.linear_0.weight", "gates.0.weight"
+    strategy = PersonalizedConflictAverse(settings)
+    zero = torch.zeros(2)
+    current = {expert: zero, tower: zero, gate: zero}
+    moves = {"a": {expert: [1.0, 0.0], tower: [1.0, 0.0], gate: [2.0, 0.0]},
+             "b": {expert: [0.0, 1.0], tower: [0.0, 2.0], gate: [0.0, 4.0]}}
+    counts = {"a": 1, "b": 3}
+    strategy.configure_round(0, current, {"a": current, "b": current})
+    uniform, own = strategy.aggregate(0, [(c, {n: torch.tensor(v) for n, v in moves[c].items()},
+                                           counts[c]) for c in ("a", "b")])
+    g0 = np.array([0.5, 0.5])
+    ca = g0 * (1 + alpha) / (1 + alpha ** 2)  # (g0 + c/||Gw|| Gw) / (1 + α²) with Gw = g0
+    assert set(uniform) == {gate} and set(own["a"]) == set(own["b"]) == {expert, tower}
+    assert np.allclose(uniform[gate], (1 * np.array([2.0, 0.0]) + 3 * np.array([0.0, 4.0])) / 4)
+    for c in ("a", "b"):
+        assert np.allclose(own[c][expert], np.array(moves[c][expert]) + a0 * ca, atol=1e-6)
+        G = np.array([moves["a"][tower], moves["b"][tower]])
+        scores = G @ np.array(moves[c][tower]) / np.sqrt(2)
+        attention = np.exp(scores) / np.exp(scores).sum()
+        assert np.allclose(own[c][tower], np.array(moves[c][tower]) + a0 * attention @ G, atol=1e-6)
+    # round 1: a alone, from its own start; its weight learns from Δ_a¹ · (the Δ_ca it was given)
+    start_a = {**current, **uniform, **own["a"]}
+    step = np.array([1.0, 1.0])
+    strategy.configure_round(1, {**current, **uniform}, {"a": start_a})
+    uniform1, own1 = strategy.aggregate(1, [("a", {expert: start_a[expert] + torch.tensor(step),
+                                                   tower: start_a[tower], gate: start_a[gate]}, 1)])
+    a1 = a0 + lr * float(step @ ca)  # a - lr·(momentum·0 + grad), grad = -Δ_a¹ · Δ_ca
+    assert strategy.weights["a"]["experts.shared.0"] == pytest.approx(a1)
+    ca1 = step * (1 + alpha) / (1 + alpha ** 2)  # one client: w = (1), Gw = g0 = Δ_a¹
+    assert np.allclose(own1["a"][expert], start_a[expert].numpy() + step + a1 * ca1, atol=1e-6)
+    assert set(own1) == {"a"} and torch.equal(uniform1[gate], start_a[gate])
+
+
+def test_every_client_starts_and_validates_from_the_current_global_state(scenarios, monkeypatch):
+    """``fed_client_fraction: 0.5``: two of the four scenarios train per round. What the strategy
+    aggregates alike for all (embeddings, gates: all but the expert and tower groups) is sent
+    with one value to every client, selected or not: the starts of every round's fits and the
+    parameters every client is validated with agree, and they moved after round 0."""
+    sent = []
+    call_each = FederatedServer.call_each
+
+    def spy(self, method, args):
+        if method in ("fit", "evaluate"):
+            sent.append((method, {cid: {n: t.clone() for n, t in a[0].items()}
+                                  for cid, a in args.items()}))
+        return call_each(self, method, args)
+
+    monkeypatch.setattr(FederatedServer, "call_each", spy)
+    server = _federation(scenarios, fed_rounds=2, fed_client_fraction=0.5, eval_step=1)
+    initial = dict(server.global_params)
+    server.fit(verbose=False)
+    strategy = server.strategy
+    grouped = starting_with(server.shared_names, [strategy.pf_expert_group, strategy.pf_tower_layer])
+    uniform = [n for n in server.shared_names if n not in grouped]
+    assert uniform and [len(p) for m, p in sent if m == "fit"] == [2, 2]
+    assert [len(p) for m, p in sent if m == "evaluate"] == [4, 4]
+    for method, params in sent:
+        first = next(iter(params.values()))
+        for n in uniform:
+            assert all(torch.equal(p[n], first[n]) for p in params.values()), (method, n)
+    after_round_0 = sent[1][1]
+    assert any(not torch.equal(next(iter(after_round_0.values()))[n], initial[n]) for n in uniform)
 
 
 class _Interrupt(Exception):

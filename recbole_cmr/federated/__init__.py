@@ -5,7 +5,7 @@ No federated framework is imported; the contracts map one-to-one onto Flower's::
     Client.fit(global_params, round) -> (update, num_examples, metrics)
     Client.evaluate(global_params, phase) -> RecBole result dict
     Strategy.aggregate(round, [(client_id, update, num_examples)]) -> dict[str, Tensor]
-        (a personalized strategy: -> {client_id: dict[str, Tensor]}, each node its own FitIns)
+        (a personalized strategy: -> (uniform, {client_id: own}), each node its own FitIns)
 
 ``train_federated`` is the quick start's entry (same return shape as the local mode).
 """

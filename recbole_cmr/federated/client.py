@@ -21,7 +21,7 @@ import torch
 from recbole.utils import init_seed
 
 from recbole_cmr.compat import load_checkpoint
-from recbole_cmr.federated.strategy import matching, select_shared
+from recbole_cmr.federated.strategy import select_shared
 from recbole_cmr.utils import save_atomic
 
 
@@ -78,11 +78,6 @@ class Client:
         """``{name: shape}`` of the shared parameters (the server's market-dependence check)."""
         state = self.model.state_dict()
         return {name: tuple(state[name].shape) for name in self.shared_names}
-
-    def unmatched_patterns(self, patterns):
-        """The ``patterns`` that match none of this model's parameters."""
-        names = list(self.model.state_dict())
-        return [p for p in patterns if not matching(names, [p])]
 
     def keep_local(self, names):
         """Stop sharing ``names``: they become local parameters of this client."""

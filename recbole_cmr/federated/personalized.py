@@ -1,8 +1,12 @@
 """PF-MSMTrec's server side: conflict-averse, personalized aggregation of experts and towers.
 
-A *personalized* strategy (``personalized = True``) sees each client's own starting parameters
-(``configure_round(round, {client_id: params})``) and returns one parameter set per client
-(``aggregate -> {client_id: params}``); on Flower each node gets its own ``FitIns``.
+A *personalized* strategy (``personalized = True``) sees the global parameters and each selected
+client's own start (``configure_round(round, global_params, {client_id: params})``) and returns
+``aggregate -> (uniform, {client_id: own})``: the new global value of what it aggregates alike for
+all clients, and each selected client's own value of what it personalizes. The server keeps the
+two apart, so every client (selected or not) starts a round from the current global values of the
+uniform part, and a client's personalized part changes only in the rounds it trains; on Flower
+each node gets its own ``FitIns``.
 
 Rules (METHODS.md §4, FedHCA²'s, in float64), per round, with ``Δ_i = update_i - start_i``:
 
@@ -11,12 +15,14 @@ Rules (METHODS.md §4, FedHCA²'s, in float64), per round, with ``Δ_i = update_
   ``Δ_ca = (g0 + c / ||G w|| · G w) / (1 + α²)`` with ``g0 = mean_i Δ_i``, ``A = G Gᵀ``,
   ``c = α · sqrt(mean(A))`` and ``w`` on the simplex minimising ``wᵀ A 1/N + c sqrt(wᵀ A w)``
   (``scipy.optimize``); without it ``Δ_ca = g0``. Personalized (``personalized_experts``):
-  ``θ_i = start_i + Δ_i + clamp(a_i, 0, 1) · Δ_ca``; else every client gets ``start + Δ_ca``.
+  ``θ_i = start_i + Δ_i + clamp(a_i, 0, 1) · Δ_ca``; else all get the global ``θ + Δ_ca``.
 * every *tower layer* (regex ``pf_tower_layer``), personalized (``personalized_towers``):
   ``Δ_i' = Δ_i + clamp(b_i, 0, 1) · softmax(Δ_i Δ_allᵀ / √d) Δ_all``, ``θ_i = start_i + Δ_i'``;
-  else FedAvg.
+  else all get the global ``θ + Σ_i n_i Δ_i / Σ_i n_i`` (FedAvg).
 * everything else (embeddings, gates, BN statistics, integer counters): FedAvg (per row with
-  ``fed_rowwise``).
+  ``fed_rowwise``) of the values, from the global values.
+* uniform: everything else, and the experts / towers when not personalized; personal: the
+  experts (``personalized_experts``) and tower layers (``personalized_towers``).
 * ``a_i`` / ``b_i`` (one per client and expert / tower layer, init ``pf_weight_init``) learn
   from the next round: the client's new update is the negative gradient of its loss at the
   aggregated point, so ``∂L/∂a_i ≈ -Δ_i^{next} · d_i`` for the direction ``d_i`` that ``a_i``
@@ -39,6 +45,7 @@ from recbole_cmr.federated.strategy import (
     example_weights,
     register_strategy,
 )
+from recbole_cmr.utils import check_patterns, user_set
 
 DEFAULTS = {
     "conflict_averse": True, "ca_alpha": 0.4, "personalized_experts": True,
@@ -84,9 +91,9 @@ def conflict_averse_direction(G, alpha):
     g0 = G.mean(0)
     if alpha == 0:
         return g0
-    A = (G @ G.T).numpy()
+    A = (G @ G.T).cpu().numpy()  # [N, N]: SLSQP solves for w on the CPU
     c = alpha * float(np.sqrt(max(A.mean(), 0.0)))
-    w = torch.from_numpy(simplex_weights(A, c))
+    w = torch.from_numpy(simplex_weights(A, c)).to(G)  # [N], on G's device
     gw = w @ G
     norm = float(gw.norm())
     if norm == 0.0:
@@ -117,8 +124,14 @@ def group_names(names, pattern):
     return groups
 
 
+def starting_with(names, patterns):
+    """The ``names`` whose start matches one of the regexes ``patterns`` (as :func:`group_names`)."""
+    return [n for n in names if any(re.match(p, n) for p in patterns)]
+
+
 def _flat(tensors, names):
-    return torch.cat([tensors[n].reshape(-1) for n in names])
+    """``names``' tensors of ``tensors`` flattened into one float64 vector ``[d]``."""
+    return torch.cat([tensors[n].reshape(-1).double() for n in names])
 
 
 def _unflat(vector, names, like):
@@ -146,12 +159,27 @@ class PersonalizedConflictAverse(Strategy):
             setattr(self, key, default if value is None else value)
         self.ca_alpha = float(self.ca_alpha) if self.conflict_averse else 0.0
         self.average = FedAvgRows(config) if _get(config, "fed_rowwise") else FedAvg(config)
-        self.starts = None
+        self.current, self.starts = None, None
         self.weights, self.momentum, self.directions = {}, {}, {}
 
-    def configure_round(self, round, global_params):
-        """``global_params``: ``{client_id: params}``, each client's starting values."""
-        self.starts = global_params
+    def check_names(self, names):
+        """``pf_expert_group`` and ``pf_tower_layer`` must each start some shared name
+        (:func:`~recbole_cmr.utils.check_patterns`; strictly when the user set them)."""
+        for key in ("pf_expert_group", "pf_tower_layer"):
+            check_patterns(names, [getattr(self, key)], key, select=starting_with,
+                           strict=user_set(self.config, key))
+
+    def configure_round(self, round, global_params, starts=None):
+        """Remember this round's global parameters and the selected clients' starts.
+
+        Args:
+            round (int): 0-based round index.
+            global_params (dict[str, Tensor]): the global shared parameters (the reference of
+                what is aggregated alike for all, e.g. the rows ``fed_rowwise`` compares to).
+            starts (dict[str, dict[str, Tensor]]): each selected client's start:
+                ``global_params`` with its own values of the personalized parameters.
+        """
+        self.current, self.starts = global_params, starts
 
     # ---- the learnable per-client weights --------------------------------------------------
     def weight(self, cid, group):
@@ -170,10 +198,11 @@ class PersonalizedConflictAverse(Strategy):
 
     # ---- aggregation -----------------------------------------------------------------------
     def aggregate(self, round, results):
+        """Returns: ``(uniform, {client_id: own})`` (see the module docstring)."""
         names = check_results(round, results)
         if self.starts is None:
-            raise RuntimeError("pfmsmtrec needs each client's starting parameters: call "
-                               "configure_round first.")
+            raise RuntimeError("pfmsmtrec needs the global parameters and each client's start: "
+                               "call configure_round(round, global_params, starts) first.")
         cids = [cid for cid, _, _ in results]
         starts = {cid: self.starts[cid] for cid in cids}
         float_names = [n for n in names if results[0][1][n].is_floating_point()
@@ -187,46 +216,45 @@ class PersonalizedConflictAverse(Strategy):
                              self.pf_tower_layer)
         grouped = {n for g in (*experts.values(), *towers.values()) for n in g}
         rest = [n for n in names if n not in grouped]
-        new = {cid: {} for cid in cids}
+        uniform, own = {}, {cid: {} for cid in cids}
         if rest:
-            self.average.configure_round(round, {n: starts[cids[0]][n] for n in rest})
-            averaged = self.average.aggregate(
-                round, [(cid, {n: u[n] for n in rest}, k) for cid, u, k in results])
-            for cid in cids:
-                new[cid].update(averaged)
+            self.average.configure_round(round, {n: self.current[n] for n in rest})
+            uniform.update(self.average.aggregate(
+                round, [(cid, {n: u[n] for n in rest}, k) for cid, u, k in results]))
+        G = {group: torch.stack([_flat(delta[cid], group_names_) for cid in cids])  # [N, d]
+             for group, group_names_ in (*experts.items(), *towers.items())}
         for group, group_names_ in experts.items():
-            self._experts(group, group_names_, cids, starts, delta, new)
+            direction = conflict_averse_direction(G[group], self.ca_alpha)  # [d]
+            self._apply(group, group_names_, G[group], direction, starts, uniform, own,
+                        self.personalized_experts)
         counts = [k for _, _, k in results]
         for group, group_names_ in towers.items():
-            self._tower(group, group_names_, cids, starts, delta, new, counts)
-        return new
-
-    def _experts(self, group, names, cids, starts, delta, new):
-        G = torch.stack([_flat(delta[cid], names) for cid in cids])  # [N, d]
-        direction = conflict_averse_direction(G, self.ca_alpha)  # [d]
-        for i, cid in enumerate(cids):
-            start = _flat({n: starts[cid][n].double() for n in names}, names)
-            if self.personalized_experts:
-                vector = start + G[i] + self.weight(cid, group) * direction
-                self.directions.setdefault(cid, {})[group] = (names, direction)
-            else:
-                vector = start + direction
-            new[cid].update(_unflat(vector, names, starts[cid]))
-
-    def _tower(self, group, names, cids, starts, delta, new, counts):
-        G = torch.stack([_flat(delta[cid], names) for cid in cids])  # [N, d]
-        if self.personalized_towers:
-            mixed = tower_attention(G)  # [N, d]
-        else:
-            mean = sum(w * g for w, g in zip(example_weights(counts), G))
-        for i, cid in enumerate(cids):
-            start = _flat({n: starts[cid][n].double() for n in names}, names)
             if self.personalized_towers:
-                vector = start + G[i] + self.weight(cid, group) * mixed[i]
-                self.directions.setdefault(cid, {})[group] = (names, mixed[i])
+                direction = tower_attention(G[group])  # [N, d], one per client
             else:
-                vector = start + mean
-            new[cid].update(_unflat(vector, names, starts[cid]))
+                direction = sum(w * g for w, g in zip(example_weights(counts), G[group]))  # [d]
+            self._apply(group, group_names_, G[group], direction, starts, uniform, own,
+                        self.personalized_towers)
+        return uniform, own
+
+    def _apply(self, group, names, G, direction, starts, uniform, own, personalized):
+        """One group's new values. Personalized: client i's own ``start_i + Δ_i + clamp(w_i) ·
+        d_i`` (``d_i``: row i of a ``[N, d]`` ``direction``, else the ``[d]`` direction), and
+        ``d_i`` is what its weight learns from next round. Else: the global ``current +
+        direction`` for every client.
+
+        Args:
+            G (Tensor): ``[N, d]`` float64, the clients' updates of the group (``own`` order).
+            direction (Tensor): ``[d]`` or ``[N, d]`` float64.
+        """
+        if not personalized:
+            uniform.update(_unflat(_flat(self.current, names) + direction, names, self.current))
+            return
+        for i, cid in enumerate(own):
+            d = direction[i] if direction.dim() == 2 else direction
+            vector = _flat(starts[cid], names) + G[i] + self.weight(cid, group) * d
+            self.directions.setdefault(cid, {})[group] = (names, d)
+            own[cid].update(_unflat(vector, names, starts[cid]))
 
     # ---- state across rounds (saved in round checkpoints) ----------------------------------
     def state_dict(self):

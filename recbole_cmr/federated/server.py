@@ -41,15 +41,13 @@ from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.strategy import make_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
-from recbole_cmr.utils import save_atomic
+from recbole_cmr.utils import as_patterns, save_atomic
 
 
 def setting(config, key):
-    """``config[key]`` (defaults in properties/overall.yaml); a single pattern becomes a list."""
+    """``config[key]`` (defaults in properties/overall.yaml); a pattern setting as a list."""
     value = config[key]
-    if key in ("fed_shared_params", "fed_local_params") and isinstance(value, str):
-        value = [value]
-    return value
+    return as_patterns(value) if key in ("fed_shared_params", "fed_local_params") else value
 
 
 def nbytes(tensors):
@@ -71,7 +69,8 @@ def is_finite(update):
 
 
 def drop_non_finite(round_idx, results):
-    """``results`` without the updates that hold NaN/Inf, each dropped one with a warning."""
+    """``results`` without the updates that hold NaN/Inf, each dropped one with a warning (and
+    one more when none is left: the parameters then stay unchanged)."""
     kept = []
     for client_id, update, num_examples in results:
         if is_finite(update):
@@ -80,6 +79,9 @@ def drop_non_finite(round_idx, results):
             getLogger().warning(set_color(
                 f"Round {round_idx}: the update of market [{client_id}] holds NaN/Inf values; "
                 "it is left out of the aggregate.", "red"))
+    if not kept:
+        getLogger().warning(set_color(
+            f"Round {round_idx}: no finite update; the parameters stay unchanged.", "red"))
     return kept
 
 
@@ -97,20 +99,37 @@ def aggregate_round(strategy, round_idx, results, current):
         update was dropped.
     """
     kept = drop_non_finite(round_idx, results)
-    if not kept:
-        getLogger().warning(set_color(
-            f"Round {round_idx}: no finite update; the global parameters stay unchanged.", "red"))
-        return current
-    return {**current, **strategy.aggregate(round_idx, kept)}
+    return {**current, **strategy.aggregate(round_idx, kept)} if kept else current
 
 
-def aggregate_personalized(strategy, round_idx, results, starts):
-    """Each client's new parameters from a personalized ``strategy``: ``{client_id: params}``
-    for the clients in ``starts`` (their values before this round); a client whose update was
-    dropped (NaN/Inf) keeps its start."""
+def aggregate_personalized(strategy, round_idx, results, current, personal):
+    """The global and personal parameters after a personalized ``strategy``'s round.
+
+    What the strategy aggregates uniformly takes its new global value for every client, selected
+    this round or not (and leaves every client's personal values); each selected client's
+    personalized parameters take its own new value, the other clients keep theirs (they did not
+    train).
+
+    Args:
+        strategy (Strategy): a personalized strategy (``aggregate -> (uniform, {client_id:
+            own})``).
+        round_idx (int): 0-based round index.
+        results (list[tuple[str, dict[str, Tensor], int]]): ``(client_id, update, num_examples)``.
+        current (dict[str, Tensor]): the global shared parameters before this round.
+        personal (dict[str, dict[str, Tensor]]): each client's personalized parameters before
+            this round (a subset of the shared names; absent: the global values).
+
+    Returns:
+        tuple: ``(global_params, personal)``; both unchanged when every update was dropped.
+    """
     kept = drop_non_finite(round_idx, results)
-    new = strategy.aggregate(round_idx, kept) if kept else {}
-    return {cid: {**start, **new.get(cid, {})} for cid, start in starts.items()}
+    if not kept:
+        return current, personal
+    uniform, own = strategy.aggregate(round_idx, kept)
+    personal = {cid: {n: t for n, t in params.items() if n not in uniform}  # now global
+                for cid, params in personal.items()}
+    return {**current, **uniform}, {**personal, **{cid: {**personal.get(cid, {}), **params}
+                                                   for cid, params in own.items()}}
 
 
 def select_clients(rng, client_ids, fraction):
@@ -163,7 +182,8 @@ class FederatedServer:
     Attributes:
         global_params (dict[str, Tensor]): the current global shared parameters.
         personal (dict[str, dict[str, Tensor]]): under a personalized strategy (PF-MSMTrec's),
-            each client's own shared parameters (empty otherwise).
+            each client's own values of the parameters the strategy personalizes (empty
+            otherwise); a client starts a round from ``global_params`` updated by them.
         best (dict): ``round``, ``global``, ``personal`` and ``valid`` (``{market: result}``) of
             the best validated round (each client keeps its own local parameters of that round).
         history (list[dict]): one record per round: ``round``, ``markets`` (trained), ``dropped``
@@ -202,7 +222,7 @@ class FederatedServer:
             self.call_each("keep_local", {cid: (private,) for cid in self.clients})
             self.global_params = {n: t for n, t in self.global_params.items() if n not in private}
         self.shared_names = list(self.global_params)
-        self._warn_unmatched_patterns(first)
+        self.strategy.check_names(self.shared_names)
         self.start_round, self.cur_step, self.stopped = 0, 0, False
         self.best_score = -np.inf if self.bigger else np.inf
         self.best, self.history = None, []
@@ -213,19 +233,12 @@ class FederatedServer:
         Flower's overrides it to send the messages at once and gather the replies)."""
         return {cid: getattr(self.clients[cid], method)(*a) for cid, a in args.items()}
 
-    def _warn_unmatched_patterns(self, client_id):
-        """A default pattern that matches nothing (FeCoSR's ``*adapter*`` with ``adaptation:
-        False``) is only logged; one the user set is an error (``check_user_patterns``)."""
-        for key in ("fed_shared_params", "fed_local_params"):
-            patterns = setting(self.config, key)
-            for pattern in self.call_each("unmatched_patterns", {client_id: (patterns,)})[client_id]:
-                self.logger.warning(f"{key}: pattern [{pattern}] matches no parameter.")
-
     def params_for(self, client_id, personal=None, global_params=None):
-        """The shared parameters client ``client_id`` starts from: its own under a personalized
-        strategy, else the global ones (of ``personal``/``global_params`` when given)."""
+        """The shared parameters client ``client_id`` starts from: the global ones, with its own
+        values of the personalized ones (of ``personal``/``global_params`` when given)."""
         personal = self.personal if personal is None else personal
-        return personal.get(client_id, self.global_params if global_params is None else global_params)
+        global_params = self.global_params if global_params is None else global_params
+        return {**global_params, **personal.get(client_id, {})}
 
     @property
     def best_valid(self):
@@ -255,7 +268,10 @@ class FederatedServer:
         results, losses, bytes_up = [], [], 0
         starts = {cid: self.params_for(cid) for cid in selected}
         personalized = getattr(self.strategy, "personalized", False)
-        self.strategy.configure_round(round_idx, starts if personalized else self.global_params)
+        if personalized:  # each client's own start too
+            self.strategy.configure_round(round_idx, self.global_params, starts)
+        else:
+            self.strategy.configure_round(round_idx, self.global_params)
         instructions = self.strategy.client_config(round_idx)
         replies = self.call_each("fit", {cid: (starts[cid], round_idx, instructions) for cid in selected})
         dropped = [cid for cid in selected if cid not in replies]  # lost nodes (``fed_min_clients``)
@@ -267,8 +283,8 @@ class FederatedServer:
             bytes_up += nbytes(update)
         trained = time()
         if personalized:
-            self.personal = {**{c: self.params_for(c) for c in self.clients},
-                             **aggregate_personalized(self.strategy, round_idx, results, starts)}
+            self.global_params, self.personal = aggregate_personalized(
+                self.strategy, round_idx, results, self.global_params, self.personal)
         else:
             self.global_params = aggregate_round(self.strategy, round_idx, results,
                                                  self.global_params)
@@ -471,7 +487,7 @@ class FederatedServer:
         self.best = {**best, "global": {n: stored[n] for n in self.shared_names}}
         self.best_score, self.history = checkpoint["best_valid_score"], checkpoint["history"]
         self.global_params = self.best["global"]
-        self.personal = {cid: {n: p[n] for n in self.shared_names}
+        self.personal = {cid: {n: t for n, t in p.items() if n in self.shared_names}
                          for cid, p in (best.get("personal") or {}).items()}
         self.start_round, self.stopped = checkpoint["round"] + 1, True
         self.checkpoint_file = str(pretrained_file)

@@ -6,7 +6,8 @@ The interface maps one-to-one onto Flower's ``Strategy.aggregate_fit``::
 
 ``update`` is a client's ``{parameter name: tensor}`` of the *shared* parameters (new values, not
 deltas) and ``num_examples`` its number of training interactions. Which parameters are shared is
-chosen by name patterns (:func:`select_shared`), never by a strategy.
+chosen by name patterns (:func:`select_shared`), never by a strategy. A strategy computes on the
+device of the updates (it creates every tensor there) and returns its values on that device.
 """
 
 import abc
@@ -28,6 +29,11 @@ def register_strategy(name):
     return register
 
 
+def strategy_names():
+    """The names every registered strategy is known by (``fed_strategy`` values), sorted."""
+    return sorted(_STRATEGIES)
+
+
 def get_strategy(name):
     """The :class:`Strategy` class registered as ``name`` (case-insensitive).
 
@@ -38,7 +44,7 @@ def get_strategy(name):
         return _STRATEGIES[str(name).lower()]
     except KeyError:
         raise ValueError(
-            f"Unknown fed_strategy [{name}]; known strategies: {sorted(_STRATEGIES)}."
+            f"Unknown fed_strategy [{name}]; known strategies: {strategy_names()}."
         ) from None
 
 
@@ -80,6 +86,11 @@ class Strategy(abc.ABC):
             round (int): 0-based round index.
             global_params (dict[str, Tensor]): the values the clients start this round from.
         """
+
+    def check_names(self, names):
+        """Called once by the server with the shared parameter names before round 0: check the
+        strategy's own name patterns (with :func:`recbole_cmr.utils.check_patterns`) against them.
+        Strategies without patterns accept any names."""
 
     def client_config(self, round):
         """What the clients are told with this round's parameters (Flower's fit ``config``),
@@ -179,7 +190,8 @@ def rowwise_mean(tensors, counts, current):
     base = current.double()
     rows = stack.reshape(len(tensors), base.shape[0] if base.dim() else 1, -1)  # [C, R, D]
     changed = (rows != base.reshape(1, rows.shape[1], -1)).any(-1)  # [C, R]
-    w = torch.tensor(example_weights(counts), dtype=torch.float64)[:, None] * changed  # [C, R]
+    weights = torch.tensor(example_weights(counts), dtype=torch.float64, device=stack.device)
+    w = weights[:, None] * changed  # [C, R]
     denom = w.sum(0)  # [R]
     mean = (w[:, :, None] * rows).sum(0) / denom.clamp_min(1e-300)[:, None]  # [R, D]
     mean = torch.where(denom[:, None] > 0, mean, base.reshape(rows.shape[1], -1))

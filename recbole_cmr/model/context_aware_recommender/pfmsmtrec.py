@@ -4,16 +4,23 @@ experts follow a *parameter template*:
 
 * global-shared experts (``experts.shared.*``): every task's gate mixes them; aggregated;
 * task-specific experts (``experts.task_<t>.*``): only task t's gate mixes them; aggregated;
-* scenario-specific experts (``experts.scenario.*``): every gate mixes them; never leave the client.
+* scenario-specific experts (``experts.scenario.*``, selected by ``template_scenario_params``):
+  every gate mixes them; never leave the client (patterns that leave one shared are an error).
 
 ``parameter_template: False`` gives plain MMoE experts, all aggregated (the ablation). Federated
-BN (``fed_bn``) keeps the experts' BatchNorm parameters and statistics on the client. The
-server-side rules (conflict-averse and personalized aggregation of experts, personalized
-aggregation of towers) are the ``pfmsmtrec`` strategy (``recbole_cmr.federated.personalized``).
+BN (``fed_bn``) keeps the BatchNorm parameters and statistics that ``fed_bn_params`` selects on
+the client. A pattern of either setting that matches no parameter is an error when set by the
+user (:func:`recbole_cmr.utils.check_patterns`). Everything else (embeddings, gates, towers) is
+aggregated. The server-side rules (conflict-averse and personalized aggregation of experts,
+personalized aggregation of towers) are the ``pfmsmtrec`` strategy
+(``recbole_cmr.federated.personalized``).
 """
 
 from recbole_cmr.model.context_aware_recommender.mmoe import MMoE
-from recbole_cmr.utils import matching
+from recbole_cmr.utils import matching, pattern_setting, user_set
+
+# The pattern settings of what stays on the client, each read only when its switch is on.
+LOCAL_PATTERN_SETTINGS = {"template_scenario_params": "parameter_template", "fed_bn_params": "fed_bn"}
 
 
 class PFMSMTrec(MMoE):
@@ -22,10 +29,37 @@ class PFMSMTrec(MMoE):
     def __init__(self, config, dataset):
         self.template = bool(config["parameter_template"])
         super().__init__(config, dataset)
-        patterns = list(config["template_scenario_params"] or []) if self.template else []
-        if config["fed_bn"]:
-            patterns += list(config["fed_bn_params"] or [])
-        self.federated_local_params = patterns
+        self.federated_local_params = self.local_patterns(config)
+
+    def local_patterns(self, config):
+        """The patterns of the parameters that never leave a client: ``template_scenario_params``
+        (with the template) and ``fed_bn_params`` (with ``fed_bn``), checked against the model's
+        parameter names (:func:`~recbole_cmr.utils.check_patterns`).
+
+        Raises:
+            ValueError: a pattern the user set matches no parameter; one of the two settings set
+                while its switch is off; or the patterns leave a scenario-specific expert shared.
+        """
+        names = list(self.state_dict())
+        patterns = []
+        for key, switch in LOCAL_PATTERN_SETTINGS.items():
+            if config[switch]:
+                patterns += pattern_setting(config, key, names)
+            elif user_set(config, key):
+                raise ValueError(f"{key} is read only with {switch}: True; drop {key} or set "
+                                 f"{switch}: True.")
+        shared = [n for n in self.scenario_param_names() if not matching([n], patterns)]
+        if shared:
+            raise ValueError(f"template_scenario_params {config['template_scenario_params']} "
+                             f"leaves scenario-specific expert parameters {shared[:4]} shared; "
+                             "they must stay on the client: use [\"experts.scenario.*\"].")
+        return patterns
+
+    def scenario_param_names(self):
+        """The state-dict names of the scenario-specific experts (none without the template)."""
+        if "scenario" not in self.experts:
+            return []
+        return [f"experts.scenario.{n}" for n in self.experts["scenario"].state_dict()]
 
     def expert_groups(self, config):
         """``{group: n}``: template ``[shared, per task, scenario]`` (default [4, 1, 2]: 8 experts
@@ -43,10 +77,3 @@ class PFMSMTrec(MMoE):
         mine = {"shared", f"task_{task}", "scenario"}
         return [(g, k) for g, experts in self.experts.items() if g in mine
                 for k in range(len(experts))]
-
-    def template_parts(self, config):
-        """``{"global": [...], "task": [...], "scenario": [...]}``: the parameter names each part
-        of the template's patterns selects (scenario-specific ones stay on the client)."""
-        names = list(self.state_dict())
-        return {part: matching(names, config[f"template_{part}_params"] or [])
-                for part in ("global", "task", "scenario")}
