@@ -8,9 +8,10 @@ the auxiliary domains Office Products and MovieLens-100K.
     python benchmarks/transfer_ant.py --summarise-only
 
 Protocol (METHODS.md §2): leave-one-out per user, every prefix a training example, full ranking
-over the target's items with the history masked, Recall@10/50 and NDCG@10/50; every model is
-selected by the target's valid NDCG@10 (pretraining: by the macro valid NDCG@10 of the two
-auxiliary domains).
+over the target's items with the history masked (``mask_history_items``: each row's input
+sequence, as ANT's code masks it; the target item itself stays ranked), Recall@10/50 and
+NDCG@10/50; every model is selected by the target's valid NDCG@10 (pretraining: by the macro valid
+NDCG@10 of the two auxiliary domains, under the same masking).
 
 Pretraining runs once per seed (``pretrain/seed<S>.json``; its checkpoint is copied to
 ``saved/ant-pretrain-seed<S>.pth`` and rebuilt when missing), on Office Products + MovieLens-100K
@@ -51,13 +52,17 @@ SELECTED_BY = "valid ndcg@10 of the target"
 # pretraining settings and the seed).
 WHERE = ("data_path", "text_cache_dir", "pretrained")
 METRICS = ["recall@10", "recall@50", "ndcg@10", "ndcg@50"]
-# Changes of ANT's code that change its numbers at unchanged settings; an ANT record (a variant or
-# a pretraining) of an older revision is stale. Absent = 1. 2: per-epoch learning-rate decay
-# (0.995 pretraining, 0.99 target), adaptors initialised N(0, 0.02) like the other layers, and
-# re-learning restarts positions at N(0, 0.02) (was N(0, 1)) and experts Xavier-normal (the
-# authors' code).
-ANT_REVISION = 2
+# Changes of the code or the protocol that change a model's numbers; a record (a variant or a
+# pretraining) of an older revision is stale. Absent = 1.
+# ANT 2: per-epoch learning-rate decay (0.995 pretraining, 0.99 target), adaptors initialised
+# N(0, 0.02) like the other layers, and re-learning restarts positions at N(0, 0.02) (was
+# N(0, 1)) and experts Xavier-normal (the authors' code).
+# ANT 3, SASRec 2: full ranking masks each row's input sequence (mask_history_items), the protocol
+# stated above; before, RecBole's sequential full ranking masked no history.
+REVISIONS = {"ANT": 3, "SASRec": 2}
 SETTINGS = {
+    # The protocol's history masking (RecBole's sequential full ranking masks nothing).
+    "mask_history_items": True,
     # Adaptation: early stopping decides (re-learning from re-initialised adaptors was still
     # gaining at epoch 50 in a first try).
     "epochs": 150,
@@ -155,7 +160,7 @@ def _pretrain_unless_current(seed):
     print(f"== pretraining on {SOURCES}, seed {seed}", flush=True)
     result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
     shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
-    write_record({"name": "pretrain", "model": "ANT", "revision": ANT_REVISION, "seed": seed,
+    write_record({"name": "pretrain", "model": "ANT", "revision": REVISIONS["ANT"], "seed": seed,
             "settings": settings, "wall_s": wall,
             "selected_by": "macro valid ndcg@10 of the auxiliary domains",
             "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
@@ -171,7 +176,7 @@ def run_one(name, seed, out_file):
     result, wall = _run(model, dataset, settings)
     target = result["per_market"][MARKET]
     write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
-            **({"revision": ANT_REVISION} if model == "ANT" else {}),
+            "revision": REVISIONS[model],
             "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
             "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
                                                     "test": _floats(target["test"])}}}, out_file)
@@ -185,8 +190,8 @@ def is_current(record):
 
 
 def current_ant(record, settings):
-    """True when ``record`` ran with ``settings`` and, an ANT run, under ``ANT_REVISION``."""
-    if record["model"] == "ANT" and record.get("revision", 1) != ANT_REVISION:
+    """True when ``record`` ran with ``settings`` under its model's current ``REVISIONS``."""
+    if record.get("revision", 1) != REVISIONS[record["model"]]:
         return False
     return ran_with(record, settings, WHERE)
 

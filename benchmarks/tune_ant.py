@@ -7,11 +7,15 @@ the benchmark's pretraining of the seed.
 Asks whether re-learning's shortfall against fine-tuning in ``transfer_ant.py`` is a matter of
 the adaptation settings (the benchmark uses ANT.yaml's for both). Each variant writes
 ``results/ant-tuning/<variant>@scientific-mm-seed<S>/`` (``*.best.json``: the trial with the
-best valid NDCG@10 of the target, with its test metrics; ``*.trials.csv``: every trial) and is
-skipped when that folder has its ``best.json``. Test metrics are read only after selection.
+best valid NDCG@10 of the target, with its test metrics; ``*.trials.csv``: every trial;
+``run.json``: the model's revision and the settings around the grid, the benchmark's protocol
+included) and is skipped when that folder has its ``best.json`` and a ``run.json`` that is current
+(``transfer_ant.current_ant``: a tuning under an older protocol is redone). Test metrics are read
+only after selection.
 """
 
 import argparse
+import json
 import shutil
 
 import transfer_ant as ant
@@ -27,12 +31,28 @@ def params_text(grid):
     return "".join(f"{k} choice [{','.join(map(str, v))}]\n" for k, v in grid.items())
 
 
+def run_record(variant, seed):
+    """What ``run.json`` holds for ``variant``'s tuning: model, revision and settings."""
+    model, _, settings = ant.run_settings(f"{variant}@scientific-mm", seed)
+    return {"model": model, "revision": ant.REVISIONS[model],
+            "settings": json.loads(json.dumps(settings))}
+
+
+def is_done(out, variant, seed):
+    """True when ``out`` holds a finished tuning made under the current protocol and settings."""
+    stamp = out / "run.json"
+    if not list(out.glob("*.best.json")) or not stamp.exists():
+        return False
+    current = run_record(variant, seed)
+    return ant.current_ant(json.loads(stamp.read_text()), current["settings"])
+
+
 def tune(variant, seed):
     """Run the grid for ``variant`` on scientific-mm; returns its output folder."""
     from recbole_cmr.hyper_tuning import run_hyper
 
     out = FOLDER / f"{variant}@scientific-mm-seed{seed}"
-    if list(out.glob("*.best.json")):
+    if is_done(out, variant, seed):
         print(f"== {out.name}: done, skipped", flush=True)
         return out
     model, dataset, settings = ant.run_settings(f"{variant}@scientific-mm", seed)
@@ -41,6 +61,7 @@ def tune(variant, seed):
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     (partial / "grid.hyper").write_text(params_text(GRID))
+    (partial / "run.json").write_text(json.dumps(run_record(variant, seed), indent=2))
     print(f"== tuning {variant}@scientific-mm, seed {seed}: {GRID}", flush=True)
     run_hyper(model, dataset, str(partial / "grid.hyper"), algo="exhaustive", config_dict=settings,
               output_dir=str(partial))

@@ -1,6 +1,7 @@
 """The benchmark harness's summaries: means, sample std over seeds, the macro average, the table."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -278,10 +279,14 @@ def test_ant_records_of_an_older_ant_revision_are_stale(ant_harness):
         model, _, settings = ant_harness.run_settings(name, 2020)
         return {"name": name, "model": model, "seed": 2020, "settings": settings, **extra}
 
-    assert not ant_harness.is_current(record("ANT-relearn@scientific-mm"))  # before revision 2
-    assert ant_harness.is_current(record("ANT-relearn@scientific-mm", revision=ant_harness.ANT_REVISION))
-    assert ant_harness.is_current(record("SASRec-scratch@scientific-mm"))  # not ANT's code
-    changed = record("ANT-relearn@scientific-mm", revision=ant_harness.ANT_REVISION)
+    revisions = ant_harness.REVISIONS
+    assert all(ant_harness.run_settings(n, 2020)[2]["mask_history_items"] for n in ant_harness.MODELS)
+    assert ant_harness.pretrain_settings(2020)["mask_history_items"]  # the protocol everywhere
+    assert not ant_harness.is_current(record("ANT-relearn@scientific-mm", revision=2))  # unmasked
+    assert ant_harness.is_current(record("ANT-relearn@scientific-mm", revision=revisions["ANT"]))
+    assert not ant_harness.is_current(record("SASRec-scratch@scientific-mm"))  # history unmasked
+    assert ant_harness.is_current(record("SASRec-scratch@scientific-mm", revision=revisions["SASRec"]))
+    changed = record("ANT-relearn@scientific-mm", revision=revisions["ANT"])
     changed["settings"] = {**changed["settings"], "learning_rate": 0.01}
     assert not ant_harness.is_current(changed)
 
@@ -322,4 +327,7 @@ def test_ant_tuning_grid_reads_as_recbole_space_and_a_done_variant_is_skipped(an
     done.mkdir()
     (done / "ANT-scientific-mm-transfer.best.json").write_text("{}")
     monkeypatch.setattr(tune.ant, "ensure_pretrained", lambda seed: pytest.fail("a done variant ran"))
+    with pytest.raises(pytest.fail.Exception, match="a done variant ran"):  # no run.json: older protocol
+        tune.tune("ANT-relearn", 2020)
+    (done / "run.json").write_text(json.dumps(tune.run_record("ANT-relearn", 2020)))
     assert tune.tune("ANT-relearn", 2020) == done

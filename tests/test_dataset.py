@@ -1,12 +1,19 @@
 """Multi-market dataset: shared item ids, RecBole's loaders, per-market catalogues."""
 
+import re
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader, TrainDataLoader
+from recbole.sampler import RepeatableSampler, Sampler
 
 from recbole_cmr import Config, create_dataset, data_preparation
 from recbole_cmr.data import pooled_train_data
+from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader
+from recbole_cmr.data.sampler import MarketRepeatableSampler, MarketSampler
 
 
 def _build(settings, prepare=True, **extra):
@@ -72,14 +79,40 @@ def test_users_stay_per_market_unless_pooled(two_markets):
     assert len(loader._dataset) == sum(len(t._dataset) for t in train.values())
 
 
-def test_loaders_are_recboles_classes(two_markets):
-    mode = {"valid": "full", "test": "uni99"}
-    eval_args = {**two_markets["eval_args"], "mode": mode}
-    _, _, (train, valid, test) = _build(two_markets, eval_args=eval_args)
+@pytest.mark.parametrize("model, sampler_class", [("SASRec", MarketRepeatableSampler),
+                                                   ("BPR", MarketSampler)])
+def test_loaders_are_recboles_classes(two_markets, model, sampler_class):
+    """Per market and phase: RecBole's loader class for the phase's mode, over that market's
+    split, with RecBole's sampler class for the model (repeatable for sequential models), set to
+    the phase and drawing from the market's catalogue; full ranking adds only the foreign mask."""
+    eval_args = {**two_markets["eval_args"], "mode": {"valid": "full", "test": "uni99"}}
+    config = Config(model=model, dataset="xm2", config_dict={
+        **two_markets, "train_mode": "federated", "eval_args": eval_args})
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    recbole_sampler = RepeatableSampler if model == "SASRec" else Sampler
+    assert issubclass(sampler_class, recbole_sampler)
     for market in ("in", "jp"):
+        catalogue = dataset.catalogue(market)
         assert type(train[market]) is TrainDataLoader
+        assert type(valid[market]) is MarketFullSortEvalDataLoader
         assert isinstance(valid[market], FullSortEvalDataLoader)
+        assert valid[market].is_sequential == (model == "SASRec")
         assert type(test[market]) is NegSampleEvalDataLoader
+        assert test[market].neg_sample_args["distribution"] == "uniform"
+        assert test[market].neg_sample_args["sample_num"] == 99
+        splits = [loader._dataset for loader in (train[market], valid[market], test[market])]
+        assert {split.market for split in splits} == {market}
+        assert all(split.market_train is splits[0] for split in splits)
+        samplers = [train[market]._sampler, valid[market]._sampler, test[market]._sampler]
+        if model == "SASRec":  # CE: no training negatives
+            assert samplers[0] is None and config["train_neg_sample_args"]["distribution"] == "none"
+            samplers = samplers[1:]
+        for sampler, phase in zip(samplers[::-1], ("test", "valid", "train")):
+            assert type(sampler) is sampler_class and sampler.phase == phase
+            assert list(sampler.catalogue) == list(catalogue)
+        foreign = np.setdiff1d(np.arange(1, dataset.item_num), catalogue)
+        assert valid[market].item_mask.nonzero().squeeze(1).tolist() == foreign.tolist()
 
 
 def test_uni99_negatives_come_from_the_market(two_markets):
@@ -96,27 +129,220 @@ def test_uni99_negatives_come_from_the_market(two_markets):
             assert len(seen) > 50
 
 
-def test_full_ranking_masks_foreign_items(two_markets):
-    _, dataset, (_, valid, _) = _build(two_markets)
+def _scores_seen(trainer, monkeypatch):
+    """Every score matrix the trainer's collector receives (``[B, n_items]`` each, masked)."""
+    seen = []
+    collect = trainer.eval_collector.eval_batch_collect
+    monkeypatch.setattr(trainer.eval_collector, "eval_batch_collect",
+                        lambda scores, *rest: seen.append(scores.clone()) or collect(scores, *rest))
+    return seen
+
+
+@pytest.mark.parametrize("model", ["SASRec", "BPR"])
+def test_full_ranking_masks_foreign_items(two_markets, monkeypatch, model):
+    """Through ``trainer.evaluate``: items foreign to the market score -inf in every row; the
+    market's items keep their scores, except (general models) RecBole's training history."""
+    from recbole_cmr.trainer import new_market_trainer
+
+    config = Config(model=model, dataset="xm2", config_dict={**two_markets, "train_mode": "federated"})
+    dataset = create_dataset(config)
+    train, valid, _ = data_preparation(config, dataset)
     for market in ("in", "jp"):
-        catalogue = torch.as_tensor(dataset.catalogue(market))
-        interaction, history_index, _, _ = next(iter(valid[market]))
-        scores = torch.zeros(len(interaction), dataset.item_num)
-        scores[history_index] = -np.inf
+        _, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
+        seen = _scores_seen(trainer, monkeypatch)
+        trainer.evaluate(valid[market], load_best_model=False)
+        scores = torch.cat(seen)
         foreign = torch.ones(dataset.item_num, dtype=torch.bool)
-        foreign[catalogue] = False
-        foreign[0] = False
-        assert torch.isinf(scores[:, foreign]).all()
-        assert torch.isfinite(scores[:, catalogue]).all()
+        foreign[torch.as_tensor(dataset.catalogue(market))] = False
+        assert 0 < foreign.sum() < dataset.item_num - 1
+        assert torch.isneginf(scores[:, foreign]).all()
+        allowed = ~foreign
+        allowed[0] = False
+        finite = torch.isfinite(scores)
+        if model == "BPR":  # rows are users in id order; their training items stay masked
+            users = valid[market].uid_list
+            for row, user in enumerate(users.tolist()):
+                history = valid[market].uid2history_item[user]
+                assert len(history) and torch.isneginf(scores[row, history]).all()
+                finite[row, history] = True
+        assert finite[:, allowed].all()
+
+
+SEQUENCES = {  # market a (u2's test target i3 repeats its input); market b: items foreign to a
+    "a": {"u1": ["i1", "i2", "i3", "i4", "i5"], "u2": ["i3", "i6", "i3", "i2", "i3"],
+          "u3": ["i2", "i1", "i6", "i4"]},
+    "b": {"v1": ["i7", "i8", "i9"], "v2": ["i8", "i9", "i10"]},
+}
+
+
+def _sequence_markets(two_markets, **extra):
+    """Dataset ``seq`` (markets of SEQUENCES) with settings for a hand-checked full ranking."""
+    root = Path(two_markets["data_path"]) / "seq"
+    root.mkdir(exist_ok=True)
+    for market, users in SEQUENCES.items():
+        lines = [f"{u}\t{i}\t{t}" for u, items in users.items() for t, i in enumerate(items)]
+        (root / f"{market}.inter").write_text(
+            "user_id:token\titem_id:token\ttimestamp:float\n" + "\n".join(lines) + "\n")
+    return {**two_markets, "MAX_ITEM_LIST_LENGTH": 3, "topk": [3], "metric_decimal_place": 10,
+            "eval_batch_size": 2, **extra}
+
+
+def _fixed_score_trainer(config, train, market):
+    """A SASRec trainer whose model scores item ``j`` ``-j`` for every row (lower ids first)."""
+    from recbole_cmr.trainer import new_market_trainer
+
+    model, trainer = new_market_trainer(config, train[market]._dataset, market, [market])
+    n_items = train[market]._dataset.item_num
+    model.full_sort_predict = lambda inter: -torch.arange(n_items, dtype=torch.float).repeat(
+        len(inter), 1)
+    return trainer
+
+
+def _by_hand(loader, masked, k):
+    """Hit, NDCG, MRR @k of the loader's rows, ranking the target among the items that are not
+    padding and not in ``masked(input items, target)`` by the fixed scores ``-id``."""
+    split = loader._dataset.inter_feat
+    rows = zip(split["item_id_list"].tolist(), split["item_length"].tolist(),
+               split["item_id"].tolist())
+    hits, ndcgs, mrrs = [], [], []
+    for sequence, length, target in rows:
+        excluded = {0} | set(masked(sequence[:length], target))
+        rank = 1 + sum(1 for j in range(1, target) if j not in excluded)  # lower id = higher score
+        hits.append(float(rank <= k))
+        ndcgs.append(1 / np.log2(rank + 1) if rank <= k else 0.0)
+        mrrs.append(1 / rank if rank <= k else 0.0)
+    return {f"hit@{k}": np.mean(hits), f"ndcg@{k}": np.mean(ndcgs), f"mrr@{k}": np.mean(mrrs)}
+
+
+def test_history_masking_masks_the_input_sequence_but_never_the_target(two_markets, monkeypatch):
+    """``mask_history_items``: through ``trainer.evaluate``, every item of a row's input sequence
+    scores -inf except the row's target (u2 repeats it), and the metrics are the hand-computed
+    ranking without them; off, only foreign items are masked, and the numbers differ."""
+    results = {}
+    for on in (True, False):
+        config = Config(model="SASRec", dataset="seq", config_dict=_sequence_markets(
+            two_markets, train_mode="federated", mask_history_items=on))
+        dataset = create_dataset(config)
+        train, _, test = data_preparation(config, dataset)
+        foreign = set(range(1, dataset.item_num)) - set(dataset.catalogue("a").tolist())
+        trainer = _fixed_score_trainer(config, train, "a")
+        seen = _scores_seen(trainer, monkeypatch)
+        results[on] = trainer.evaluate(test["a"], load_best_model=False)
+
+        def masked(sequence, target):
+            return foreign | ((set(sequence) - {target}) if on else set())
+
+        expected = _by_hand(test["a"], masked, 3)
+        assert dict(results[on]) == pytest.approx(expected, abs=1e-9)
+        split = test["a"]._dataset.inter_feat
+        scores = torch.cat(seen)
+        assert len(scores) == len(split) == len(SEQUENCES["a"])
+        for row, (sequence, length, target) in enumerate(zip(
+                split["item_id_list"].tolist(), split["item_length"].tolist(),
+                split["item_id"].tolist())):
+            history = [i for i in sequence[:length] if i != target]
+            assert torch.isneginf(scores[row, history]).all() == on
+            assert torch.isfinite(scores[row, target])
+            assert torch.isneginf(scores[row, sorted(foreign)]).all()
+        repeated = [t in s[:n] for s, n, t in zip(split["item_id_list"].tolist(),
+                                                  split["item_length"].tolist(),
+                                                  split["item_id"].tolist())]
+        assert any(repeated)  # u2: the target is in its input and still ranked
+    assert results[True] != results[False]
+
+
+def test_history_masking_off_is_recboles_full_ranking(two_markets):
+    """Off (the default) and with no foreign items (train_mode local), a market's evaluation is
+    RecBole's own: its loader's batches, its trainer's numbers."""
+    from recbole.trainer import Trainer
+
+    config = Config(model="SASRec", dataset="seq",
+                    config_dict=_sequence_markets(two_markets, train_mode="local"))
+    assert config["mask_history_items"] is False
+    dataset = create_dataset(config)
+    train, _, test = data_preparation(config, dataset)
+    trainer = _fixed_score_trainer(config, train, "a")
+    ours = trainer.evaluate(test["a"], load_best_model=False)
+    recboles = FullSortEvalDataLoader(config, test["a"]._dataset, test["a"]._sampler)
+    assert next(iter(test["a"]))[1] is None  # nothing to mask beyond RecBole
+    assert Trainer(config, trainer.model).evaluate(recboles, load_best_model=False) == ours
+    assert dict(ours) == pytest.approx(_by_hand(test["a"], lambda *_: set(), 3), abs=1e-9)
+
+
+@pytest.mark.parametrize("model, extra, error", [
+    ("BPR", {}, r"mask_history_items: True .* BPR is not sequential"),
+    ("SASRec", {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO",
+                              "mode": {"valid": "uni99", "test": "full"}}},
+     r"mask_history_items: True needs full ranking, but eval_args mode is \{'valid': 'uni99'\}"),
+    ("SASRec", {"mask_history_items": "yes"}, r"mask_history_items must be True or False"),
+])
+def test_history_masking_where_it_cannot_apply_is_an_error(two_markets, model, extra, error):
+    settings = _sequence_markets(two_markets, **{"train_mode": "federated",
+                                                 "mask_history_items": True, **extra})
+    config = Config(model=model, dataset="seq", config_dict=settings)
+    with pytest.raises(ValueError, match=error):
+        data_preparation(config, create_dataset(config))
+
+
+def _peak_bytes(step):
+    """Peak CPU memory (bytes) that torch allocates while ``step()`` runs (profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+def test_foreign_mask_memory_is_flat_in_the_foreign_items(two_markets):
+    """A 100k-item shared catalogue of which market ``a`` holds 6: one evaluation batch of a
+    general model (RecBole's history plus the foreign mask) allocates at most twice its score
+    matrix, not index tensors of rows x foreign items."""
+    n_extra = 100_000
+    settings = _sequence_markets(two_markets, train_mode="federated",
+                                 item_vocabulary="seq.vocab")
+    items = [i for users in SEQUENCES.values() for seq in users.values() for i in seq]
+    tokens = list(dict.fromkeys(items)) + [f"x{i}" for i in range(n_extra)]
+    (Path(settings["data_path"]) / "seq" / "seq.vocab").write_text("\n".join(tokens) + "\n")
+    config = Config(model="BPR", dataset="seq",
+                    config_dict={**settings, "eval_batch_size": 16 * (len(tokens) + 1)})
+    dataset = create_dataset(config)
+    train, _, test = data_preparation(config, dataset)
+    from recbole_cmr.trainer import new_market_trainer
+
+    _, trainer = new_market_trainer(config, train["a"]._dataset, "a", ["a"])
+    trainer.tot_item_num = dataset.item_num
+    n_foreign = dataset.item_num - 1 - len(dataset.catalogue("a"))
+    assert n_foreign >= n_extra
+    out = {}
+    peak = _peak_bytes(lambda: out.update(batch=trainer._full_sort_batch_eval(next(iter(test["a"])))))
+    scores = out["batch"][1]
+    assert scores.shape == (len(SEQUENCES["a"]), dataset.item_num)
+    assert torch.isneginf(scores).sum(1).min() >= n_foreign  # the mask was applied
+    assert peak <= 2 * scores.numel() * scores.element_size()
 
 
 def test_market_statistics_are_logged(two_markets, caplog):
-    two_markets = {**two_markets, "state": "INFO"}
+    """Each market's RecBole statistics are logged with the real counts of its .inter file
+    (RecBole counts the padding user; its item count is the shared id table), and the dataset's
+    summary (logged by run_recbole_cmr) gives each market's own users, items and rows."""
     with caplog.at_level("INFO"):
-        _build(two_markets)
-    text = caplog.text
-    assert "[market in]" in text and "[market jp]" in text
-    assert "The number of inters" in text
+        _, dataset, _ = _build({**two_markets, "state": "INFO"}, prepare=False)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", caplog.text)
+    for market in ("in", "jp"):
+        frame = pd.read_csv(f"{two_markets['data_path']}/xm2/{market}.inter", sep="\t", dtype=str)
+        users, items = frame["user_id:token"].nunique(), frame["item_id:token"].nunique()
+        block = text.split(f"[market {market}]")[1].split("[market ")[0]
+        stats = dict(re.findall(r"^(The number of \w+|Average actions of \w+): (\S+)$", block, re.M))
+        assert int(stats["The number of users"]) == users + 1
+        assert int(stats["The number of inters"]) == len(frame)
+        assert int(stats["The number of items"]) == dataset.item_num > items + 1
+        assert float(stats["Average actions of users"]) == pytest.approx(len(frame) / users)
+        assert float(stats["Average actions of items"]) == pytest.approx(len(frame) / items)
+        assert f"{market}: {len(frame)} inters, {users} users, {items} items" in str(dataset)
 
 
 def test_item_text_embeddings_from_the_shared_item_file(two_markets, tmp_path, caplog):

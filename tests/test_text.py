@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -233,7 +234,14 @@ def test_corrupt_cache_is_recomputed(tmp_path, loads, caplog):
 
 
 def test_progress_bar(tmp_path, loads, capsys):
-    text.item_text_embeddings(["[PAD]", "a"], {"a": "Heat"}, cache_dir=None, show_progress=True)
-    assert "Encoding item text" in capsys.readouterr().err
-    text.item_text_embeddings(["[PAD]", "a"], {"a": "Heat"}, cache_dir=None, show_progress=False)
+    """The bar counts the items encoded (those with text) against their total, in batches."""
+    tokens = ["[PAD]", *(f"i{k}" for k in range(len(ROWS))), "no_text"]
+    texts = dict(zip(tokens[1:], [row.split("\t")[1] for row in ROWS]))
+    text.item_text_embeddings(tokens, texts, cache_dir=None, batch_size=2, show_progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert bar and all(line.startswith("Encoding item text") for line in bar)
+    assert f"{len(ROWS)}/{len(ROWS)} [" in bar[-1] and "item/s" in bar[-1]
+    counts = [int(m) for line in bar for m in re.findall(rf"(\d+)/{len(ROWS)} \[", line)]
+    assert counts == sorted(counts) and set(counts) <= {0, 2, 4, len(ROWS)}
+    text.item_text_embeddings(tokens, texts, cache_dir=None, show_progress=False)
     assert capsys.readouterr().err == ""

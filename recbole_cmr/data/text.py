@@ -195,14 +195,14 @@ def _encode_texts(model, texts: Sequence[str], batch_size: int, show_progress: b
     dim = _embedding_dim(model)
     out = np.zeros((len(texts), dim), dtype=np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    starts = range(0, len(order), batch_size)
-    bar = tqdm(starts, desc="Encoding item text", unit="batch", disable=not show_progress)
-    for start in bar:
-        idx = order[start : start + batch_size]
-        emb = model.encode(
-            [texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True
-        )
-        out[idx] = np.asarray(emb, dtype=np.float32)
+    with tqdm(total=len(texts), desc="Encoding item text", unit="item", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            emb = model.encode(
+                [texts[i] for i in idx], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True
+            )
+            out[idx] = np.asarray(emb, dtype=np.float32)
+            bar.update(len(idx))
     return out
 
 

@@ -9,7 +9,7 @@ from recbole.data.utils import get_dataloader
 from recbole.sampler import RepeatableSampler, Sampler
 from recbole.utils import set_color
 
-from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader
+from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader, check_mask_history_items
 from recbole_cmr.data.dataset import MultiMarketDataset
 from recbole_cmr.data.sampler import create_market_samplers
 
@@ -33,8 +33,10 @@ def _foreign_items(item_num, catalogue):
 def market_loaders(config, dataset, built, catalogue, item_num):
     """RecBole's train/valid/test loaders for one market's ``built`` splits.
 
-    Negatives come from the market's ``catalogue`` and full ranking masks foreign items.
+    Negatives come from the market's ``catalogue`` and full ranking masks foreign items (and,
+    with ``mask_history_items``, each row's input sequence).
     """
+    check_mask_history_items(config)  # also when no phase ranks fully: an error, not ignored
     for split in built:  # for the catalogue-size metrics (MultiMarketTrainerMixin.evaluate)
         split.market_catalogue, split.market_train = catalogue, built[0]
     foreign = _foreign_items(item_num, catalogue)
@@ -44,7 +46,7 @@ def market_loaders(config, dataset, built, catalogue, item_num):
     for phase, split, sampler in zip(("valid", "test"), built[1:], samplers[1:]):
         loader_class = get_dataloader(config, phase)
         if loader_class is FullSortEvalDataLoader:
-            loaders.append(MarketFullSortEvalDataLoader(config, split, sampler, foreign_items=foreign))
+            loaders.append(MarketFullSortEvalDataLoader(config, split, sampler))
         else:
             loaders.append(loader_class(config, split, sampler, shuffle=False))
     return loaders

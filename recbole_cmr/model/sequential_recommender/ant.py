@@ -31,6 +31,7 @@ from recbole.model.sequential_recommender import SASRec
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_cmr.data.dataloader import catalogue_mask
 from recbole_cmr.data.modality import item_modalities
 from recbole_cmr.model.sequential_recommender.market_softmax import MarketSoftmax
 
@@ -298,14 +299,3 @@ class ANT(MarketSoftmax, SASRec):
     def full_sort_predict(self, interaction):
         with self.item_embedding.fixed():
             return self.sequence_vector(interaction) @ self.item_table().T / self.temperature
-
-
-def catalogue_mask(dataset, n_items):
-    """Bool ``[n_items]``: the items of the market(s) a training split belongs to (its
-    ``market_catalogue``, every split of the market; all items when it has none)."""
-    catalogue = getattr(dataset, "market_catalogue", None)
-    if catalogue is None:
-        return None
-    mask = torch.zeros(n_items, dtype=torch.bool)
-    mask[torch.as_tensor(catalogue, dtype=torch.long)] = True
-    return mask
