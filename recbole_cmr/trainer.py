@@ -14,8 +14,9 @@ from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_
 
 from recbole_cmr import __version__
 from recbole_cmr import evaluator  # noqa: F401  (registers the plugin's metrics)
-from recbole_cmr.compat import checkpoint_safe, load_checkpoint
-from recbole_cmr.utils import check_patterns, matching, save_atomic, user_set
+from recbole_cmr.compat import checkpoint_safe, load_checkpoint, other_parameter_state
+from recbole_cmr.data.dataloader import ScoreMask
+from recbole_cmr.utils import matching, pattern_setting, save_atomic
 
 
 class Collector(RecBoleCollector):
@@ -144,6 +145,16 @@ class MultiMarketTrainerMixin:
                 struct.set("data.count_items", train.item_counter)
         return super().evaluate(loader, load_best_model=False, show_progress=show_progress)
 
+    def _full_sort_batch_eval(self, batched_data):
+        """RecBole's, with a market loader's :class:`ScoreMask` (foreign items, input
+        sequences) applied to the scores on their device."""
+        interaction, history_index, positive_u, positive_i = batched_data
+        if not isinstance(history_index, ScoreMask):
+            return super()._full_sort_batch_eval(batched_data)
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(
+            (interaction, None, positive_u, positive_i))
+        return interaction, history_index.fill_(scores), positive_u, positive_i
+
     def load_best_model(self, model_file=None):
         """Load the model weights of a checkpoint (default: this trainer's best)."""
         checkpoint_file = model_file or self.saved_model_file
@@ -172,7 +183,7 @@ class MultiMarketTrainerMixin:
             "cur_step": self.cur_step,
             "best_valid_score": float(self.best_valid_score),
             "state_dict": self.model.state_dict(),
-            "other_parameter": checkpoint_safe(self.model.other_parameter()),
+            "other_parameter": other_parameter_state(self.model),
             "optimizer": self.optimizer.state_dict(),
             **checkpoint_safe(self.checkpoint_info),
         }
@@ -278,16 +289,15 @@ def new_market_trainer(config, dataset, tag, markets):
 
 
 def check_user_patterns(config, names):
-    """The parameter patterns the user set that this run uses must each match a parameter of
-    the model (``names``): ``fed_*_params`` when federated, ``finetune_params`` when fine-tuning."""
+    """Check the pattern settings this run uses against the model's parameter ``names``
+    (:func:`~recbole_cmr.utils.pattern_setting`): ``fed_*_params`` when federated,
+    ``finetune_params`` when fine-tuning."""
     mode = config["train_mode"]
     keys = ["fed_shared_params", "fed_local_params"] if mode == "federated" else []
     if mode == "transfer" or (mode in ("federated", "pooled") and config["finetune"]):
         keys.append("finetune_params")
     for key in keys:
-        if user_set(config, key):
-            patterns = config[key] or []
-            check_patterns(names, [patterns] if isinstance(patterns, str) else patterns, key)
+        pattern_setting(config, key, names)
 
 
 def _set_checkpointing(trainer, config, tag, markets, **info):
