@@ -69,6 +69,9 @@ class Config(RecBoleConfig):
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
+        # A RecBole model's own setting keeps its value: the plugin's overall.yaml (e.g. the
+        # federated strategies' ``tau``) must not override MacridVAE's ``tau``.
+        own = {k: self.internal_config_dict[k] for k in recbole_model_settings(model)}
         properties = resource_path("properties")
         for file in [
             os.path.join(properties, "overall.yaml"),
@@ -81,6 +84,8 @@ class Config(RecBoleConfig):
                     self.parameters["Dataset"] += [
                         k for k in config_dict if k not in self.parameters["Dataset"]
                     ]
+            if file.endswith("overall.yaml"):
+                self.internal_config_dict.update(own)
         if self._is_sequential_ce(model_class):
             # RecBole refuses negative sampling with CE; make `--model=SASRec` work as is.
             self.internal_config_dict["train_neg_sample_args"] = None
@@ -102,7 +107,18 @@ class Config(RecBoleConfig):
             self.final_config_dict["data_path"] = packaged
 
 
+@lru_cache(maxsize=None)
+def recbole_model_settings(model):
+    """The settings RecBole's own yaml for ``model`` defines (none for a plugin model)."""
+    import recbole
+
+    return frozenset(_yaml_keys(os.path.join(os.path.dirname(recbole.__file__), "properties",
+                                             "model", f"{model}.yaml")))
+
+
 def _yaml_keys(path):
+    if not os.path.isfile(path):
+        return set()
     with open(path, encoding="utf-8") as f:
         try:
             return set(yaml.safe_load(f) or {})
@@ -168,8 +184,9 @@ def unread_mode_settings(config, keys):
     """``{key: modes that read it}`` for each of ``keys`` that ``config``'s ``train_mode`` does
     not read; a key holding None or its default value reads as unset."""
     mode, finetune = config["train_mode"], bool(config["finetune"])
+    own = recbole_model_settings(config["model"])  # e.g. MacridVAE's tau: the model reads it
     unread = {}
-    for key in keys:
+    for key in [k for k in keys if k not in own]:
         modes = reading_modes(key, finetune)
         if key == "finetune":  # local never fine-tunes, transfer always does
             if mode in modes or bool(config[key]) == (mode == "transfer"):

@@ -136,3 +136,13 @@ def test_harness_settings_keep_what_each_train_mode_reads(two_markets):
     assert mode_settings("FedAvgSASRec", "xm2", shared) == shared  # its yaml: federated
     kept = mode_settings("PretrainFinetune", "xm2", shared)  # its yaml: transfer
     assert "fed_rounds" not in kept and "eta_l" not in kept and kept["epochs"] == shared["epochs"]
+
+
+def test_a_recbole_models_own_setting_is_neither_overridden_nor_gated(two_markets):
+    """MacridVAE's ``tau`` (its softmax temperature) is also the name of a federated strategy's
+    setting: the plugin's default must not override the model's, and setting it is no error."""
+    assert Config(model="MacridVAE", dataset="xm2", config_dict=two_markets)["tau"] == 0.1
+    assert Config(model="MacridVAE", dataset="xm2", config_dict={**two_markets, "tau": 0.2})["tau"] == 0.2
+    assert Config(model="SASRec", dataset="xm2", config_dict=two_markets)["tau"] is None
+    with pytest.raises(ValueError, match="tau is not read by train_mode local"):
+        Config(model="SASRec", dataset="xm2", config_dict={**two_markets, "tau": 0.2})
