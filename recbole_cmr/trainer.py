@@ -59,8 +59,8 @@ class MultiMarketTrainerMixin:
 
     * ``valid_data`` / ``eval_data`` may be a ``{market: loader}`` dict: every market is evaluated
       by RecBole's own ``evaluate`` and the valid score is the macro average over markets;
-    * checkpoints hold plain data only and load with ``torch.load(weights_only=True)``
-      (RecBole 1.2.1 pickles its Config and cannot reload its own checkpoints on torch >= 2.6);
+    * checkpoints hold plain data only (the settings, not RecBole's Config object) and load with
+      ``torch.load(weights_only=True)``;
     * ``checkpoint_info``: what else the checkpoint should record (dataset, markets, ...);
     * ``learning_rate_decay``: inside ``fit``, every parameter group's learning rate is
       multiplied by ``lr_decay`` after each training epoch (PyTorch's ``StepLR`` with step 1;

@@ -19,8 +19,8 @@ from conftest import SHIPPED
 
 
 def _plain_recbole(dataset, settings, monkeypatch):
-    """RecBole 1.2.1 itself, step by step as its run_recbole does (torch>=2.6 needs the env flag)."""
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    """RecBole 1.2.1 itself, step by step as its run_recbole does (its checkpoints reload
+    weights-only after ``import recbole_cmr``: no env flag)."""
     config = RecBoleConfig(model="SASRec", dataset=dataset, config_dict=settings)
     init_seed(config["seed"], config["reproducibility"])
     data = recbole_create_dataset(config)
