@@ -9,11 +9,14 @@ import pytest
 import torch
 from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader, TrainDataLoader
 from recbole.sampler import RepeatableSampler, Sampler
+from recbole.utils import init_seed
 
 from recbole_cmr import Config, create_dataset, data_preparation
 from recbole_cmr.data import pooled_train_data
 from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader
 from recbole_cmr.data.sampler import MarketRepeatableSampler, MarketSampler
+
+from conftest import FAST  # noqa: E402
 
 
 def _build(settings, prepare=True, **extra):
@@ -503,3 +506,202 @@ def test_catalogue_size_metrics_count_the_markets_own_items(two_markets, monkeyp
         counts = train[market]._dataset.item_counter
         popularity = np.mean([[counts.get(int(i), 0) for i in row] for row in items])
         assert result["averagepopularity@10"] == pytest.approx(popularity, abs=1e-4)
+
+
+# Knowledge-aware models and models with their own RecBole dataset class.
+KG_ENTITIES = [f"e{k}" for k in range(1, 12)] + ["x1", "x2", "x3"]  # x*: linked to no item
+
+
+def _write_atomic(path, header, rows):
+    path.write_text("\t".join(header) + "\n" + "".join("\t".join(map(str, r)) + "\n" for r in rows))
+
+
+@pytest.fixture
+def kg_markets(tmp_path):
+    """Dataset ``kgm``: market ``a`` (items i1-i8) and ``b`` (i5-i12), one ``kgm.kg`` / ``kgm.link``
+    for both (i<k> -> e<k> for k <= 11: i12 is unlinked, e9-e11 link to items of ``b`` only, which
+    are entities that no item of ``a`` links to) and pretrained entity vectors (``ent_vec`` of the
+    k-th entity: ``[k, k + 0.5]``)."""
+    folder = tmp_path / "data" / "kgm"
+    folder.mkdir(parents=True)
+    for market, users, first in (("a", "u", 1), ("b", "v", 5)):
+        _write_atomic(folder / f"{market}.inter", ["user_id:token", "item_id:token", "timestamp:float"],
+                      [(f"{users}{u}", f"i{(u + 2 * k) % 8 + first}", k)
+                       for u in range(1, 9) for k in range(4)])
+    _write_atomic(folder / "kgm.link", ["item_id:token", "entity_id:token"],
+                  [(f"i{k}", f"e{k}") for k in range(1, 12)])
+    _write_atomic(folder / "kgm.kg", ["head_id:token", "relation_id:token", "tail_id:token"],
+                  [(e, f"r{k % 2}", KG_ENTITIES[(3 * k + 1) % len(KG_ENTITIES)])
+                   for k, e in enumerate(KG_ENTITIES)])
+    _write_atomic(folder / "kgm.ent_feature", ["ent_id:token", "ent_vec:float_seq"],
+                  [(e, f"{k} {k + 0.5}") for k, e in enumerate(KG_ENTITIES, 1)])
+    return {**FAST, "data_path": str(tmp_path / "data"), "load_col": None, "epochs": 1,
+            "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "mode": "full"},
+            "metrics": ["Hit", "NDCG"], "topk": [3], "valid_metric": "NDCG@3",
+            "checkpoint_dir": str(tmp_path / "saved")}
+
+
+def _kg_build(settings, model="CKE", prepare=False, **extra):
+    config = Config(model=model, dataset="kgm", config_dict={**settings, **extra})
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    return config, dataset, data_preparation(config, dataset) if prepare else None
+
+
+def _kg_triples(ds):
+    """The market's knowledge graph as a set of token triples."""
+    tokens = ds.field2id_token[ds.entity_field]
+    relations = ds.field2id_token[ds.relation_field]
+    kg = ds.kg_feat
+    return set(zip(tokens[np.asarray(kg[ds.head_entity_field])],
+                   relations[np.asarray(kg[ds.relation_field])],
+                   tokens[np.asarray(kg[ds.tail_entity_field])]))
+
+
+def test_knowledge_markets_share_one_entity_space(kg_markets):
+    """With shared ids every market has RecBole's KnowledgeBasedDataset over one entity space:
+    an item's entity id is its shared item id, and one entity (e9, linked only through market b's
+    items) has one id in every market."""
+    from recbole.data.dataset import KnowledgeBasedDataset
+
+    _, dataset, _ = _kg_build(kg_markets, train_mode="pooled")
+    a, b = dataset.market_datasets["a"], dataset.market_datasets["b"]
+    file_triples = set(map(tuple, pd.read_csv(f"{kg_markets['data_path']}/kgm/kgm.kg", sep="\t",
+                                              dtype=str).values.tolist()))
+    for ds in (a, b):
+        assert isinstance(ds, KnowledgeBasedDataset)
+        assert _kg_triples(ds) == file_triples
+        entities = ds.field2id_token[ds.entity_field]
+        items = ds.field2token_id[ds.iid_field]
+        for k in range(1, 12):  # i12 has no entity (RecBole drops its rows)
+            assert entities[items[f"i{k}"]] == f"e{k}"
+        assert ds.entity_num == dataset.item_num + 3  # x1-x3 follow the items
+    assert list(a.field2id_token[a.entity_field]) == list(b.field2id_token[b.entity_field])
+    for field in (a.head_entity_field, a.relation_field, a.tail_entity_field):
+        assert np.asarray(a.kg_feat[field]).tolist() == np.asarray(b.kg_feat[field]).tolist()
+
+
+@pytest.mark.parametrize("train_mode", ["local", "pooled"])
+def test_one_knowledge_market_is_plain_recboles_dataset(kg_markets, tmp_path, train_mode):
+    """Market a alone (its own ids, or shared ids over one market) is the KnowledgeBasedDataset
+    plain RecBole makes of its files: the same item and entity ids and the same graph."""
+    import shutil
+
+    from recbole.config import Config as RecBoleConfig
+    from recbole.data import create_dataset as recbole_create_dataset
+
+    source = Path(kg_markets["data_path"]) / "kgm"
+    (tmp_path / "solo" / "a").mkdir(parents=True)
+    for suffix in ("inter", "kg", "link"):
+        shutil.copy(source / f"{'a' if suffix == 'inter' else 'kgm'}.{suffix}",
+                    tmp_path / "solo" / "a" / f"a.{suffix}")
+    alone = recbole_create_dataset(RecBoleConfig(model="CKE", dataset="a", config_dict={
+        **kg_markets, "data_path": str(tmp_path / "solo")}))
+    _, dataset, _ = _kg_build(kg_markets, train_mode=train_mode, markets=["a"])
+    ds = dataset.market_datasets["a"]
+    for field in (ds.iid_field, ds.entity_field, ds.relation_field):
+        assert list(ds.field2id_token[field]) == list(alone.field2id_token[field])
+    for field in (ds.head_entity_field, ds.relation_field, ds.tail_entity_field):
+        assert np.asarray(ds.kg_feat[field]).tolist() == np.asarray(alone.kg_feat[field]).tolist()
+    assert np.asarray(ds.inter_feat[ds.iid_field]).tolist() == \
+        np.asarray(alone.inter_feat[alone.iid_field]).tolist()
+
+
+def test_knowledge_loaders_sample_the_shared_graph(kg_markets):
+    """A knowledge-aware model trains on RecBole's KnowledgeBasedDataLoader (per market and
+    pooled): interactions with the market's negatives, and triples whose negative tails its
+    KGSampler draws over the shared entity ids."""
+    from recbole.data.dataloader import KnowledgeBasedDataLoader
+    from recbole.sampler import KGSampler
+    from recbole.utils import KGDataLoaderState
+
+    config, dataset, (train, _, _) = _kg_build(kg_markets, prepare=True, train_mode="pooled")
+    entity_num = dataset.market_datasets["a"].entity_num
+    for loader in (*train.values(), pooled_train_data(config, train)):
+        assert type(loader) is KnowledgeBasedDataLoader
+        sampler = loader.kg_dataloader._sampler
+        assert type(sampler) is KGSampler and sampler.entity_num == entity_num
+        loader.set_mode(KGDataLoaderState.RSKG)
+        batch = next(iter(loader))
+        assert {"user_id", "item_id", "neg_item_id", "head_id", "neg_tail_id"} <= set(batch.columns)
+        assert 0 < int(batch["neg_tail_id"].min()) and int(batch["neg_tail_id"].max()) < entity_num
+    assert set(train["b"].general_dataloader._sampler.catalogue) == set(dataset.catalogue("b"))
+
+
+def test_dien_negatives_follow_the_shared_item_ids(kg_markets):
+    """RecBole's DIENDataset draws each row's negative item when loading; with shared ids the
+    draws are the same items (tokens) as with the market's own ids."""
+    from recbole.data.dataset import DIENDataset
+
+    drawn = {}
+    for mode in ("local", "pooled"):
+        _, dataset, _ = _kg_build(kg_markets, model="DIEN", train_mode=mode)
+        for market, ds in dataset.market_datasets.items():
+            assert isinstance(ds, DIENDataset)
+            drawn[mode, market] = ds.field2id_token[ds.iid_field][ds.neg_item_list.numpy()].tolist()
+    for market in ("a", "b"):
+        assert drawn["pooled", market] == drawn["local", market]
+
+
+def test_preloaded_entity_vectors_follow_the_shared_entity_ids(kg_markets):
+    """``preload_weight`` rows (here GRU4RecKG's pretrained entity vectors) stay with their
+    entity when the ids are shared."""
+    settings = {"alias_of_entity_id": ["ent_id"], "preload_weight": {"ent_id": "ent_vec"},
+                "additional_feat_suffix": ["ent_feature"], "train_neg_sample_args": None}
+    _, dataset, _ = _kg_build(kg_markets, model="GRU4RecKG", train_mode="pooled", **settings)
+    for ds in dataset.market_datasets.values():
+        vectors = ds.get_preload_weight("ent_id")
+        assert len(vectors) == ds.entity_num
+        for k, entity in enumerate(KG_ENTITIES, 1):
+            assert vectors[ds.field2token_id[ds.entity_field][entity]].tolist() == [k, k + 0.5]
+
+
+@pytest.mark.parametrize("train_mode", ["local", "pooled", "transfer"])
+def test_knowledge_model_trains_in_train_mode(kg_markets, train_mode):
+    from recbole_cmr.quick_start import objective_function
+
+    """CKE (trained on RecBole's KG loaders by RecBole's KGTrainer) in every train mode but
+    federated: one model per market, one pooled model, market a's model fine-tuned on b."""
+    source = {"source_market": "a"} if train_mode == "transfer" else {}
+    result = objective_function(config_dict={**kg_markets, **source, "model": "CKE",
+                                             "dataset": "kgm", "train_mode": train_mode})
+    assert set(result["per_market"]) == {"a", "b"}
+    for outcome in result["per_market"].values():
+        assert set(outcome["test"]) == {"hit@3", "ndcg@3"}
+        assert all(np.isfinite(v) for v in outcome["test"].values())
+
+
+def test_federated_knowledge_model_is_a_clear_error(kg_markets):
+    with pytest.raises(ValueError, match=r"train_mode federated cannot train model \[CKE\]: it is "
+                                         r"knowledge-aware \(ModelType.KNOWLEDGE\)"):
+        _kg_build(kg_markets, train_mode="federated")
+
+
+def test_every_recbole_model_dataset_class_has_a_market_version():
+    """RecBole's ``<Model>Dataset`` classes (``create_dataset`` picks them by name) each have a
+    per-market version, and one RecBole lacks is a clear error, not a plain dataset."""
+    from recbole.data import dataset as recbole_datasets
+    from recbole.data.dataset import Dataset, customized_dataset
+
+    from recbole_cmr.data.dataset import MARKET_DATASETS, market_dataset_class
+
+    own = {c for c in vars(customized_dataset).values()
+           if isinstance(c, type) and c.__module__ == customized_dataset.__name__}
+    assert own and own <= set(MARKET_DATASETS)
+    config = Config(model="BPR", dataset="kgm", config_dict={"data_path": "."})
+    assert issubclass(market_dataset_class(config), Dataset)
+    recbole_datasets.BPRDataset = type("BPRDataset", (Dataset,), {})
+    try:
+        with pytest.raises(ValueError, match=r"RecBole loads model \[BPR\] with its BPRDataset, "
+                                             r"which recbole_cmr has no per-market version of"):
+            market_dataset_class(config)
+    finally:
+        del recbole_datasets.BPRDataset
+
+
+def test_knowledge_model_without_link_file_names_it(kg_markets):
+    link = Path(kg_markets["data_path"]) / "kgm" / "kgm.link"
+    link.unlink()
+    message = rf"Model \[CKE\] is knowledge-aware: it needs {re.escape(str(link))}, the dataset's"
+    with pytest.raises(ValueError, match=message + r" .link file shared by all markets"):
+        _kg_build(kg_markets, train_mode="pooled")

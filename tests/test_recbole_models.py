@@ -6,9 +6,8 @@ scipy, torch, pandas) shows up as a named failing model.
 Models are found as RecBole's ``get_model`` finds them: ``<kind>_recommender/<name lower>.py``
 defining class ``<name>``. A model that needs a package neither RecBole nor the plugin installs
 (dgl, faiss, lightgbm, xgboost, ...: the run raises ``ModuleNotFoundError`` for it) is skipped
-with that reason. A model the plugin cannot run yet (:func:`plugin_gap`) is an expected failure
-(strict: it fails once the plugin runs it, so the mark goes) and runs through RecBole's own quick
-start after ``import recbole_cmr`` instead, so the stack fixes are checked for it all the same.
+with that reason. A defect of RecBole 1.2.1 itself (``RECBOLE_BUGS``) is a strict expected
+failure: it fails once the model runs, so the mark goes.
 """
 
 import ast
@@ -22,7 +21,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from recbole.data.dataset import customized_dataset
 
 import recbole_cmr  # noqa: F401  (the stack fixes)
 from recbole_cmr.quick_start import objective_function
@@ -57,12 +55,6 @@ RECBOLE_BUGS = {
     "KSR": (RuntimeError, "RecBole 1.2.1 keeps KSR's preloaded relation vectors in float64 "
                           "(np.zeros) and multiplies them with float32 states (float != double)"),
 }
-# Plugin defects found by this test, to be fixed where they are (issue 37, item 13):
-PLUGIN_BUGS = {
-    "MacridVAE": (TypeError, "recbole_cmr's properties/overall.yaml sets tau: ~ (a federated "
-                             "server setting), which overrides MacridVAE's own tau: 0.1"),
-}
-
 # Plugin models run on a copy of the shipped data set their method is built for, cut to its
 # first users per market; the data set's yaml (properties/dataset) applies as in any run.
 PLUGIN_DATASETS = {
@@ -101,17 +93,6 @@ def model_files(root):
                 models += [(package.name, n.name) for n in tree.body
                            if isinstance(n, ast.ClassDef) and n.name.lower() == info.name]
     return models
-
-
-def plugin_gap(package, model):
-    """``(error, reason)`` why recbole_cmr cannot run RecBole's ``model`` yet, or None."""
-    if package == "knowledge_aware_recommender":
-        return TypeError, ("recbole_cmr's data layer builds no KnowledgeBasedDataset and no "
-                           "knowledge-graph loaders (KnowledgeBasedDataLoader needs a kg_sampler)")
-    if hasattr(customized_dataset, f"{model}Dataset"):
-        return KeyError, (f"recbole_cmr's data layer builds plain (Sequential)Datasets, not "
-                          f"RecBole's {model}Dataset")
-    return PLUGIN_BUGS.get(model)
 
 
 def _run_or_skip(model, run):
@@ -179,26 +160,13 @@ def _param(package, model, expected):
 
 
 @pytest.mark.parametrize("package,model", [
-    _param(package, model, plugin_gap(package, model) or RECBOLE_BUGS.get(model))
+    _param(package, model, RECBOLE_BUGS.get(model))
     for package, model in model_files("recbole.model")])
 def test_recbole_model_runs_through_the_plugin(tiny, tmp_path, package, model):
     """One epoch of each RecBole model; the test reloads the best checkpoint (saved=True)."""
     result = _run_or_skip(model, lambda: objective_function(
         config_dict=_settings(tiny, tmp_path, package, model), saved=True))
     _assert_tested([m["test"] for m in result["per_market"].values()], model)
-
-
-@pytest.mark.parametrize("package,model", [
-    _param(package, model, RECBOLE_BUGS.get(model))
-    for package, model in model_files("recbole.model") if plugin_gap(package, model)])
-def test_model_the_plugin_cannot_run_runs_in_recbole_after_the_import(tiny, tmp_path, package, model):
-    """RecBole's own quick start, after ``import recbole_cmr``, runs the models the plugin cannot
-    (its Trainer reloads its best checkpoint with ``weights_only=True``)."""
-    from recbole.quick_start import objective_function as recbole_objective_function
-
-    result = _run_or_skip(model, lambda: recbole_objective_function(
-        config_dict=_settings(tiny, tmp_path, package, model), saved=True))
-    _assert_tested([result["test_result"]], model)
 
 
 def _read(path):

@@ -5,11 +5,21 @@ Layout of a multi-market dataset folder ``<data_path>/<dataset>/``::
     <market>.inter      one RecBole atomic interaction file per market (users are per market)
     <dataset>.item      optional, shared by all markets (item text and features)
     <market>.user       optional, per market
+    <dataset>.kg        knowledge-aware models: the knowledge graph, shared by all markets
+    <dataset>.link      knowledge-aware models: item -> entity, shared by all markets
 
-Each market is read, filtered and remapped by RecBole's own ``Dataset`` / ``SequentialDataset``;
+Each market is read, filtered and remapped by the dataset class RecBole picks for the model
+(``<Model>Dataset`` if RecBole has one, else the model type's: ``Dataset``, ``SequentialDataset``,
+``KnowledgeBasedDataset``), with the market's files mixed in (:func:`market_dataset_class`);
 then item ids are re-numbered so that one item token has one internal id in every market (and, for
 pooled training, user ids are made disjoint across markets). With a single market the ids are
 exactly those plain RecBole assigns.
+
+A knowledge graph describes items, not a market's users, so one ``.kg`` and one ``.link`` serve
+every market (as the shared ``.item`` file does). Each market merges item and entity ids as
+RecBole does (entity id = item id; the entities no item of the market links to follow); with
+shared ids the entities are then re-numbered over the shared item ids, so one entity has one id in
+every market and the relations (one ``.kg``) have the same ids everywhere.
 """
 
 import os
@@ -18,7 +28,16 @@ from logging import getLogger
 
 import numpy as np
 import pandas as pd
-from recbole.data.dataset import Dataset, SequentialDataset
+import torch
+from recbole.data import dataset as recbole_datasets
+from recbole.data.dataset import (
+    Dataset,
+    DIENDataset,
+    GRU4RecKGDataset,
+    KnowledgeBasedDataset,
+    KSRDataset,
+    SequentialDataset,
+)
 from recbole.utils import FeatureSource, FeatureType, ModelType, set_color
 
 from recbole_cmr.data import entity, vocabulary
@@ -83,12 +102,17 @@ class MarketDatasetMixin:
         """
         for f in self.field_group(field):
             for feat in self.field2feats(f):
+                if f not in feat:  # e.g. the entity field, a symbol of no table
+                    continue
                 if self.field2type[f] == FeatureType.TOKEN:
                     feat[f] = lut[feat[f].values.astype(np.int64)]
                 else:
                     feat[f] = [lut[np.asarray(seq, dtype=np.int64)] for seq in feat[f].values]
             self.field2id_token[f] = global_tokens
             self.field2token_id[f] = global_token_id
+            if f in self._preloaded_weight:  # preload_weight: rows follow the ids
+                self._preloaded_weight[f] = _remap_rows(self._preloaded_weight[f], lut,
+                                                        len(global_tokens))
         if field in (self.uid_field, self.iid_field):
             self._reindex_feat_table(field, len(global_tokens))
 
@@ -113,6 +137,80 @@ class MarketDatasetMixin:
         """Sorted unique internal ids of the items that occur in this market, shape ``[n]``."""
         return np.unique(np.asarray(self.inter_feat[self.iid_field]))
 
+    def kg_fields(self):
+        """The fields whose ids a knowledge graph fixes (none here; see
+        :class:`MarketKnowledgeMixin`): the markets do not share them by the plain union."""
+        return []
+
+
+def _remap_rows(matrix, lut, n_global):
+    """``matrix`` (``[num_local, ...]``, row = local id) with its rows at ``lut``'s global ids:
+    ``[n_global, ...]``, rows of ids the market lacks zero (as RecBole's missing tokens)."""
+    rows = np.zeros((n_global, *matrix.shape[1:]), dtype=matrix.dtype)
+    rows[lut] = matrix
+    return rows
+
+
+class MarketKnowledgeMixin(MarketDatasetMixin):
+    """One market of a knowledge-aware dataset: the market's interactions with the dataset's
+    ``<dataset>.kg`` and ``<dataset>.link``, shared by all markets.
+
+    RecBole merges item and entity ids per market (entity id = item id for every item; the
+    entities no item of the market links to follow). :meth:`share_entities` re-numbers them over
+    the markets' shared item ids.
+
+    Attributes:
+        entity_slot_items (np.ndarray): ``[item_num]`` (RecBole's ids): the item token of each of
+            the first ``item_num`` entity ids.
+    """
+
+    def __init__(self, config, market):
+        super().__init__(config, market)
+        self.entity_slot_items = self.field2id_token[self.iid_field]
+
+    def _load_data(self, token, dataset_path):
+        super()._load_data(token, dataset_path)
+        for suffix in ("kg", "link"):
+            path = os.path.join(dataset_path, f"{token}.{suffix}")
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"Model [{self.config['model']}] is knowledge-aware: it needs {path}, the "
+                    f"dataset's .{suffix} file shared by all markets (RecBole's atomic format).")
+        self.kg_feat = self._load_kg(token, dataset_path)
+        self.item2entity, self.entity2item = self._load_link(token, dataset_path)
+
+    def kg_fields(self):
+        """The entity fields (``entity_id`` and its aliases: head, tail, ...) and the relation
+        fields."""
+        return [self.entity_field, *self.field_group(self.head_entity_field),
+                *self.field_group(self.relation_field)]
+
+    def kg_entities(self):
+        """Tokens of the market's entities of the ``.kg`` (those its items link to, then the
+        others), shape ``[n]``; not the virtual entities of unlinked items."""
+        tokens = self.field2id_token[self.entity_field]
+        return np.concatenate([list(self.item2entity.values()), tokens[len(self.entity_slot_items):]])
+
+    def share_entities(self, item_token_id, entity_token_id, entity_tokens):
+        """Re-number the entity fields over the shared item ids: an item's entity id is its
+        shared item id, another entity's is ``entity_token_id``'s.
+
+        Args:
+            item_token_id (dict): item token -> shared item id.
+            entity_token_id (dict): entity token -> shared entity id (every entity of the ``.kg``;
+                a linked entity's id is its item's).
+            entity_tokens (np.ndarray): ``[n_entities]``, the token of each shared entity id.
+        """
+        tokens = self.field2id_token[self.entity_field]
+        slots = len(self.entity_slot_items)
+        # an item slot whose item has no shared id (item_vocabulary lacks it) keeps its entity
+        lut = np.array([item_token_id[t] if t in item_token_id else entity_token_id.get(e, 0)
+                        for t, e in zip(self.entity_slot_items, tokens)]
+                       + [entity_token_id[e] for e in tokens[slots:]], dtype=np.int64)
+        token_id = {t: i for i, t in enumerate(entity_tokens)}
+        for field in (self.head_entity_field, self.entity_field):
+            self.remap_to_global(field, lut, entity_tokens, token_id)
+
 
 class MarketDataset(MarketDatasetMixin, Dataset):
     """One market for general and context-aware models."""
@@ -120,6 +218,49 @@ class MarketDataset(MarketDatasetMixin, Dataset):
 
 class MarketSequentialDataset(MarketDatasetMixin, SequentialDataset):
     """One market for sequential models."""
+
+
+class MarketKnowledgeBasedDataset(MarketKnowledgeMixin, KnowledgeBasedDataset):
+    """One market for knowledge-aware models (RecBole's ``KnowledgeBasedDataset``)."""
+
+
+class MarketDIENDataset(MarketDatasetMixin, DIENDataset):
+    """One market for DIEN: RecBole's ``DIENDataset`` draws each row's negative item (``[N]``
+    item ids, ``neg_item_list``) over the market's own ids when loading; they follow the shared
+    item ids."""
+
+    def remap_to_global(self, field, lut, global_tokens, global_token_id):
+        super().remap_to_global(field, lut, global_tokens, global_token_id)
+        if self.iid_field in self.field_group(field):
+            self.neg_item_list = torch.as_tensor(lut)[self.neg_item_list]
+
+
+class MarketGRU4RecKGDataset(MarketKnowledgeMixin, GRU4RecKGDataset):
+    """One market for GRU4RecKG (RecBole's ``GRU4RecKGDataset``: sequential and knowledge-based)."""
+
+
+class MarketKSRDataset(MarketKnowledgeMixin, KSRDataset):
+    """One market for KSR (RecBole's ``KSRDataset``: sequential and knowledge-based)."""
+
+
+# RecBole's dataset class -> its per-market version.
+MARKET_DATASETS = {
+    Dataset: MarketDataset,
+    SequentialDataset: MarketSequentialDataset,
+    KnowledgeBasedDataset: MarketKnowledgeBasedDataset,
+    DIENDataset: MarketDIENDataset,
+    GRU4RecKGDataset: MarketGRU4RecKGDataset,
+    KSRDataset: MarketKSRDataset,
+}
+# RecBole's create_dataset: the dataset class of a model type without a <Model>Dataset.
+TYPE_DATASETS = {
+    ModelType.GENERAL: Dataset,
+    ModelType.SEQUENTIAL: SequentialDataset,
+    ModelType.CONTEXT: Dataset,
+    ModelType.KNOWLEDGE: KnowledgeBasedDataset,
+    ModelType.TRADITIONAL: Dataset,
+    ModelType.DECISIONTREE: Dataset,
+}
 
 
 def item_text_embedding(config, item_tokens):
@@ -144,11 +285,22 @@ def item_text_embedding(config, item_tokens):
     )
 
 
+def recbole_dataset_class(config):
+    """The dataset class RecBole's ``create_dataset`` picks: ``recbole.data.dataset.<Model>Dataset``
+    if it exists, else the one of ``MODEL_TYPE``."""
+    own = getattr(recbole_datasets, f"{config['model']}Dataset", None)
+    return own if own is not None else TYPE_DATASETS[config["MODEL_TYPE"]]
+
+
 def market_dataset_class(config):
-    """The per-market dataset class for the model type in ``config``."""
-    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL:
-        return MarketSequentialDataset
-    return MarketDataset
+    """The per-market version of the dataset class RecBole picks for ``config['model']``."""
+    recbole_class = recbole_dataset_class(config)
+    if recbole_class not in MARKET_DATASETS:
+        raise ValueError(
+            f"RecBole loads model [{config['model']}] with its {recbole_class.__name__}, which "
+            f"recbole_cmr has no per-market version of (it has: "
+            f"{sorted(c.__name__ for c in MARKET_DATASETS)}): run it with RecBole's own quick start.")
+    return MARKET_DATASETS[recbole_class]
 
 
 def atomic_header(path, field_separator="\t"):
@@ -411,6 +563,7 @@ class MultiMarketDataset:
             self._share_vocabularies()
             if config["item_vocabulary"]:
                 self._use_vocabulary(config["item_vocabulary"])
+            self._share_entities()
         self.item_tokens, _ = _global_vocabulary(
             [ds.field2id_token[iid] for ds in self.market_datasets.values()])
         self.item_token_id = {t: i for i, t in enumerate(self.item_tokens)} if self.shared_ids else None
@@ -471,7 +624,7 @@ class MultiMarketDataset:
         (tokens prefixed with the market) instead.
         """
         private = self._private_fields()
-        done = set()
+        done = set(self._first().kg_fields())  # the knowledge graph's: _share_entities
         for field in dict.fromkeys(f for ds in self.market_datasets.values() for f in ds.field2id_token):
             having = {m: ds for m, ds in self.market_datasets.items() if field in ds.field2id_token}
             group = next(iter(having.values())).field_group(field)
@@ -487,6 +640,25 @@ class MultiMarketDataset:
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
                     for m, ds in having.items()
                 })
+
+    def _share_entities(self):
+        """Knowledge-aware models: one entity id space over the shared item ids, laid out as
+        RecBole's (entity id = item id for every item, linked or not; then the entities that no
+        item links to, in first-seen order). The relations of the one ``.kg`` already have the
+        same ids in every market."""
+        markets = list(self.market_datasets.values())
+        if not isinstance(markets[0], MarketKnowledgeMixin):
+            return
+        items = markets[0].field2id_token[markets[0].iid_field]
+        item_token_id = markets[0].field2token_id[markets[0].iid_field]
+        item2entity = {i: e for ds in markets for i, e in ds.item2entity.items() if i in item_token_id}
+        entity_token_id = {e: item_token_id[i] for i, e in item2entity.items()}
+        unlinked = [e for e in pd.unique(np.concatenate([ds.kg_entities() for ds in markets]))
+                    if e not in entity_token_id]
+        entity_token_id.update((e, len(items) + k) for k, e in enumerate(unlinked))
+        entity_tokens = np.array([item2entity.get(t, t) for t in items] + unlinked)
+        for ds in markets:
+            ds.share_entities(item_token_id, entity_token_id, entity_tokens)
 
     def shared_field_tokens(self, field):
         """The shared tokens of token field ``field``, in id order (``[PAD]`` first)."""

@@ -6,8 +6,8 @@ import numpy as np
 from recbole.data.dataloader import FullSortEvalDataLoader
 from recbole.data.interaction import cat_interactions
 from recbole.data.utils import get_dataloader
-from recbole.sampler import RepeatableSampler, Sampler
-from recbole.utils import set_color
+from recbole.sampler import KGSampler, RepeatableSampler, Sampler
+from recbole.utils import ModelType, set_color
 
 from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader, check_mask_history_items
 from recbole_cmr.data.dataset import MultiMarketDataset
@@ -21,8 +21,20 @@ def create_dataset(config):
     each market keeps plain RecBole's ids; user ids are made disjoint across markets when
     ``train_mode`` is ``pooled``.
     """
+    check_knowledge_train_mode(config)
     return MultiMarketDataset(config, global_users=config["train_mode"] == "pooled",
                               shared_ids=config["train_mode"] != "local")
+
+
+def check_knowledge_train_mode(config):
+    """A knowledge-aware model (``ModelType.KNOWLEDGE``) cannot train federated: RecBole trains it
+    with a ``KnowledgeBasedDataLoader`` (two loaders, no ``generator`` of its own, which a
+    federated client saves and restores) and KG trainer steps that drop a client's FedProx loss."""
+    if config["train_mode"] == "federated" and config["MODEL_TYPE"] == ModelType.KNOWLEDGE:
+        raise ValueError(
+            f"train_mode federated cannot train model [{config['model']}]: it is knowledge-aware "
+            "(ModelType.KNOWLEDGE), and federated clients do not run RecBole's knowledge-graph "
+            "loaders and trainers; use train_mode local, pooled or transfer.")
 
 
 def _foreign_items(item_num, catalogue):
@@ -42,7 +54,7 @@ def market_loaders(config, dataset, built, catalogue, item_num):
     foreign = _foreign_items(item_num, catalogue)
     restrict = catalogue if len(foreign) else None
     samplers = create_market_samplers(config, dataset, built, restrict)
-    loaders = [get_dataloader(config, "train")(config, built[0], samplers[0], shuffle=config["shuffle"])]
+    loaders = [train_loader(config, built[0], samplers[0], dataset)]
     for phase, split, sampler in zip(("valid", "test"), built[1:], samplers[1:]):
         loader_class = get_dataloader(config, phase)
         if loader_class is FullSortEvalDataLoader:
@@ -50,6 +62,18 @@ def market_loaders(config, dataset, built, catalogue, item_num):
         else:
             loaders.append(loader_class(config, split, sampler, shuffle=False))
     return loaders
+
+
+def train_loader(config, split, sampler, kg_dataset):
+    """RecBole's training loader of ``split`` (its ``data_preparation``): for a knowledge-aware
+    model a ``KnowledgeBasedDataLoader``, whose ``KGSampler`` draws negative tail entities over
+    ``kg_dataset``'s knowledge graph (a built dataset: the market, or the pooled split)."""
+    loader_class = get_dataloader(config, "train")
+    if config["MODEL_TYPE"] != ModelType.KNOWLEDGE:
+        return loader_class(config, split, sampler, shuffle=config["shuffle"])
+    args = config["train_neg_sample_args"]
+    kg_sampler = KGSampler(kg_dataset, args["distribution"], args["alpha"])
+    return loader_class(config, split, sampler, kg_sampler, shuffle=True)
 
 
 def data_preparation(config, dataset):
@@ -88,7 +112,7 @@ def pooled_train_data(config, train_data):
         else:
             sampler = Sampler(["train"], [pooled], args["distribution"], args["alpha"])
         sampler = sampler.set_phase("train")
-    return get_dataloader(config, "train")(config, pooled, sampler, shuffle=config["shuffle"])
+    return train_loader(config, pooled, sampler, pooled)
 
 
 def _log_loaders(config):
