@@ -8,16 +8,9 @@ from recbole_cmr.federated import FedAvg, build_clients, get_strategy
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
 
 from test_fecosr import small_movielens  # noqa: F401  (fixture)
+from test_federated import _one_torch_thread  # noqa: F401  (fixture: one torch thread)
 
 ROWS = {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"}
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- fedavg_rows on hand-made tensors ----------------------------------------------------------
