@@ -181,3 +181,24 @@ def test_federated_run_resumes_from_its_round_checkpoint(two_markets, tmp_path):
                               config_dict={**settings, "fed_resume": str(round_file)})
     assert {m: r["test"] for m, r in resumed["per_market"].items()} == \
         {m: r["test"] for m, r in full["per_market"].items()}
+
+
+def test_a_moved_round_checkpoint_resumes_with_its_clients_folder_beside_it(two_markets, tmp_path):
+    """With RecBole's relative ``checkpoint_dir: saved/`` the clients' state lies beside the
+    round checkpoint (``saved/<run>.clients/``, not ``saved/saved/...``), and the pair moved to
+    another folder resumes from there."""
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 2, "stopping_step": 10,
+                "checkpoint_dir": "saved/"}
+    run_recbole_cmr(model="SASRec", dataset="xm2", config_dict={**settings, "fed_rounds": 1})
+    [round_file] = (tmp_path / "saved").glob("SASRec-xm2-federated-*.pth")
+    clients = round_file.with_suffix(".clients")
+    assert sorted(p.name for p in clients.iterdir()) == ["in.pth", "jp.pth"]
+    assert not (tmp_path / "saved" / "saved").exists()
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    round_file.rename(moved / round_file.name)
+    clients.rename(moved / clients.name)
+    resumed = run_recbole_cmr(model="SASRec", dataset="xm2",
+                              config_dict={**settings, "fed_resume": str(moved / round_file.name)})
+    assert resumed["federated_rounds"]["rounds"] == 2
+    assert sorted(p.name for p in (moved / clients.name).iterdir()) == ["in.pth", "jp.pth"]

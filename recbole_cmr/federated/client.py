@@ -191,9 +191,13 @@ class Client:
 
     # ---- round checkpoints -------------------------------------------------------------------
     def state_file(self, name):
-        """This client's round checkpoint for the run checkpoint ``name`` (a file name or path
-        without ``.pth``; relative names resolve in ``checkpoint_dir``)."""
-        return self.checkpoint_dir / f"{name}.clients" / f"{self.client_id}.pth"
+        """This client's round checkpoint for the run checkpoint ``name`` (without ``.pth``): in
+        ``<name>.clients/`` beside it. A bare file name (what a Flower node gets) resolves in
+        ``checkpoint_dir``; a path (the in-process server's, or a moved checkpoint's) is taken as
+        it is, so the clients' folder always lies beside the round checkpoint."""
+        path = Path(name)
+        folder = path.parent if path.parent != Path(".") else self.checkpoint_dir
+        return folder / f"{path.name}.clients" / f"{self.client_id}.pth"
 
     def save_state(self, round_idx, name):
         """Write what a resumed run needs from this client after round ``round_idx``
