@@ -260,7 +260,8 @@ def load_checkpoint(path, map_location="cpu"):
     ``import recbole_cmr`` (module docstring).
 
     Raises a ``ValueError`` that says what to do when the file holds more (a checkpoint RecBole
-    wrote without the import: pickle protocol 4, its Config pickled whole).
+    wrote without the import: pickle protocol 4, its Config pickled whole), and one naming the
+    file when it is no checkpoint at all or a damaged one (text, empty, truncated).
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -268,7 +269,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise FileNotFoundError(f"Checkpoint file [{path}] does not exist.") from None
     except Exception as err:  # torch raises UnpicklingError subclasses that differ across versions
         if "Weights only load failed" not in str(err):
-            raise
+            raise ValueError(f"[{path}] is not a recbole_cmr checkpoint or is damaged (torch.load: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no data'}"
+                             "): use the .pth file a run wrote, complete.") from None
         raise ValueError(
             f"[{path}] holds Python objects that weights_only=True loading refuses (e.g. RecBole "
             "wrote it without `import recbole_cmr`): re-train after `import recbole_cmr`, or load "

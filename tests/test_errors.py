@@ -90,3 +90,29 @@ def test_a_finetune_pattern_that_matches_nothing_is_an_error(two_markets):
                                          r'did you mean "\*item_embedding\*"'):
         _run({**two_markets, "finetune_params": ["*Item_Embedding*"]}, model="PretrainFinetune")
     _assert_nothing_saved(two_markets)
+
+
+@pytest.mark.parametrize("content", [b"epochs: 3\n", b"", "truncated"])
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(two_markets, tmp_path, content):
+    """A text file, an empty file and a truncated checkpoint: one ValueError naming the file,
+    from ``load_data_and_model`` and from a federated resume alike."""
+    import torch
+
+    from recbole_cmr import load_data_and_model
+    from recbole_cmr.compat import load_checkpoint
+
+    path = tmp_path / "model.pth"
+    if content == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    else:
+        path.write_bytes(content)
+    message = rf"\[{path}\] is not a recbole_cmr checkpoint or is damaged"
+    with pytest.raises(ValueError, match=message) as raised:
+        load_checkpoint(path)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(ValueError, match=message):
+        load_data_and_model(str(path))
+    with pytest.raises(ValueError, match=message):
+        run_recbole_cmr(model="SASRec", dataset="xm2", saved=False, config_dict={
+            **two_markets, "train_mode": "federated", "fed_rounds": 1, "fed_resume": str(path)})
