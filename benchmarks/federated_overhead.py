@@ -55,7 +55,7 @@ def main():
 
     settings = {"fed_rounds": args.rounds, "fed_local_epochs": args.local_epochs,
                 "stopping_step": 10**6, "show_progress": False, "state": "WARNING"}
-    config = Config(model="FedAvgSASRec", dataset=args.dataset, config_dict=settings)
+    config = Config(model="FedAvgSASRec", dataset=args.dataset, config_dict=settings, argv=[])
     train, valid, _ = data_preparation(config, create_dataset(config))
     reference = reference_times(config, train, valid, args.local_epochs, args.rounds)
     server = FederatedServer(config, build_clients(config, train, valid),

@@ -5,11 +5,12 @@ import os
 import sys
 from functools import lru_cache
 
-import yaml
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
 from recbole_cmr import compat  # noqa: F401  (numpy aliases before RecBole's own shim runs)
+from recbole_cmr.settings import (check_settings, recbole_model_settings, recbole_properties,
+                                  yaml_keys)
 from recbole_cmr.utils import canonical_model_name, get_model, resource_path
 
 
@@ -24,16 +25,17 @@ class Config(RecBoleConfig):
     there.
 
     ``argv`` (a list of ``--key=value`` strings) replaces ``sys.argv`` as the command line.
-    A setting that only other plugin models read (``--model=SASRec --market_softmax=True``), or
-    that the run's ``train_mode`` does not read (``--train_mode=local --fed_rounds=10``), is an
-    error.
+    Before RecBole sets its defaults and the device, a setting that nothing defines (``--epocs``:
+    "did you mean `epochs`?"; ``extra_settings`` lists a user's own), that only other plugin
+    models read (``--model=SASRec --market_softmax=True``), or that has a wrong type or range
+    (``--fed_rounds=0``) is an error (:mod:`recbole_cmr.settings`); so is one that the run's
+    ``train_mode`` does not read (``--train_mode=local --fed_rounds=10``).
     """
 
     def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None,
                  argv=None):
         self._argv = None if argv is None else [str(a) for a in argv]
         super().__init__(model, dataset, config_file_list, config_dict)
-        check_model_settings(self.model, self.external_config_dict)
         check_mode_settings(self)
 
     def _load_cmd_line(self):
@@ -96,6 +98,8 @@ class Config(RecBoleConfig):
         return model_class.type == ModelType.SEQUENTIAL and loss_type == "CE"
 
     def _set_default_parameters(self):
+        check_model_settings(self.model, self.external_config_dict)
+        check_settings(self)
         super()._set_default_parameters()
         data_path = self.final_config_dict["data_path"]
         packaged = resource_path("dataset", self.dataset)
@@ -108,40 +112,18 @@ class Config(RecBoleConfig):
 
 
 @lru_cache(maxsize=None)
-def recbole_model_settings(model):
-    """The settings RecBole's own yaml for ``model`` defines (none for a plugin model)."""
-    import recbole
-
-    return frozenset(_yaml_keys(os.path.join(os.path.dirname(recbole.__file__), "properties",
-                                             "model", f"{model}.yaml")))
-
-
-def _yaml_keys(path):
-    if not os.path.isfile(path):
-        return set()
-    with open(path, encoding="utf-8") as f:
-        try:
-            return set(yaml.safe_load(f) or {})
-        except yaml.YAMLError:
-            return set()
-
-
-@lru_cache(maxsize=None)
 def plugin_model_settings():
     """``{key: (models...)}`` for the settings that only recbole_cmr's model yaml files define
     (not RecBole's yaml files, not the plugin's overall.yaml)."""
-    import recbole
-
     shared = set()
-    for path in glob.glob(os.path.join(os.path.dirname(recbole.__file__), "properties", "**",
-                                       "*.yaml"), recursive=True):
-        shared |= _yaml_keys(path)
+    for path in glob.glob(recbole_properties("**", "*.yaml"), recursive=True):
+        shared |= yaml_keys(path)
     properties = resource_path("properties")
-    shared |= _yaml_keys(os.path.join(properties, "overall.yaml"))
+    shared |= yaml_keys(os.path.join(properties, "overall.yaml"))
     owners = {}
     for path in sorted(glob.glob(os.path.join(properties, "model", "*.yaml"))):
         model = os.path.splitext(os.path.basename(path))[0]
-        for key in _yaml_keys(path) - shared:
+        for key in yaml_keys(path) - shared:
             owners.setdefault(key, []).append(model)
     return {key: tuple(models) for key, models in owners.items()}
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +30,11 @@ FAST = {
 
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
-    """Run every test in its own folder: RecBole writes log/, saved/ under the cwd."""
+    """Run every test in its own folder (RecBole writes log/, saved/ under the cwd), with a
+    command line of its own: RecBole's Config reads ``--key=value`` from ``sys.argv``, which
+    would otherwise be pytest's options (``--durations=10``)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", sys.argv[:1])
 
 
 @pytest.fixture
