@@ -7,13 +7,17 @@ Other ``--key=value`` settings are RecBole's / recbole_cmr's, as for ``run_recbo
 SuperNode loads only its market's files; the markets' item ids come from the dataset's
 ``item_vocabulary`` file (written over the run's markets first when the dataset has none). The
 ServerApp writes the same results files as ``run_recbole_cmr`` (log/, saved/ under the working
-folder). Needs ``pip install ".[flower]"``. For separate machines see README ("Federation on
-Flower").
+folder). The deployment's own folder (``/tmp/recbole_cmr_flower_*``: the processes' logs, the
+SuperLink's state.db, the App, a written vocabulary) is removed when the run ends, unless
+``--keep_work`` is given (then its path is printed at the end). The run's streamed log goes to
+stderr, without colour codes when stderr is not a terminal; the result JSON to stdout. Needs
+``pip install ".[flower]"``. For separate machines see README ("Federation on Flower").
 """
 
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,6 +29,8 @@ import time
 from pathlib import Path
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+KEEP_FLAG = "--keep_work"  # keep the deployment's folder (logs, state.db, App) after the run
+ANSI_CODE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes
 LAST_RUN = {}  # the last deploy()'s work folder, process ids and SuperNode pid per market (tests)
 APP_TOML = """[build-system]
 requires = ["hatchling"]
@@ -64,8 +70,10 @@ def check_port(port):
             raise OSError(f"port {port} on 127.0.0.1 is in use: choose another or stop what holds it.")
 
 
-def run_settings(argv):
-    """``(settings for the App, markets, data folder)`` from the command line."""
+def run_settings(argv, workdir=None):
+    """``(settings for the App, markets, data folder, node timeout)`` from the command line; a
+    vocabulary the dataset lacks is written into ``workdir`` (default: a new temporary folder,
+    the caller's to remove)."""
     from recbole_cmr.compat import checkpoint_safe
     from recbole_cmr.config import Config
     from recbole_cmr.data.dataset import resolve_markets
@@ -90,7 +98,8 @@ def run_settings(argv):
                    if k not in ("model", "dataset")}
     config_dict["checkpoint_dir"] = os.path.abspath(config["checkpoint_dir"])
     if not config["item_vocabulary"]:
-        path = os.path.join(tempfile.mkdtemp(prefix="recbole_cmr_vocab_"), f"{args.dataset}.vocab")
+        folder = workdir or tempfile.mkdtemp(prefix="recbole_cmr_vocab_")
+        path = os.path.join(folder, f"{args.dataset}.vocab")
         write_item_vocabulary(config, path)
         config_dict["item_vocabulary"] = path
     else:
@@ -108,13 +117,19 @@ class Deployment:
         self.workdir = Path(workdir)
         self.on_stop = on_stop  # called after every process stopped (the node workers)
         self.processes = []
+        self.relays = []  # threads copying a process's output to stderr
         self.env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.workdir / "flwr-home"),
                     "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
 
     def start(self, name, command, log=True):
-        out = open(self.workdir / f"{name}.log", "w") if log else None
-        proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT if log else None,
+        """Start ``command``; its output goes to ``<workdir>/<name>.log``, or with ``log=False``
+        to this process's stderr (``relay``)."""
+        out = open(self.workdir / f"{name}.log", "w") if log else subprocess.PIPE
+        proc = subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        if not log:
+            self.relays.append(threading.Thread(target=relay, args=(proc.stdout, sys.stderr), daemon=True))
+            self.relays[-1].start()
         self.processes.append((name, proc))
         LAST_RUN.setdefault("pids", []).append(proc.pid)
         return proc
@@ -146,8 +161,20 @@ class Deployment:
             _signal(pid, signal.SIGKILL)
         for _, proc in self.processes:
             proc.wait()
+        for thread in self.relays:
+            thread.join(10)
         if self.on_stop:
             self.on_stop()
+
+
+def relay(source, stream):
+    """Copy the byte lines of ``source`` to the text ``stream`` until its end, without colour
+    codes when ``stream`` is not a terminal."""
+    plain = not (hasattr(stream, "isatty") and stream.isatty())
+    for line in iter(source.readline, b""):
+        stream.write((ANSI_CODE.sub(b"", line) if plain else line).decode("utf-8", "replace"))
+        stream.flush()
+    source.close()
 
 
 def descendants(pid):
@@ -209,13 +236,26 @@ def stop_workers(settings):
 
 
 def deploy(argv=None):
-    """Run one federated training on a local Flower deployment; returns the run's result dict."""
+    """Run one federated training on a local Flower deployment; returns the run's result dict.
+    The deployment's folder is removed at the end, kept with ``--keep_work`` in ``argv``."""
     try:
         import flwr  # noqa: F401
     except ImportError:
         raise SystemExit("Flower is not installed: pip install '.[flower]' (flwr==1.41.0).") from None
-    settings, markets, data_root, timeout = run_settings(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep = KEEP_FLAG in argv
     work = Path(tempfile.mkdtemp(prefix="recbole_cmr_flower_"))
+    try:
+        return _deploy([a for a in argv if a != KEEP_FLAG], work, keep)
+    finally:
+        if keep:
+            print(f"Flower deployment folder kept ({KEEP_FLAG}): {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _deploy(argv, work, keep):
+    settings, markets, data_root, timeout = run_settings(argv, work)
     result_file = work / "result.json"
     settings["result_file"] = str(result_file)
     link, nodes = free_port(), [free_port() for _ in markets]
@@ -246,7 +286,8 @@ def deploy(argv=None):
                     break
                 time.sleep(1)
     if not result_file.exists():
-        raise RuntimeError(f"the Flower run ended without results; logs in {work}")
+        where = f"logs in {work}" if keep else f"rerun with {KEEP_FLAG} to keep the deployment's logs"
+        raise RuntimeError(f"the Flower run ended without results; {where}")
     return json.loads(result_file.read_text())
 
 

@@ -65,7 +65,16 @@ def run_hyper(model, dataset, params_file, algo="exhaustive", max_evals=100, ear
 
 def main(argv=None):
     """The command line (``argv``: its arguments, default ``sys.argv[1:]``); any ``--key=value``
-    that is not one of the search's options is a setting of every trial."""
+    that is not one of the search's options is a setting of every trial. A user error exits with
+    one line, its traceback only with ``--debug`` (``recbole_cmr.__main__.run_command``)."""
+    from recbole_cmr.__main__ import run_command
+
+    run_command("recbole_cmr.hyper_tuning", _search, argv)
+
+
+def _search(argv):
+    from recbole_cmr.__main__ import DEBUG_ENV, DEBUG_FLAG
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", "-m", default="SASRec")
     parser.add_argument("--dataset", "-d", default="xmrec-mini")
@@ -75,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--early_stop", type=int, default=10, help="stop after N trials without gain")
     parser.add_argument("--config_files", default=None, help="fixed yaml files, space separated")
     parser.add_argument("--output_dir", default="hyper")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the traceback of a bad-input error (also: {DEBUG_ENV}=1)")
     args, settings = parser.parse_known_args(argv)  # settings: --key=value for every trial
     files = args.config_files.split() if args.config_files else None
     best, result, paths = run_hyper(

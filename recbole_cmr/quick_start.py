@@ -25,9 +25,15 @@ from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.modes import check_train_mode, train_markets, use_market
-from recbole_cmr.results import format_table, init_run_logger, results_frame, save_results
+from recbole_cmr.results import (FILE_ONLY, discard_run_files, format_table, init_run_logger, results_frame,
+                                 save_results)
 from recbole_cmr.trainer import macro_average
 from recbole_cmr.utils import get_model
+
+# Bad settings, files and checkpoints: the plugin raises these with a message saying what to fix.
+# A run that fails with one leaves no files; the command line prints it as one line. Any other
+# exception is a bug.
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError)
 
 
 def summarise(config, per_market, default_valid=None):
@@ -53,27 +59,38 @@ def summarise(config, per_market, default_valid=None):
     }
 
 
-def _run(config, saved=True, verbose=True):
+def _prepare(config):
+    """Check the mode, load the dataset and split it: where bad input fails.
+    Returns ``(dataset, (train, valid, test))``."""
     check_train_mode(config)
     dataset = create_dataset(config)
-    getLogger().info(dataset)
-    train, valid, test = data_preparation(config, dataset)
-    per_market, info = train_markets(config, train, valid, test, saved, verbose)
+    return dataset, data_preparation(config, dataset)
+
+
+def _train(config, data, saved=True, verbose=True):
+    per_market, info = train_markets(config, *data, saved, verbose)
     default_valid = info.pop("default_valid", None)
     return {**summarise(config, per_market, default_valid), **info}
 
 
+def _run(config, saved=True, verbose=True):
+    dataset, data = _prepare(config)
+    getLogger().info(dataset)
+    return _train(config, data, saved, verbose)
+
+
 def report(config, result, log_path):
-    """Print the results table and save it (JSON, CSV) beside the run's log file."""
+    """Print the results table on stdout, log it to the run's log file, and save it (JSON, CSV)
+    beside that file."""
     valid_metric = config["valid_metric"].lower()
     macro = {"valid": result["best_valid_result"], "test": result["test_result"]}
     frame = results_frame(result["per_market"], macro, valid_metric)
     table = format_table(frame, config["metric_decimal_place"] or 4)
+    title = (f"{config['model']} ({config['train_mode']}) on {config['dataset']}: test results "
+             f"per market, model selected by valid {valid_metric}")
     logger = getLogger()
-    logger.info(
-        set_color(f"{config['model']} ({config['train_mode']}) on {config['dataset']}: test results "
-                  f"per market, model selected by valid {valid_metric}", "yellow") + "\n" + table
-    )
+    logger.info(set_color(title, "yellow") + "\n" + table, extra={FILE_ONLY: True})
+    print(f"{title}\n{table}", flush=True)  # on stdout whatever the log level; logs are on stderr
     rounds = result.get("federated_rounds")
     if rounds and rounds["best_round"] is not None:
         logger.info(set_color("Federated stage", "blue") + f": best round {rounds['best_round']} "
@@ -102,10 +119,16 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
                     config_dict=config_dict, argv=argv)
     init_seed(config["seed"], config["reproducibility"])
     log_path = init_run_logger(config)
-    logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-    result = _run(config, saved=saved)
+    try:
+        loaded, data = _prepare(config)  # bad input fails here, before the config dump
+        logger = getLogger()
+        logger.info(sys.argv)
+        logger.info(config)
+        logger.info(loaded)
+        result = _train(config, data, saved=saved)
+    except USER_ERRORS:
+        discard_run_files(log_path)  # a run failing on bad input leaves no files
+        raise
     report(config, result, log_path)
     return result
 
@@ -135,7 +158,8 @@ def load_data_and_model(model_file, config_dict=None):
     """
     checkpoint = load_checkpoint(model_file)
     config_dict = {**checkpoint["config"], "data_path": checkpoint["data_path"], **(config_dict or {})}
-    config = Config(model=checkpoint["model"], dataset=checkpoint["dataset"], config_dict=config_dict)
+    config = Config(model=checkpoint["model"], dataset=checkpoint["dataset"], config_dict=config_dict,
+                    argv=[])  # the checkpoint's settings: never the calling script's command line
     init_seed(config["seed"], config["reproducibility"])
     init_run_logger(config)
     dataset = create_dataset(config)

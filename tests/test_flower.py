@@ -448,7 +448,7 @@ def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(
 
     argv = ["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "2",
             f"--fed_strategy={strategy}", *extra, *SMALL[3:], f"--checkpoint_dir={tmp_path / 'app'}"]
-    settings, markets, data_root, _ = launcher.run_settings(argv)
+    settings, markets, data_root, _ = launcher.run_settings(argv, tmp_path)
     settings["result_file"] = str(tmp_path / "result.json")
     run_config = {"settings": json.dumps(settings), "node-timeout": 60}
     flower.server_main(LoopbackGrid(run_config, markets, data_root), SimpleNamespace(run_config=run_config))

@@ -102,7 +102,7 @@ def main(argv=None):
     if args.data_path:
         settings["data_path"] = args.data_path
     config = Config(model="SASRec", dataset=args.dataset, config_file_list=args.config_files,
-                    config_dict=settings)
+                    config_dict=settings, argv=[])  # the command line is this tool's (--out)
     path, digest = write_item_vocabulary(config, args.out)
     print(f"{path}\nsha256 {digest}")
 
