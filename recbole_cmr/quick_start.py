@@ -25,7 +25,7 @@ from recbole_cmr.compat import load_checkpoint
 from recbole_cmr.config import Config
 from recbole_cmr.data import create_dataset, data_preparation, pooled_train_data
 from recbole_cmr.modes import check_train_mode, train_markets, use_market
-from recbole_cmr.results import (FILE_ONLY, discard_run_files, format_table, init_run_logger, results_frame,
+from recbole_cmr.results import (FILE_ONLY, discard_run_files, init_run_logger, results_text,
                                  save_results)
 from recbole_cmr.trainer import macro_average
 from recbole_cmr.utils import get_model
@@ -82,15 +82,11 @@ def _run(config, saved=True, verbose=True):
 def report(config, result, log_path):
     """Print the results table on stdout, log it to the run's log file, and save it (JSON, CSV)
     beside that file."""
-    valid_metric = config["valid_metric"].lower()
-    macro = {"valid": result["best_valid_result"], "test": result["test_result"]}
-    frame = results_frame(result["per_market"], macro, valid_metric)
-    table = format_table(frame, config["metric_decimal_place"] or 4)
-    title = (f"{config['model']} ({config['train_mode']}) on {config['dataset']}: test results "
-             f"per market, model selected by valid {valid_metric}")
+    frame, text = results_text(result, config["valid_metric"].lower(), config["metric_decimal_place"] or 4)
+    title, table = text.split("\n", 1)
     logger = getLogger()
     logger.info(set_color(title, "yellow") + "\n" + table, extra={FILE_ONLY: True})
-    print(f"{title}\n{table}", flush=True)  # on stdout whatever the log level; logs are on stderr
+    print(text, flush=True)  # on stdout whatever the log level; logs are on stderr
     rounds = result.get("federated_rounds")
     if rounds and rounds["best_round"] is not None:
         logger.info(set_color("Federated stage", "blue") + f": best round {rounds['best_round']} "

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import pandas as pd
 from recbole.utils import init_logger
@@ -26,7 +27,28 @@ def format_table(frame, decimals=4):
     return tabulate(frame, headers="keys", tablefmt="github", floatfmt=f".{decimals}f")
 
 
+def results_text(result, valid_metric, decimals=4):
+    """``(frame, text)``: a run's results frame and the title line plus table printed for it.
+
+    Args:
+        result (dict): what ``run_recbole_cmr`` returns (``model``, ``train_mode``, ``dataset``,
+            ``per_market``, ``best_valid_result``, ``test_result``), or its saved JSON.
+        valid_metric (str): the selecting metric, lower case (``ndcg@10``).
+    """
+    macro = {"valid": result["best_valid_result"], "test": result["test_result"]}
+    frame = results_frame(result["per_market"], macro, valid_metric)
+    title = (f"{result['model']} ({result['train_mode']}) on {result['dataset']}: test results "
+             f"per market, model selected by valid {valid_metric}")
+    return frame, f"{title}\n{format_table(frame, decimals)}"
+
+
 RUN_HANDLER = "_recbole_cmr_run"  # marks the log handlers a run installed
+FILE_ONLY = "recbole_cmr_file_only"  # a log record with this attribute true skips the run's console
+TENSORBOARD_ROOT = "log_tensorboard"  # RecBole's get_tensorboard: <root>/<log file stem>
+
+
+def _not_file_only(record):
+    return not getattr(record, FILE_ONLY, False)
 
 
 def init_run_logger(config):
@@ -61,9 +83,31 @@ def init_run_logger(config):
         if foreign and not isinstance(handler, logging.FileHandler):
             handler.close()  # the process already prints its logs
             continue
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_not_file_only)  # e.g. the results table, printed on stdout instead
         setattr(handler, RUN_HANDLER, True)
         root.addHandler(handler)
     return next(h.baseFilename for h in added if isinstance(h, logging.FileHandler))
+
+
+def discard_run_files(log_path):
+    """Remove what a run that failed on bad input wrote: its log file, its TensorBoard folder
+    (``log_tensorboard/<log file stem>``), and the folders left empty by that (``log/<model>``,
+    ``log``, ``log_tensorboard``). The run's log handlers are closed first."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, RUN_HANDLER, False)]:
+        root.removeHandler(handler)
+        handler.close()
+    stem = os.path.splitext(os.path.basename(log_path))[0]
+    board = os.path.join(TENSORBOARD_ROOT, stem)
+    for path in (log_path, board):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+    for folder in (os.path.dirname(log_path), os.path.dirname(os.path.dirname(log_path)), TENSORBOARD_ROOT):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def save_results(result, frame, log_path):
