@@ -1,5 +1,8 @@
 """Packaging: the wheel carries recbole_cmr, its properties/ and the shipped dataset/."""
 
+import os
+import tempfile
+
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["recbole_cmr", "recbole_cmr.*"])
@@ -39,6 +42,8 @@ setup(
                     # 1.42 needs a newer certifi than some package indexes carry; no [simulation]
                     # (it pins ray 2.55, recbole ray<=2.6.3): the deployment runtime needs no Ray.
                     "flower": ["flwr==1.41.0"]},
+    # Build in the temporary folder, not in a build/ folder of the source tree (pip install .).
+    options={"build": {"build_base": os.path.join(tempfile.gettempdir(), "recbole_cmr-build")}},
     entry_points={
         "console_scripts": [
             "run_recbole_cmr=recbole_cmr.__main__:main",
