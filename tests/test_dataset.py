@@ -277,13 +277,13 @@ def test_history_masking_off_is_recboles_full_ranking(two_markets):
     ("SASRec", {"eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO",
                               "mode": {"valid": "uni99", "test": "full"}}},
      r"mask_history_items: True needs full ranking, but eval_args mode is \{'valid': 'uni99'\}"),
-    ("SASRec", {"mask_history_items": "yes"}, r"mask_history_items must be True or False"),
+    ("SASRec", {"mask_history_items": "yes"}, r"mask_history_items='yes' is not a bool: expected a bool"),
 ])
 def test_history_masking_where_it_cannot_apply_is_an_error(two_markets, model, extra, error):
     settings = _sequence_markets(two_markets, **{"train_mode": "federated",
                                                  "mask_history_items": True, **extra})
-    config = Config(model=model, dataset="seq", config_dict=settings)
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises(ValueError, match=error):  # a wrong type already in Config, the rest here
+        config = Config(model=model, dataset="seq", config_dict=settings)
         data_preparation(config, create_dataset(config))
 
 

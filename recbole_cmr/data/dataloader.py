@@ -97,13 +97,11 @@ class MarketFullSortEvalDataLoader(FullSortEvalDataLoader):
 
 
 def check_mask_history_items(config):
-    """``config['mask_history_items']`` as a bool; True must come with a sequential model and
-    full ranking in every evaluation phase (``eval_args`` mode), or it is an error."""
-    value = config["mask_history_items"]
-    if value is None or value is False:
+    """``config['mask_history_items']`` as a bool (its type is checked with every setting's, in
+    ``Config``); True must come with a sequential model and full ranking in every evaluation phase
+    (``eval_args`` mode), or it is an error."""
+    if not config["mask_history_items"]:
         return False
-    if value is not True:
-        raise ValueError(f"mask_history_items must be True or False, not {value!r}.")
     if config["MODEL_TYPE"] != ModelType.SEQUENTIAL:
         raise ValueError(
             f"mask_history_items: True masks a sequential model's input sequence, but "
