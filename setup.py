@@ -38,7 +38,7 @@ setup(
         "tabulate>=0.9",
         "setuptools<81",
     ],
-    extras_require={"test": ["pytest>=8"], "bench": ["matplotlib>=3.8"],
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6"], "bench": ["matplotlib>=3.8"],
                     # 1.42 needs a newer certifi than some package indexes carry; no [simulation]
                     # (it pins ray 2.55, recbole ray<=2.6.3): the deployment runtime needs no Ray.
                     "flower": ["flwr==1.41.0"]},

@@ -5,8 +5,15 @@ import shutil
 import sys
 from pathlib import Path
 
-import pandas as pd
-import pytest
+# One torch/OpenMP thread in every test process and the processes they start: pytest-xdist runs
+# four workers (setup.cfg) beside Flower deployments on two cores; more threads only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 import recbole_cmr  # noqa: F401  (numpy shims before recbole)
 from recbole_cmr.utils import resource_path
@@ -26,6 +33,32 @@ FAST = {
     "n_layers": 1,
     "train_batch_size": 512,
 }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "deployment: starts a real Flower deployment (mostly waits on "
+                            "its processes); scheduled first, each test a unit of its own")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """The order and units of work for pytest-xdist (``-n 4 --dist loadgroup`` in setup.cfg):
+    every module's tests run on one worker, so its module-scoped fixtures (converted data, an
+    item-text cache) are built once; a test marked ``deployment`` is a unit of its own. Those go
+    first, one between two modules, so their waiting overlaps the CPU-bound modules."""
+    waiting, modules = [], {}
+    for item in items:
+        if item.get_closest_marker("deployment"):
+            waiting.append(item)
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            modules.setdefault(item.module.__name__, []).append(item)
+    ordered, rest = [], list(modules.values())
+    for item in waiting:
+        ordered.append(item)
+        if rest:
+            ordered.extend(rest.pop(0))
+    items[:] = ordered + [item for module in rest for item in module]
 
 
 @pytest.fixture(autouse=True)

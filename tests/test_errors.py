@@ -1,6 +1,5 @@
 """Bad input: a clear error naming the problem, and nothing written."""
 
-import os
 import shutil
 
 import pytest
@@ -116,3 +115,67 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(two_markets, tmp_path,
     with pytest.raises(ValueError, match=message):
         run_recbole_cmr(model="SASRec", dataset="xm2", saved=False, config_dict={
             **two_markets, "train_mode": "federated", "fed_rounds": 1, "fed_resume": str(path)})
+
+
+def _xmrec_mini_with(tmp_path, market, row, value):
+    """A copy of the shipped xmrec-mini whose ``<market>.inter`` holds ``value`` as the timestamp
+    of its ``row``-th data row. Returns the settings and ``(path, line)`` of the bad value."""
+    from conftest import FAST, SHIPPED
+
+    root = tmp_path / "data"
+    shutil.copytree(SHIPPED, root / "xmrec-mini")
+    path = root / "xmrec-mini" / f"{market}.inter"
+    lines = path.read_text().splitlines()
+    fields = lines[row].split("\t")
+    lines[row] = "\t".join([*fields[:-1], value])
+    path.write_text("\n".join(lines) + "\n")
+    settings = {**FAST, "data_path": str(root), "checkpoint_dir": str(tmp_path / "saved")}
+    return settings, (path, row + 1)
+
+
+def test_a_non_number_in_a_float_column_names_file_field_line_and_value(tmp_path):
+    settings, (path, line) = _xmrec_mini_with(tmp_path, "jp", 7, "abc")
+    with pytest.raises(ValueError) as raised:
+        _run(settings, dataset="xmrec-mini")
+    message = str(raised.value)
+    assert f"{path}, line {line}, field [timestamp:float]: 'abc' is not a number" in message
+    assert "fix or remove the row" in message and "\n" not in message
+    _assert_nothing_saved(settings)
+
+
+def test_a_non_number_on_the_command_line_is_one_line_with_exit_status_2(tmp_path, capsys):
+    from recbole_cmr.__main__ import main
+
+    settings, (path, line) = _xmrec_mini_with(tmp_path, "de", 12, "1e5x")
+    with pytest.raises(SystemExit) as stopped:
+        main(["--dataset=xmrec-mini", f"--data_path={settings['data_path']}", "--state=WARNING",
+              f"--checkpoint_dir={settings['checkpoint_dir']}"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("recbole_cmr: error: ")
+    assert f"{path}, line {line}, field [timestamp:float]: '1e5x' is not a number" in err
+    _assert_nothing_saved(settings)
+    assert files_under("log") == []
+
+
+@pytest.mark.parametrize("columns, separator", [
+    ({"load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "vec"]}}, " "),
+    ({"load_col": None, "unload_col": {"item": ["price"]}, "seq_separator": ","}, ","),
+])
+def test_a_non_number_in_a_float_seq_of_the_item_file_is_found_in_the_loaded_columns(
+        two_markets, tmp_path, columns, separator):
+    """The bad ``price`` (not loaded) is not the error; the bad ``vec`` further down is, split by
+    ``seq_separator`` as RecBole splits it."""
+    path = tmp_path / "data" / "xm2" / "xm2.item"
+    items = sorted({line.split("\t")[1] for line in
+                    (tmp_path / "data" / "xm2" / "in.inter").read_text().splitlines()[1:6]})
+    rows = [[item, "1.5", separator.join(["0.1", "2"])] for item in items]
+    rows[0][1] = "cheap"
+    rows[2][2] = separator.join(["0.3", "x7", "1"])
+    path.write_text("\n".join(["item_id:token\tprice:float\tvec:float_seq"]
+                              + ["\t".join(row) for row in rows]) + "\n")
+    with pytest.raises(ValueError) as raised:
+        _run({**two_markets, **columns})
+    message = str(raised.value)
+    assert f"{path}, line 4, field [vec:float_seq]: 'x7' in " in message
+    assert "cheap" not in message and "fix or remove the row" in message

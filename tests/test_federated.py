@@ -28,16 +28,6 @@ from recbole_cmr.federated import (
 LOCAL_NORM = {"fed_local_params": ["*LayerNorm*"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast, and 2 threads on a busy 2-core machine are
-    30x slower (OpenMP threads wait on each other)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(settings, model="SASRec"):
     """Config and fresh ``{market: loader}`` dicts for ``model`` on ``xm2``."""
     config = Config(model=model, dataset="xm2",

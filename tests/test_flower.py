@@ -42,8 +42,16 @@ def _command_lines():
     return lines
 
 
+def _running(pid):
+    """Whether process ``pid`` runs (exists and is not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _round_checkpoint(folder):
-    [path] = [p for p in Path(folder).glob("FeCoSR-xmrec-mini-federated-*.pth")]
+    [path] = Path(folder).glob("FeCoSR-xmrec-mini-federated-*.pth")
     return torch.load(path, weights_only=True)
 
 
@@ -56,35 +64,6 @@ def _assert_same_results(remote, local, key):
             assert remote["per_market"][market][phase] == {k: float(v) for k, v in result[phase].items()}
     assert [r[key] for r in remote["federated_rounds"]["history"]] == \
         [r[key] for r in local["federated_rounds"]["history"]]
-
-
-def test_two_markets_on_flower_give_the_in_process_numbers_and_leave_nothing_running(tmp_path):
-    """FeCoSR: federated rounds (adapters local), then each SuperNode's own fine-tuning."""
-    flower_run = launcher.deploy(["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "fr",
-                                  "--rounds", "3", *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}"])
-    in_process = run_recbole_cmr(model="FeCoSR", dataset="xmrec-mini", config_dict={
-        **_settings(SMALL), "markets": ["de", "fr"], "fed_rounds": 3,
-        "checkpoint_dir": str(tmp_path / "in-process")})
-    for market in ("de", "fr"):  # exactly: every market trains from its own seed in both
-        remote, local = flower_run["per_market"][market], in_process["per_market"][market]
-        for stage_remote, stage_local in ((remote, local), (remote["federated"], local["federated"])):
-            for phase in ("valid", "test"):
-                assert stage_remote[phase] == {k: float(v) for k, v in stage_local[phase].items()}
-        assert Path(remote["checkpoint"]).exists()  # the node's own fine-tuned model
-    rounds = [(r["valid_score"], r["train_loss"]) for r in flower_run["federated_rounds"]["history"]]
-    assert rounds == [(r["valid_score"], r["train_loss"]) for r in in_process["federated_rounds"]["history"]]
-    assert len(rounds) == 3
-    remote, local = _round_checkpoint(tmp_path / "flower"), _round_checkpoint(tmp_path / "in-process")
-    assert remote["round"] == local["round"] == 2
-    assert all(torch.equal(remote["global"][n], t) for n, t in local["global"].items())
-    # each node kept its own state in its own folder; the server file holds parameters only
-    assert "clients" not in remote and list((tmp_path / "flower").glob("*.clients/de.pth"))
-    # the tear-down: no process of the deployment is left
-    alive = [pid for pid in launcher.LAST_RUN["pids"] if Path(f"/proc/{pid}").exists()]
-    assert not alive
-    workdir = launcher.LAST_RUN["workdir"]
-    ports = [f"127.0.0.1:{p}" for p in launcher.LAST_RUN["ports"]]
-    assert not [c for c in _command_lines() if workdir in c or any(p in c for p in ports)]
 
 
 def test_the_serverapp_has_no_data_to_read():
@@ -230,8 +209,10 @@ def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
         launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
 
 
+@pytest.mark.deployment
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
+    import json
     import signal
     import subprocess
     import time
@@ -241,7 +222,7 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
 
     launch = subprocess.Popen(
         [sys.executable, "-m", "recbole_cmr.flower", "--model=FedAvgSASRec", "--dataset=xmrec-mini",
-         "--markets", "de", "fr", "--rounds", "50", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
+         "--markets", "de", "--rounds", "50", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         preexec_fn=as_from_a_terminal)
     first = launch.stdout.readline()
@@ -250,10 +231,12 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
         assert first, "the launcher ended before starting the deployment"
     workdir = first.split()[3]
     link = first.split("SuperLink ")[1].split(",")[0]
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(Path(workdir).glob("supernode-fr.log")):
-        time.sleep(0.5)
-    time.sleep(10)  # the run under way
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(tmp_path.glob("flower-*.clients/de.worker")):
+        time.sleep(0.5)  # the run under way: the node's worker serves
+    [info] = tmp_path.glob("flower-*.clients/de.worker")
+    worker = json.loads(info.read_text())["pid"]
+    assert _running(worker)
     assert any(link in c for c in _command_lines())
     launch.send_signal(getattr(signal, stop))
     try:  # the deployment stops within ~15 s; a loaded CI machine gets a wide margin
@@ -265,6 +248,7 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
     assert launch.returncode != 0
     assert f"recbole_cmr.flower: stopped ({stop})" in output.splitlines()[-1]
     assert not [c for c in _command_lines() if workdir in c or link in c]
+    assert not _running(worker)  # the node's worker, in a session of its own
 
 
 def test_bad_input_is_a_one_line_error(capsys):
@@ -306,6 +290,7 @@ def forward(message, context):  # test: market fr sends NaN parameters in round 
 """
 
 
+@pytest.mark.deployment
 def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeypatch):
     """Round 0: `fr` sends NaN parameters, which the server leaves out of the aggregate (as
     in-process). Then `fr`'s SuperNode is killed and restarted: with fed_min_clients=1 round 1
@@ -358,13 +343,25 @@ def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeyp
     assert all(out["run"]["per_market"][m]["test"]["ndcg@10"] >= 0 for m in ("de", "fr"))
 
 
-def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterrupted_numbers(tmp_path):
+def _left_running(run):
+    """Command lines still running that belong to the deployment ``run`` (a ``LAST_RUN``)."""
+    ports = [f"127.0.0.1:{p}" for p in run["ports"]]
+    alive = [pid for pid in run["pids"] if _running(pid)]
+    return alive + [c for c in _command_lines() if run["workdir"] in c or any(p in c for p in ports)]
+
+
+@pytest.mark.deployment
+def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing_running(tmp_path):
+    """FeCoSR on two SuperNodes: federated rounds (adapters local), then each SuperNode's own
+    fine-tuning. The ServerApp is killed once round 0 closed; the same command with
+    ``--fed_resume`` gives exactly the uninterrupted in-process numbers, every market trained
+    from its own seed, round by round, and neither deployment leaves a process behind."""
     import signal
     import threading
     import time
 
-    argv = ["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "3",
-            *SMALL[3:], f"--checkpoint_dir={tmp_path / 'flower'}"]
+    argv = ["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "2",
+            *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}"]
     out = {}
 
     def run():
@@ -376,7 +373,7 @@ def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterru
     thread = threading.Thread(target=run)
     thread.start()
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "flower").glob("FedAvgSASRec-*-federated-*.pth")):
+    while time.time() < deadline and not list((tmp_path / "flower").glob("FeCoSR-*-federated-*.pth")):
         time.sleep(0.2)  # round 0 closed: its checkpoint is written
     pids = {p for pid in launcher.LAST_RUN["pids"] for p in (pid, *launcher.descendants(pid))}
     serverapps = [p for p in pids if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
@@ -385,26 +382,47 @@ def test_a_killed_serverapp_resumes_from_its_round_checkpoint_with_the_uninterru
         os.kill(pid, signal.SIGKILL)
     thread.join(timeout=600)
     assert "the Flower run ended without results" in out.get("error", ""), out
-    [checkpoint] = (tmp_path / "flower").glob("FedAvgSASRec-*-federated-*.pth")
+    killed = dict(launcher.LAST_RUN)
+    assert not _left_running(killed)
+    [checkpoint] = (tmp_path / "flower").glob("FeCoSR-*-federated-*.pth")
     resumed = launcher.deploy([*argv, f"--fed_resume={checkpoint}"])
-    uninterrupted = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
-        **_settings(SMALL[3:]), "markets": ["de", "fr"], "fed_rounds": 3,
+    in_process = run_recbole_cmr(model="FeCoSR", dataset="xmrec-mini", config_dict={
+        **_settings(SMALL), "markets": ["de", "fr"], "fed_rounds": 2,
         "checkpoint_dir": str(tmp_path / "in-process")})
-    _assert_same_results(resumed, uninterrupted, "valid_score")
+    for market in ("de", "fr"):  # the fine-tuned and the federated stage's results
+        remote, local = resumed["per_market"][market], in_process["per_market"][market]
+        for stage_remote, stage_local in ((remote, local), (remote["federated"], local["federated"])):
+            for phase in ("valid", "test"):
+                assert stage_remote[phase] == {k: float(v) for k, v in stage_local[phase].items()}
+        assert Path(remote["checkpoint"]).exists()  # the node's own fine-tuned model
+    rounds = [(r["valid_score"], r["train_loss"]) for r in resumed["federated_rounds"]["history"]]
+    assert rounds == [(r["valid_score"], r["train_loss"]) for r in in_process["federated_rounds"]["history"]]
+    assert len(rounds) == 2
+    remote = torch.load(checkpoint, weights_only=True)
+    local = _round_checkpoint(tmp_path / "in-process")
+    assert remote["round"] == local["round"] == 1
+    assert all(torch.equal(remote["global"][n], t) for n, t in local["global"].items())
+    # each node kept its own state in its own folder; the server file holds parameters only
+    assert "clients" not in remote and list((tmp_path / "flower").glob("*.clients/de.pth"))
+    assert not _left_running(launcher.LAST_RUN)
 
 
+SCENARIO_PAIR = ["under25", "45plus"]  # two of the four scenarios: a node each
+
+
+@pytest.mark.deployment
 def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
-    """Four scenarios share users, items and features through the vocabulary file the launcher
+    """Two scenarios share users, items and features through the vocabulary file the launcher
     writes: the personalized federation gives exactly the in-process numbers."""
     settings = {**scenarios, "fed_rounds": 2, "state": "INFO"}
     argv = [f"--{k}={v}" for k, v in settings.items()
-            if k not in ("checkpoint_dir", "load_col", "eval_args")]
+            if k not in ("checkpoint_dir", "load_col", "eval_args")] + ["--markets", *SCENARIO_PAIR]
     argv += ["--config_files", str(_yaml(tmp_path, {k: scenarios[k] for k in ("load_col", "eval_args")}))]
     remote = launcher.deploy(["--model=PFMSMTrec", "--dataset=mlsc", *argv,
                               f"--checkpoint_dir={tmp_path / 'flower'}"])
     local = run_recbole_cmr(model="PFMSMTrec", dataset="mlsc", config_dict={
-        **settings, "checkpoint_dir": str(tmp_path / "in-process")})
-    assert len(local["per_market"]) == 4
+        **settings, "markets": SCENARIO_PAIR, "checkpoint_dir": str(tmp_path / "in-process")})
+    assert sorted(local["per_market"]) == sorted(SCENARIO_PAIR)
     _assert_same_results(remote, local, "bytes_up")  # bytes_up: the same parameters shared
 
 

@@ -8,7 +8,6 @@ from recbole_cmr.federated import FedAvg, build_clients, get_strategy
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
 
 from test_fecosr import small_movielens  # noqa: F401  (fixture)
-from test_federated import _one_torch_thread  # noqa: F401  (fixture: one torch thread)
 
 ROWS = {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"}
 

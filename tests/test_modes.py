@@ -8,7 +8,6 @@ from recbole_cmr import Config, create_dataset, data_preparation, run_recbole_cm
 from recbole_cmr import modes
 from recbole_cmr.model.sequential_recommender.market_softmax import foreign_item_mask
 
-from test_federated import _one_torch_thread  # noqa: F401  (fixture: one torch thread)
 from test_mkt import _for, entities  # noqa: F401  (fixture)
 
 MS = {"model": "FedAvgSASRec", "market_softmax": True}

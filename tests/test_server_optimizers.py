@@ -9,7 +9,7 @@ import torch
 from recbole_cmr import Config
 from recbole_cmr.federated import FedAvg, make_strategy
 
-from test_federated import _Interrupt, _one_torch_thread, _server  # noqa: F401  (fixture)
+from test_federated import _Interrupt, _server
 
 X0 = {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(3)}
 ROUND0 = [("a", {"w": torch.tensor([2.0, 2.0]), "steps": torch.tensor(5)}, 1),

@@ -43,6 +43,8 @@ from recbole.utils import FeatureSource, FeatureType, ModelType, set_color
 from recbole_cmr.data import entity, vocabulary
 
 PAD = "[PAD]"
+# The RecBole types read as numbers: a value of them that is not a number fails the read.
+NUMERIC_TYPES = (FeatureType.FLOAT.value, FeatureType.FLOAT_SEQ.value)
 
 
 class MarketDatasetMixin:
@@ -69,6 +71,30 @@ class MarketDatasetMixin:
             self.market if own_items else token, dataset_path, FeatureSource.ITEM, "iid_field"
         )
         self._load_additional_feat(token, dataset_path)
+
+    def _load_feat(self, filepath, source):
+        """RecBole's ``_load_feat``; where it fails, a value of a numeric column that is not a
+        number is reported as one ``ValueError`` naming the file, line, field and value (the file
+        is scanned again only then)."""
+        try:
+            return super()._load_feat(filepath, source)
+        except ValueError:
+            bad = self._non_numeric_value(filepath, source)
+            if bad is None:
+                raise
+        raise bad
+
+    def _non_numeric_value(self, filepath, source):
+        """The error for the first value of the loaded numeric columns of ``filepath`` (per
+        ``load_col`` / ``unload_col`` of ``source``) that is not a number, or None."""
+        load_col, unload_col = self._get_load_and_unload_col(source)
+        encoding = self.config["encoding"]
+        header = atomic_header(filepath, self.config["field_separator"], encoding)
+        columns = {f"{field}:{ftype}": ftype for field, ftype in header.items()
+                   if ftype in NUMERIC_TYPES and (load_col is None or field in load_col)
+                   and (unload_col is None or field not in unload_col)}
+        return non_numeric_value(filepath, columns, self.config["field_separator"],
+                                 self.config["seq_separator"], encoding)
 
     def _keep_scenario(self, field):
         """``scenario_field``: keep this market's rows of the shared file(s), then drop the field
@@ -303,7 +329,7 @@ def market_dataset_class(config):
     return MARKET_DATASETS[recbole_class]
 
 
-def atomic_header(path, field_separator="\t"):
+def atomic_header(path, field_separator="\t", encoding="utf-8"):
     """Read and check the typed header of a RecBole atomic file.
 
     Returns:
@@ -312,7 +338,7 @@ def atomic_header(path, field_separator="\t"):
     Raises:
         ValueError: a column lacks ``:type`` or has an unknown type.
     """
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, "r", encoding=encoding) as f:
         header = f.readline().rstrip("\r\n")
     types = {t.value for t in FeatureType}
     fields = {}
@@ -326,6 +352,55 @@ def atomic_header(path, field_separator="\t"):
             )
         fields[name] = ftype
     return fields
+
+
+def non_numeric_value(path, columns, field_separator, seq_separator, encoding):
+    """The error for the first value in ``columns`` of atomic file ``path`` that RecBole cannot
+    read as a number: a ``float`` that pandas does not parse, or a piece of a ``float_seq`` (split
+    by ``seq_separator``, as RecBole splits it) that ``float`` does not. Empty and NA values are
+    missing values, not errors.
+
+    Args:
+        path (str): the atomic file.
+        columns (dict): header column (``name:type``) -> type (``float`` or ``float_seq``).
+
+    Returns:
+        ValueError | None: naming the file, the line (the header is line 1), the column and the
+        value; None if every value is a number.
+    """
+    if not columns:
+        return None
+    frame = pd.read_csv(path, delimiter=field_separator, usecols=list(columns), dtype=str,
+                        encoding=encoding, engine="python", skip_blank_lines=False)
+    found = []
+    for column, ftype in columns.items():
+        values = frame[column]
+        if ftype == FeatureType.FLOAT.value:
+            bad = values.notna() & pd.to_numeric(values, errors="coerce").isna()
+        else:
+            bad = values.fillna("").map(lambda v: _non_float(v, seq_separator) is not None)
+        rows = np.flatnonzero(bad.to_numpy())
+        if len(rows):
+            found.append((int(rows[0]), column, ftype, values.iloc[rows[0]]))
+    if not found:
+        return None
+    row, column, ftype, value = min(found, key=lambda f: f[0])
+    what = repr(value)
+    if ftype == FeatureType.FLOAT_SEQ.value:
+        what = (f"{_non_float(value, seq_separator)!r} in {value!r} (a float_seq holds numbers "
+                f"separated by seq_separator {seq_separator!r})")
+    return ValueError(f"{path}, line {row + 2}, field [{column}]: {what} is not a number; fix or "
+                      "remove the row.")
+
+
+def _non_float(value, seq_separator):
+    """The first piece of the float_seq ``value`` that is not a number, or None."""
+    for piece in filter(None, value.split(seq_separator)):
+        try:
+            float(piece)
+        except ValueError:
+            return piece
+    return None
 
 
 def inter_file_suffix(config):
