@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from recbole.data.interaction import Interaction
 from recbole.evaluator import Collector as RecBoleCollector
-from recbole.utils import calculate_valid_score, get_local_time, init_seed, set_color
+from recbole.model.sequential_recommender import CORE, SHAN, GRU4RecCPR, SASRecCPR
+from recbole.utils import (EvaluatorType, ModelType, calculate_valid_score, get_local_time,
+                           init_seed, set_color)
 
 from recbole_cmr import __version__
 from recbole_cmr import evaluator  # noqa: F401  (registers the plugin's metrics)
@@ -46,6 +48,46 @@ class Collector(RecBoleCollector):
         return returned
 
 
+# Sequential models whose ``full_sort_predict`` does not give an item the score ``predict`` gives
+# it, so sampled evaluation keeps RecBole's ``predict`` path for them (RecBole 1.2.1): CORE
+# (``predict`` scores un-normalised item embeddings, ``full_sort_predict`` normalised ones), SHAN
+# (``predict`` encodes the inverse sequence, ``full_sort_predict`` the sequence itself), and
+# GRU4RecCPR / SASRecCPR (``predict`` is unsupported: RecBole's own error stays).
+PREDICT_ONLY = (CORE, SHAN, GRU4RecCPR, SASRecCPR)
+
+
+def first_rows(row_idx, n_users):
+    """The first row of each user in a sampled-evaluation batch.
+
+    Args:
+        row_idx (torch.LongTensor): ``[n_rows]``, each row's user (``0 .. n_users - 1``).
+        n_users (int): the users in the batch.
+
+    Returns:
+        torch.LongTensor: ``[n_users]``, on ``row_idx``'s device.
+    """
+    rows = torch.arange(len(row_idx), device=row_idx.device)
+    first = torch.full((n_users,), len(row_idx), dtype=torch.long, device=row_idx.device)
+    return first.scatter_reduce_(0, row_idx, rows, "amin")
+
+
+def shares_sequence(interaction, row_idx, first, config):
+    """True when every row has its user's first row's sequence: the same user id, sequence
+    length and list fields (``item_id_list``, ...; one row per user in a leave-one-out split,
+    several positives per user in others, whose sequences may differ).
+
+    Args:
+        interaction (Interaction): the batch, ``[n_rows]`` rows.
+        row_idx (torch.LongTensor): ``[n_rows]``, each row's user.
+        first (torch.LongTensor): ``[n_users]``, each user's first row.
+    """
+    suffix = config["LIST_SUFFIX"]
+    own = (config["USER_ID_FIELD"], config["ITEM_LIST_LENGTH_FIELD"])
+    representative = first[row_idx]  # [n_rows]
+    return all(torch.equal(interaction[field], interaction[field][representative])
+               for field in interaction.columns if field.endswith(suffix) or field in own)
+
+
 def macro_average(results):
     """Average each metric over markets: ``{market: {metric: v}}`` -> ``{metric: mean}``."""
     results = list(results.values())
@@ -64,7 +106,9 @@ class MultiMarketTrainerMixin:
     * ``checkpoint_info``: what else the checkpoint should record (dataset, markets, ...);
     * ``learning_rate_decay``: inside ``fit``, every parameter group's learning rate is
       multiplied by ``lr_decay`` after each training epoch (PyTorch's ``StepLR`` with step 1;
-      federated rounds, which call ``_train_epoch`` themselves, are not decayed).
+      federated rounds, which call ``_train_epoch`` themselves, are not decayed);
+    * sampled evaluation (``uni99``) of a sequential model encodes each user's sequence once
+      (:meth:`_sampled_from_full_sort`), with RecBole's scores and metrics.
     """
 
     checkpoint_info = {}
@@ -154,6 +198,54 @@ class MultiMarketTrainerMixin:
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(
             (interaction, None, positive_u, positive_i))
         return interaction, history_index.fill_(scores), positive_u, positive_i
+
+    def _neg_sample_batch_eval(self, batched_data):
+        """RecBole's; a sequential model ranking sampled candidates (``uni99``, ``pop100``)
+        scores them from one encoding per user: :meth:`_sampled_from_full_sort`."""
+        scores = self._sampled_from_full_sort(batched_data)
+        if scores is None:
+            return super()._neg_sample_batch_eval(batched_data)
+        interaction, _, positive_u, positive_i = batched_data
+        return interaction, scores, positive_u, positive_i
+
+    def _sampled_from_full_sort(self, batched_data):
+        """RecBole's score matrix of a sampled-evaluation batch with the candidates' scores
+        gathered from ``full_sort_predict`` on each user's first row: one sequence encoding per
+        user instead of one per candidate (RecBole calls ``predict`` on every row). The model's
+        own scores, unmasked (the trainer's full-ranking masks are not applied), as ``predict``
+        gives them (to float rounding).
+
+        Args:
+            batched_data (tuple): a ``NegSampleEvalDataLoader`` batch, ``(interaction [n_rows],
+                row_idx [n_rows], positive_u, positive_i)``.
+
+        Returns:
+            torch.Tensor | None: ``[n_users, n_items]``: the candidates' scores at ``(row_idx,
+            item_id)``, ``-inf`` elsewhere, on the model's device; None (RecBole's path) for a
+            non-sequential model, value metrics, a model in :data:`PREDICT_ONLY` or without
+            ``full_sort_predict``, or a user whose rows hold different sequences.
+        """
+        interaction, row_idx, positive_u, _ = batched_data
+        if (row_idx is None or self.model.type != ModelType.SEQUENTIAL
+                or self.config["eval_type"] != EvaluatorType.RANKING
+                or isinstance(self.model, PREDICT_ONLY)):
+            return None
+        n_users = int(positive_u[-1]) + 1
+        first = first_rows(row_idx, n_users)
+        if not shares_sequence(interaction, row_idx, first, self.config):
+            return None
+        try:
+            full = self.model.full_sort_predict(interaction[first].to(self.device))
+        except NotImplementedError:
+            return None
+        full = full.view(n_users, -1)
+        if full.shape[1] != self.tot_item_num:
+            return None
+        rows = row_idx.to(full.device)
+        items = interaction[self.config["ITEM_ID_FIELD"]].to(full.device)
+        scores = torch.full((n_users, self.tot_item_num), float("-inf"), device=full.device)
+        scores[rows, items] = full[rows, items]
+        return scores
 
     def load_best_model(self, model_file=None):
         """Load the model weights of a checkpoint (default: this trainer's best)."""

@@ -36,8 +36,9 @@ FAST = {
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "deployment: starts a real Flower deployment (mostly waits on "
-                            "its processes); scheduled first, each test a unit of its own")
+    config.addinivalue_line("markers", "deployment(cost): starts a real Flower deployment (mostly waits "
+                            "on its processes); scheduled first, the highest cost (wall time) first, "
+                            "each test a unit of its own")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -45,7 +46,8 @@ def pytest_collection_modifyitems(config, items):
     """The order and units of work for pytest-xdist (``-n 4 --dist loadgroup`` in setup.cfg):
     every module's tests run on one worker, so its module-scoped fixtures (converted data, an
     item-text cache) are built once; a test marked ``deployment`` is a unit of its own. Those go
-    first, one between two modules, so their waiting overlaps the CPU-bound modules."""
+    first, the longest (``cost``) first, one between two modules, so their waiting overlaps the
+    CPU-bound modules."""
     waiting, modules = [], {}
     for item in items:
         if item.get_closest_marker("deployment"):
@@ -53,6 +55,7 @@ def pytest_collection_modifyitems(config, items):
         else:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
             modules.setdefault(item.module.__name__, []).append(item)
+    waiting.sort(key=lambda item: -item.get_closest_marker("deployment").kwargs.get("cost", 1))
     ordered, rest = [], list(modules.values())
     for item in waiting:
         ordered.append(item)

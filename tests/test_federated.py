@@ -177,9 +177,9 @@ def test_server_side_only_sees_named_tensors_and_counts(two_markets, monkeypatch
         received.append(reply)
         return reply
 
-    def spy_evaluate(self, global_params, phase="valid"):
+    def spy_evaluate(self, global_params, phase="valid", best=False):
         sent.append((global_params, phase))
-        reply = evaluate(self, global_params, phase)
+        reply = evaluate(self, global_params, phase, best)
         received.append(reply)
         return reply
 
@@ -343,3 +343,31 @@ def test_a_cut_checkpoint_write_keeps_the_last_whole_round(tmp_path, monkeypatch
     state = torch.load(path, weights_only=True)
     assert state["round"] == 3 and torch.equal(state["w"], torch.ones(4))
     assert [p.name for p in tmp_path.iterdir()] == ["fed.pth"]
+
+
+def test_the_best_round_is_tested_and_exported_in_one_message_each(two_markets, tmp_path, monkeypatch):
+    """After the rounds, ``evaluate("test")`` and ``export_best`` each send one message per
+    client (no separate ``restore_best``: on Flower every message costs a ClientApp process),
+    and each loads the best round itself, its local parameters too, from wherever the clients'
+    models are."""
+    server = _server({**two_markets, **LOCAL_NORM, "fed_rounds": 3, "checkpoint_dir": str(tmp_path)})
+    server.fit(verbose=False)
+    expected = server.evaluate("test")
+    best_local = {cid: client.local_state() for cid, client in server.clients.items()}
+
+    def move_away():  # every parameter, shared and local, off the best round
+        for client in server.clients.values():
+            client.model.load_state_dict({n: t + 0.5 for n, t in client.model.state_dict().items()
+                                          if t.is_floating_point()}, strict=False)
+
+    methods = []
+    call_each = FederatedServer.call_each
+    monkeypatch.setattr(FederatedServer, "call_each",
+                        lambda self, method, args: methods.append(method) or call_each(self, method, args))
+    move_away()
+    assert server.evaluate("test") == expected
+    move_away()
+    server.export_best(verbose=False)
+    assert methods == ["evaluate", "export"]
+    for cid, client in server.clients.items():
+        assert all(torch.equal(t, best_local[cid][n]) for n, t in client.local_state().items())

@@ -209,7 +209,7 @@ def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
         launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
 
 
-@pytest.mark.deployment
+@pytest.mark.deployment(cost=1)
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
     import json
@@ -290,7 +290,7 @@ def forward(message, context):  # test: market fr sends NaN parameters in round 
 """
 
 
-@pytest.mark.deployment
+@pytest.mark.deployment(cost=3)
 def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeypatch):
     """Round 0: `fr` sends NaN parameters, which the server leaves out of the aggregate (as
     in-process). Then `fr`'s SuperNode is killed and restarted: with fed_min_clients=1 round 1
@@ -350,7 +350,7 @@ def _left_running(run):
     return alive + [c for c in _command_lines() if run["workdir"] in c or any(p in c for p in ports)]
 
 
-@pytest.mark.deployment
+@pytest.mark.deployment(cost=4)
 def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing_running(tmp_path):
     """FeCoSR on two SuperNodes: federated rounds (adapters local), then each SuperNode's own
     fine-tuning. The ServerApp is killed once round 0 closed; the same command with
@@ -410,7 +410,7 @@ def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing
 SCENARIO_PAIR = ["under25", "45plus"]  # two of the four scenarios: a node each
 
 
-@pytest.mark.deployment
+@pytest.mark.deployment(cost=2)
 def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
     """Two scenarios share users, items and features through the vocabulary file the launcher
     writes: the personalized federation gives exactly the in-process numbers."""

@@ -148,14 +148,19 @@ class Client:
 
         return loss
 
-    def evaluate(self, global_params, phase="valid"):
+    def evaluate(self, global_params, phase="valid", best=False):
         """RecBole's result on this client's own ``phase`` loader (``valid`` or ``test``) with the
-        global shared + this client's local parameters."""
+        global shared + this client's local parameters; with ``best``, ``global_params`` are the
+        best round's and the client first loads that round (:meth:`restore_best`: its local
+        parameters too), so one message evaluates the best round."""
         loader = {"valid": self.valid_data, "test": self.test_data}.get(phase)
         if loader is None:
             raise ValueError(f"Client [{self.client_id}] has no {phase} data "
                              "(phase must be 'valid' or 'test', given to the Client).")
-        self.set_parameters(global_params)
+        if best:
+            self.restore_best(global_params)
+        else:
+            self.set_parameters(global_params)
         return self.trainer.evaluate(
             loader, load_best_model=False, show_progress=self.show_progress
         )

@@ -301,10 +301,11 @@ class FederatedServer:
             "valid_time": 0.0,
         }  # "round_time" is added by fit
 
-    def _evaluate(self, phase, personal=None, global_params=None):
+    def _evaluate(self, phase, personal=None, global_params=None, best=False):
         """``{market: result}``: each client evaluates its shared parameters (:meth:`params_for`)
-        + its own local parameters on its own ``phase`` data (the server never holds a loader)."""
-        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase)
+        + its own local parameters on its own ``phase`` data (the server never holds a loader);
+        ``best``: the parameters are the best round's, which each client loads first."""
+        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase, best)
                                            for cid in self.clients})
 
     def _validate_round(self, record):
@@ -395,8 +396,8 @@ class FederatedServer:
         self.call_each("restore_best", {cid: (self.best_params_for(cid),) for cid in self.clients})
 
     def export_best(self, verbose=True):
-        """Each client saves its best model as a plugin checkpoint; ``{market: path}``."""
-        self.load_best()
+        """Each client saves its best model as a plugin checkpoint (``export`` loads the best
+        round itself); ``{market: path}``."""
         return self.call_each("export", {
             cid: (self.best_params_for(cid) if self.best else self.params_for(cid),
                   float(self.best_score), verbose) for cid in self.clients})
@@ -404,11 +405,11 @@ class FederatedServer:
     def evaluate(self, phase="test", load_best=True):
         """``{market: RecBole result}`` of every client on its own ``phase`` data.
 
-        Uses the best round's global and local parameters unless ``load_best`` is False.
+        Uses the best round's global and local parameters (loaded by the ``evaluate`` message
+        itself) unless ``load_best`` is False.
         """
         if load_best and self.best is not None:
-            self.load_best()
-            return self._evaluate(phase, self.best.get("personal") or {}, self.best["global"])
+            return self._evaluate(phase, self.best.get("personal") or {}, self.best["global"], best=True)
         return self._evaluate(phase)
 
     # ---- checkpoints -------------------------------------------------------------------------
