@@ -14,8 +14,10 @@ market's own seed, deep-copied, re-pointed at the market with ``use_market``), i
 a Flower node alike, so no mode can forget a step and one market's numbers do not depend on which
 markets were fine-tuned before it.
 
-Each mode returns ``{market: {"valid", "test", "checkpoint", ...}}``; ``info`` receives what the
-run's summary needs besides (``default_valid``: the markets the macro is over by default).
+Each mode returns ``{market: {"valid", "test", "per_user", "checkpoint", ...}}`` (``per_user``: the
+trainer's ``last_per_user`` of the test, each test user's metric values, for paired comparisons
+of runs); ``info`` receives what the run's summary needs besides (``default_valid``: the markets
+the macro is over by default).
 """
 
 import copy
@@ -71,13 +73,14 @@ def log_market(market, stage=""):
 
 
 def fit_and_test(config, trainer, market, train, valid, test, saved, verbose):
-    """RecBole's fit on one market, then its test: ``{valid, test, checkpoint}``."""
+    """RecBole's fit on one market, then its test: ``{valid, test, per_user, checkpoint}``."""
     best_valid = trainer.fit(train[market], valid[market], verbose=verbose, saved=saved,
                              show_progress=config["show_progress"])[1]
+    tested = trainer.evaluate(test[market], load_best_model=saved, show_progress=config["show_progress"])
     return {
         "valid": best_valid,
-        "test": trainer.evaluate(test[market], load_best_model=saved,
-                                 show_progress=config["show_progress"]),
+        "test": tested,
+        "per_user": trainer.last_per_user,
         "checkpoint": trainer.saved_model_file if saved else None,
     }
 
@@ -162,7 +165,8 @@ def first_stage(config, train, valid, test, markets, valid_markets, tag, saved, 
     the macro valid score over ``valid_markets``, or loaded from ``pretrained``.
 
     Returns:
-        tuple: ``(model, {market: {valid, test, checkpoint}})`` for every market of ``test``.
+        tuple: ``(model, {market: {valid, test, per_user, checkpoint}})`` for every market of
+        ``test``.
     """
     single = len(markets) == 1 and list(valid_markets) == list(markets)
     data = train[markets[0]] if len(markets) == 1 else pooled_train_data(config, {m: train[m] for m in markets})
@@ -179,14 +183,15 @@ def first_stage(config, train, valid, test, markets, valid_markets, tag, saved, 
         trainer.fit(data, checks, verbose=verbose, saved=saved, show_progress=config["show_progress"])
     loaded = saved or bool(config["pretrained"])
     progress = config["show_progress"]
-    tests = {m: trainer.evaluate(test[m], load_best_model=loaded and i == 0, show_progress=progress)
-             for i, m in enumerate(test)}
+    tests = trainer.evaluate(test, load_best_model=loaded, show_progress=progress)
+    per_user = trainer.last_per_user
     best = {markets[0]: trainer.best_valid_result} if single and not config["pretrained"] else \
         (getattr(trainer, "best_valid_per_market", None) or {})
     valids = {m: best.get(m) or trainer.evaluate(valid[m], load_best_model=False, show_progress=progress)
               for m in test}
     checkpoint = config["pretrained"] or (trainer.saved_model_file if saved else None)
-    return model, {m: {"valid": valids[m], "test": tests[m], "checkpoint": checkpoint} for m in test}
+    return model, {m: {"valid": valids[m], "test": tests[m], "per_user": per_user[m], "checkpoint": checkpoint}
+                   for m in test}
 
 
 def train_transfer(config, train, valid, test, saved, verbose, info):

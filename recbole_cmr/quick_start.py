@@ -106,7 +106,10 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
     Returns:
         dict: ``best_valid_score``, ``valid_score_bigger``, ``best_valid_result`` and
         ``test_result`` (macro averages over markets, as RecBole's ``run_recbole`` returns them),
-        ``model``, ``per_market`` (``{market: {"valid", "test", "checkpoint"}}``),
+        ``model``, ``per_market`` (``{market: {"valid", "test", "per_user", "checkpoint"}}``;
+        ``per_user``: each test user's token (``user``) and values of the ranking metrics at every
+        ``topk`` (``ndcg@10``, ...), or each labeled row's ``label`` and ``score`` for value
+        metrics, ``[n_rows]`` lists of float32 values, for paired comparisons of runs),
         ``results_files`` (the saved JSON and CSV table) and, for federated training,
         ``federated_rounds`` (``best_round``, ``rounds``, ``rounds_wall_s`` and the per-round
         ``history`` of macro valid score, train loss and seconds).

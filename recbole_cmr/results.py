@@ -5,6 +5,7 @@ import logging
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 from recbole.utils import init_logger
 from tabulate import tabulate
@@ -110,9 +111,41 @@ def discard_run_files(log_path):
             os.rmdir(folder)
 
 
+PER_USER = "per_user"  # a market's per-user test values: one line each in the results JSON
+
+
+def _compact(values):
+    """A per-user entry (``[n_rows]`` lists) as one line of JSON, its float32 values in their
+    shortest form."""
+    def short(v):
+        return [float(str(np.float32(x))) for x in v] if v and isinstance(v[0], float) else v
+
+    return json.dumps({k: short(v) for k, v in values.items()})
+
+
+def results_json(result):
+    """``result`` as indented JSON, each ``per_user`` entry on one line (readable, compact)."""
+    lines = []
+
+    def mark(values):  # a placeholder string, replaced by the entry's line below
+        lines.append(_compact(values))
+        return f"<{PER_USER} {len(lines) - 1}>"
+
+    def hide(value):
+        if isinstance(value, dict):
+            return {k: mark(v) if k == PER_USER and v else hide(v) for k, v in value.items()}
+        return [hide(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+    text = json.dumps(hide(result), indent=2, default=float)
+    for i, line in enumerate(lines):
+        text = text.replace(json.dumps(f"<{PER_USER} {i}>"), line, 1)
+    return text
+
+
 def save_results(result, frame, log_path):
-    """Write ``<log>.results.json`` (the whole result dict) and ``<log>.results.csv`` (table)
-    beside the run's log file; a run that would overwrite another's files gets ``-2``, ``-3``, ...
+    """Write ``<log>.results.json`` (the whole result dict; :func:`results_json`) and
+    ``<log>.results.csv`` (table) beside the run's log file; a run that would overwrite another's
+    files gets ``-2``, ``-3``, ...
 
     Returns:
         tuple: ``(json_path, csv_path)``.
@@ -124,6 +157,6 @@ def save_results(result, frame, log_path):
         stem = f"{base}-{n}"
     json_path, csv_path = stem + ".results.json", stem + ".results.csv"
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=float)
+        f.write(results_json(result))
     frame.to_csv(csv_path)
     return json_path, csv_path

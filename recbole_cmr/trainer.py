@@ -15,7 +15,7 @@ from recbole.utils import (EvaluatorType, ModelType, calculate_valid_score, get_
                            init_seed, set_color)
 
 from recbole_cmr import __version__
-from recbole_cmr import evaluator  # noqa: F401  (registers the plugin's metrics)
+from recbole_cmr.evaluator import Evaluator  # also registers the plugin's metrics
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint, other_parameter_state
 from recbole_cmr.data.dataloader import ScoreMask
 from recbole_cmr.utils import matching, pattern_setting, save_atomic
@@ -28,11 +28,13 @@ class Collector(RecBoleCollector):
     non-tensor entries are passed through as they are."""
 
     def eval_batch_collect(self, scores_tensor, interaction, positive_u, positive_i):
-        """RecBole's, plus ``data.user`` (each labeled row's user id) for per-user metrics such
-        as ``CTRGAUC``."""
+        """RecBole's, plus ``data.user``: the user of each row the metrics see (a labeled row for
+        value metrics such as ``CTRGAUC``, a score row for ranking metrics), for per-user metrics
+        and the per-user values (:func:`~recbole_cmr.evaluator.per_user_values`)."""
         super().eval_batch_collect(scores_tensor, interaction, positive_u, positive_i)
-        if self.register.need("data.user"):
-            self.data_struct.update_tensor("data.user", interaction[self.config["USER_ID_FIELD"]])
+        users = row_users(interaction, len(scores_tensor), self.config["USER_ID_FIELD"])
+        if users is not None:
+            self.data_struct.update_tensor("data.user", users)
 
     def get_data_struct(self):
         data = self.data_struct._data_dict
@@ -46,6 +48,30 @@ class Collector(RecBoleCollector):
             self.data_struct.set(key, value)
             returned.set(key, copy.deepcopy(value))
         return returned
+
+
+def row_users(interaction, n_rows, uid_field):
+    """The user of each of a batch's ``n_rows`` evaluated rows.
+
+    Value metrics and full ranking score one row per interaction row; sampled ranking
+    (``uni99``) scores one row per user, whose interaction rows (positives, then their sampled
+    negatives) are consecutive.
+
+    Args:
+        interaction (Interaction): the batch.
+        n_rows (int): the rows of the batch's scores (``[n_rows]`` or ``[n_rows, n_items]``).
+        uid_field (str): ``USER_ID_FIELD``.
+
+    Returns:
+        torch.LongTensor | None: ``[n_rows]``, on the interaction's device; None when the batch
+        has no user field or its users do not match the rows.
+    """
+    if uid_field not in interaction.columns:
+        return None
+    users = interaction[uid_field]
+    if len(users) != n_rows:
+        users = torch.unique_consecutive(users)
+    return users if len(users) == n_rows else None
 
 
 # Sequential models whose ``full_sort_predict`` does not give an item the score ``predict`` gives
@@ -108,14 +134,19 @@ class MultiMarketTrainerMixin:
       multiplied by ``lr_decay`` after each training epoch (PyTorch's ``StepLR`` with step 1;
       federated rounds, which call ``_train_epoch`` themselves, are not decayed);
     * sampled evaluation (``uni99``) of a sequential model encodes each user's sequence once
-      (:meth:`_sampled_from_full_sort`), with RecBole's scores and metrics.
+      (:meth:`_sampled_from_full_sort`), with RecBole's scores and metrics;
+    * ``last_per_user``: after each ``evaluate``, what each user contributed to its metrics
+      (:meth:`per_user`), shaped as its result (``{market: values}`` for a dict of loaders).
     """
+
+    last_per_user = {}
 
     checkpoint_info = {}
 
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = Collector(config)
+        self.evaluator = Evaluator(config)
         self.lr_decay = check_lr_decay(config, "learning_rate_decay")
         self._decaying = False
 
@@ -170,9 +201,28 @@ class MultiMarketTrainerMixin:
         if load_best_model:
             self.load_best_model(model_file)
         if isinstance(eval_data, Mapping):
-            return {market: self._evaluate_market(loader, show_progress)
-                    for market, loader in eval_data.items()}
+            results, per_user = {}, {}
+            for market, loader in eval_data.items():
+                results[market] = self._evaluate_market(loader, show_progress)
+                per_user[market] = self.last_per_user
+            self.last_per_user = per_user
+            return results
         return self._evaluate_market(eval_data, show_progress)
+
+    def per_user(self, loader):
+        """The evaluator's per-user values of its last evaluation, of ``loader``'s rows, with each
+        row's user token (the market's original user id, so two runs pair by user).
+
+        Returns:
+            dict: ``{"user": [token, ...], "ndcg@10": [value, ...], ...}``: ``[n_rows]`` lists
+            (float32 values; ``label`` and ``score`` per row for value metrics; plain data, so
+            results compare with ``==`` and cross a message as they are), or ``{}``.
+        """
+        values = {k: v.tolist() for k, v in self.evaluator.last_per_user.items()}
+        if values:
+            dataset = loader._dataset
+            values["user"] = dataset.id2token(dataset.uid_field, values["user"]).tolist()
+        return values
 
     def _evaluate_market(self, loader, show_progress):
         """RecBole's ``evaluate`` of one market's loader, with the catalogue-size metrics
@@ -187,7 +237,9 @@ class MultiMarketTrainerMixin:
                 struct.set("data.num_items", len(dataset.market_catalogue) + 1)
             if register.need("data.count_items"):
                 struct.set("data.count_items", train.item_counter)
-        return super().evaluate(loader, load_best_model=False, show_progress=show_progress)
+        result = super().evaluate(loader, load_best_model=False, show_progress=show_progress)
+        self.last_per_user = self.per_user(loader)
+        return result
 
     def _full_sort_batch_eval(self, batched_data):
         """RecBole's, with a market loader's :class:`ScoreMask` (foreign items, input
@@ -318,16 +370,20 @@ class MultiTaskTrainerMixin:
     runs once per task, with the model predicting that task (``model.eval_task``) and the task's
     label (``model.task_labels``) as RecBole's label, so each market's result holds
     ``<metric>_<task>`` for every task and ``<metric>``, the mean over tasks (``valid_metric:
-    AUC`` selects on the macro AUC over tasks)."""
+    AUC`` selects on the macro AUC over tasks). Its ``last_per_user`` holds each task's values
+    as ``<key>_<task>`` (``label_click``, ``score_click``, ...) beside ``user``."""
 
     def _evaluate_market(self, loader, show_progress):
-        per_task = {}
+        per_task, per_user = {}, {}
         try:
             for t, task in enumerate(self.model.task_names):
                 self.model.eval_task = t
                 per_task[task] = super()._evaluate_market(loader, show_progress)
+                per_user.update((k if k == "user" else f"{k}_{task}", v)
+                                for k, v in self.last_per_user.items())
         finally:
             self.model.eval_task = 0
+        self.last_per_user = per_user
         metrics = list(next(iter(per_task.values())))
         decimals = self.config["metric_decimal_place"]
         result = OrderedDict(

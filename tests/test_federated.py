@@ -117,7 +117,7 @@ def test_train_federated_returns_the_local_mode_shape(two_markets):
     result = train_federated(*_data({**two_markets, **LOCAL_NORM}), saved=True, verbose=False)
     assert set(result) == {"in", "jp"}
     for market, entry in result.items():
-        assert set(entry) == {"valid", "test", "checkpoint"} and entry["valid"]["ndcg@10"] > 0
+        assert set(entry) == {"valid", "test", "per_user", "checkpoint"} and entry["valid"]["ndcg@10"] > 0
         assert torch.load(entry["checkpoint"], weights_only=True)["markets"] == [market]
         config, model, dataset, train, valid, test = load_data_and_model(entry["checkpoint"])
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)

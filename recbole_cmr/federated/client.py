@@ -4,6 +4,7 @@ The contract maps one-to-one onto Flower's ``NumPyClient``/``ClientApp``::
 
     client.fit(global_params, round) -> (update, num_examples, metrics)
     client.evaluate(global_params, phase) -> RecBole result dict
+    client.evaluate(global_params, phase, best, per_user=True) -> (result, per-user values)
 
 Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats) and evaluation
 results leave the client; its interactions (train, valid and test loaders), its non-shared
@@ -148,11 +149,13 @@ class Client:
 
         return loss
 
-    def evaluate(self, global_params, phase="valid", best=False):
+    def evaluate(self, global_params, phase="valid", best=False, per_user=False):
         """RecBole's result on this client's own ``phase`` loader (``valid`` or ``test``) with the
         global shared + this client's local parameters; with ``best``, ``global_params`` are the
         best round's and the client first loads that round (:meth:`restore_best`: its local
-        parameters too), so one message evaluates the best round."""
+        parameters too), so one message evaluates the best round. With ``per_user``,
+        ``(result, values)``: ``values`` is the trainer's ``last_per_user`` (each user's token and
+        metric values, no interactions)."""
         loader = {"valid": self.valid_data, "test": self.test_data}.get(phase)
         if loader is None:
             raise ValueError(f"Client [{self.client_id}] has no {phase} data "
@@ -161,9 +164,8 @@ class Client:
             self.restore_best(global_params)
         else:
             self.set_parameters(global_params)
-        return self.trainer.evaluate(
-            loader, load_best_model=False, show_progress=self.show_progress
-        )
+        result = self.trainer.evaluate(loader, load_best_model=False, show_progress=self.show_progress)
+        return (result, self.trainer.last_per_user) if per_user else result
 
     # ---- the best round and the exported model ------------------------------------------------
     def mark_best(self, round_idx):

@@ -280,10 +280,10 @@ def server_main(grid: Grid, context: Context) -> None:
     if config["fed_resume"]:
         server.resume_checkpoint(config["fed_resume"])
     server.fit(verbose=True)
-    tests = server.evaluate("test")
+    tests = server.test_entries()
     checkpoints = server.export_best(verbose=True)
     best_valid = server.best_valid or {}
-    per_market = {m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints[m]}
+    per_market = {m: {"valid": best_valid.get(m), **tests[m], "checkpoint": checkpoints[m]}
                   for m in markets}
     if config["finetune"]:
         tuned = server.call_each("finetune", {m: (server.best_params_for(m),) for m in markets})

@@ -301,12 +301,14 @@ class FederatedServer:
             "valid_time": 0.0,
         }  # "round_time" is added by fit
 
-    def _evaluate(self, phase, personal=None, global_params=None, best=False):
+    def _evaluate(self, phase, personal=None, global_params=None, best=False, per_user=False):
         """``{market: result}``: each client evaluates its shared parameters (:meth:`params_for`)
         + its own local parameters on its own ``phase`` data (the server never holds a loader);
-        ``best``: the parameters are the best round's, which each client loads first."""
-        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase, best)
-                                           for cid in self.clients})
+        ``best``: the parameters are the best round's, which each client loads first;
+        ``per_user``: ``{market: (result, per-user values)}`` (``Client.evaluate``)."""
+        extra = (per_user,) if per_user else ()
+        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase, best,
+                                                 *extra) for cid in self.clients})
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
@@ -402,15 +404,23 @@ class FederatedServer:
             cid: (self.best_params_for(cid) if self.best else self.params_for(cid),
                   float(self.best_score), verbose) for cid in self.clients})
 
-    def evaluate(self, phase="test", load_best=True):
-        """``{market: RecBole result}`` of every client on its own ``phase`` data.
+    def evaluate(self, phase="test", load_best=True, per_user=False):
+        """``{market: RecBole result}`` of every client on its own ``phase`` data; with
+        ``per_user``, ``{market: (result, per-user values)}`` in the same one message per client.
 
         Uses the best round's global and local parameters (loaded by the ``evaluate`` message
         itself) unless ``load_best`` is False.
         """
         if load_best and self.best is not None:
-            return self._evaluate(phase, self.best.get("personal") or {}, self.best["global"], best=True)
-        return self._evaluate(phase)
+            return self._evaluate(phase, self.best.get("personal") or {}, self.best["global"], best=True,
+                                  per_user=per_user)
+        return self._evaluate(phase, per_user=per_user)
+
+    def test_entries(self):
+        """``{market: {"test": result, "per_user": values}}``: :meth:`evaluate` of the test data,
+        as each market's run result records it."""
+        return {m: {"test": result, "per_user": values}
+                for m, (result, values) in self.evaluate("test", per_user=True).items()}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def client_files_name(self):
@@ -638,8 +648,9 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
         rounds_out (dict, optional): filled with :func:`round_summary` of the run.
 
     Returns:
-        dict: ``{market: {"valid": best valid result, "test": test result, "checkpoint": path}}``
-        (the shape of the quick start's local mode; ``checkpoint`` is the market's best model).
+        dict: ``{market: {"valid": best valid result, "test": test result, "per_user": its
+        per-user values, "checkpoint": path}}`` (the shape of the quick start's local mode;
+        ``checkpoint`` is the market's best model).
     """
     if resume_file and pretrained_file:
         raise ValueError("Set either fed_resume (continue a run) or fed_pretrained (reuse a "
@@ -653,7 +664,7 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     if pretrained_file:
         server.load_pretrained(pretrained_file)
     server.fit(verbose=verbose)
-    tests = server.evaluate("test")
+    tests = server.test_entries()
     if saved and verbose:
         getLogger().info(
             set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}"
@@ -665,6 +676,6 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     if rounds_out is not None:
         rounds_out.update(round_summary(server))
     return {
-        m: {"valid": best_valid.get(m), "test": tests[m], "checkpoint": checkpoints.get(m)}
+        m: {"valid": best_valid.get(m), **tests[m], "checkpoint": checkpoints.get(m)}
         for m in test
     }

@@ -1,0 +1,405 @@
+"""Paired bootstrap confidence intervals for "A vs B" targets, and their verdicts.
+
+Contract:
+
+* Units are users for ranking metrics (one value per user, e.g. NDCG@10) and test rows for AUC
+  (label, score of A, score of B). A and B are always evaluated on the same units; ``pair_by_unit``
+  aligns two runs and refuses to drop a unit either run lacks.
+* Seeds are pooled by ``pool_seeds``: seed ``s`` of A is paired with seed ``s`` of B and the seeds
+  are stacked on a leading axis, ``(S, n)``. A method's metric is then the mean over seeds of its
+  metric on the (resampled) units: for a per-user metric this is the mean over users of each
+  user's mean over seeds, for AUC the mean over seeds of each seed's AUC. Users (rows) are
+  resampled once for all seeds, so a user's seeds move together; the interval is over users given
+  these seeds (seed noise enters only through the values averaged).
+* Strata (markets, scenarios) are resampled within themselves, each stratum's metric is computed
+  per method and the strata are averaged with equal weight, as the macro is; the target's
+  statistic is then ``macro(A) - macro(B)`` or ``macro(A) / macro(B)``.
+* ``verdict``: **met** only when the whole interval is on the better side of the threshold (0 for
+  a difference, e.g. 1.10 for a ratio), **missed** when it is wholly on the worse side, **level**
+  otherwise (it straddles or touches the threshold).
+
+The resampling is ``scipy.stats.bootstrap``. With ``paired=True`` scipy resamples
+``arange(n)`` and indexes every sample with it; here the index arrays are passed directly, one
+per stratum and unpaired, so scipy resamples each stratum's users independently and within the
+stratum, while A and B of one user stay paired because both are read through the same index. With
+one stratum this is exactly ``bootstrap((a, b), paired=True)`` (tested, same draws, same interval).
+"""
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+CONTRASTS = ("difference", "ratio")
+METHOD = "BCa"
+# Elements one batch of resamples (or jackknife samples) may index at once: bounds the memory.
+BATCH_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A paired comparison of A against B.
+
+    Attributes:
+        diff (float): ``macro(A) - macro(B)``, or ``macro(A) / macro(B)`` for a ratio.
+        ci_low (float): lower end of the confidence interval of ``diff``.
+        ci_high (float): upper end.
+        n (int): units resampled (users or rows, all strata together).
+        method (str): ``"BCa"``; ``"percentile"`` where BCa could not be computed;
+            ``"degenerate"`` where every resample gave the same value (interval = ``diff``).
+    """
+
+    diff: float
+    ci_low: float
+    ci_high: float
+    n: int
+    method: str
+
+    def to_dict(self):
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def verdict(ci_low, ci_high, threshold=0.0, bigger_is_better=True):
+    """``"met"``, ``"level"`` or ``"missed"`` for a target read through its confidence interval.
+
+    Args:
+        ci_low (float): lower end of the interval.
+        ci_high (float): upper end.
+        threshold (float): the value the target must beat: 0 for "A above B", 1.10 for
+            "A >= 1.10 x B".
+        bigger_is_better (bool): False where A must be below the threshold (a loss, a wall time).
+
+    Returns:
+        str: "met" when the whole interval is strictly on the better side of ``threshold``,
+        "missed" when it is strictly on the worse side, "level" when it straddles or touches it.
+    """
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high)) or ci_low > ci_high:
+        raise ValueError(f"verdict needs a finite interval with ci_low <= ci_high, got "
+                         f"[{ci_low}, {ci_high}]")
+    above, below = ci_low > threshold, ci_high < threshold
+    better, worse = (above, below) if bigger_is_better else (below, above)
+    return "met" if better else "missed" if worse else "level"
+
+
+def pair_by_unit(units_a, values_a, units_b, values_b):
+    """Align two runs' per-unit values on their units.
+
+    Runs listing the same units in the same order are paired position by position (so rows may
+    repeat a user token); otherwise every token must be unique in each run and B is reordered to
+    A's order. Both runs must hold exactly the same units: none is ever dropped.
+
+    Args:
+        units_a (array-like): A's unit tokens, shape ``(n,)``.
+        values_a (array-like): A's values, shape ``(..., n)`` (last axis: units).
+        units_b (array-like): B's unit tokens, shape ``(n,)``.
+        values_b (array-like): B's values, shape ``(..., n)``.
+
+    Returns:
+        tuple: ``(units, a, b)``: tokens ``(n,)`` in A's order, ``a`` and ``b`` with their last
+        axis in that order.
+    """
+    units_a, units_b = np.asarray(units_a), np.asarray(units_b)
+    values_a, values_b = np.asarray(values_a), np.asarray(values_b)
+    for name, units, values in (("A", units_a, values_a), ("B", units_b, values_b)):
+        if values.shape[-1:] != units.shape:
+            raise ValueError(f"run {name} has {units.shape[0]} units but values of shape "
+                             f"{values.shape}: the last axis must hold one value per unit")
+    if units_a.shape == units_b.shape and np.array_equal(units_a, units_b):
+        return units_a, values_a, values_b
+    for name, units in (("A", units_a), ("B", units_b)):
+        tokens, counts = np.unique(units, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"run {name} repeats units {_some(tokens[counts > 1])} and the two "
+                             "runs do not list their units in the same order: cannot pair them")
+    only_a, only_b = np.setdiff1d(units_a, units_b), np.setdiff1d(units_b, units_a)
+    if only_a.size or only_b.size:
+        raise ValueError(f"the runs hold different units: {only_a.size} only in A "
+                         f"{_some(only_a)}, {only_b.size} only in B {_some(only_b)}; compare runs "
+                         "evaluated on the same users (rows)")
+    order_b = np.argsort(units_b)
+    position_b = order_b[np.searchsorted(units_b, units_a, sorter=order_b)]
+    return units_a, values_a, values_b[..., position_b]
+
+
+def _some(tokens, shown=5):
+    """A short listing of ``tokens`` for an error message."""
+    listed = ", ".join(str(token) for token in tokens[:shown])
+    return f"[{listed}{', ...' if len(tokens) > shown else ''}]"
+
+
+def pool_seeds(runs_a, runs_b):
+    """Pair several seeds of A with the same seeds of B and stack them on a leading seed axis.
+
+    Args:
+        runs_a (Mapping): seed -> ``(units, values)`` of A, values ``(..., n)`` as in
+            ``pair_by_unit`` (for AUC rows: ``np.stack([labels, scores])``, shape ``(2, n)``).
+        runs_b (Mapping): the same seeds -> ``(units, values)`` of B.
+
+    Returns:
+        tuple: ``(units, a, b)``: tokens ``(n,)`` in the order of A's first seed, ``a`` and ``b``
+        of shape ``(S, ..., n)`` with seeds in sorted order.
+    """
+    seeds = sorted(runs_a)
+    if not seeds or set(seeds) != set(runs_b):
+        raise ValueError(f"seeds must pair one to one: A ran {sorted(runs_a)}, B ran "
+                         f"{sorted(runs_b)}; compare on the seeds both ran")
+    units = np.asarray(runs_a[seeds[0]][0])
+    stacked_a, stacked_b = [], []
+    for seed in seeds:
+        stacked_a.append(_on_units(units, runs_a[seed], f"A seed {seed}"))
+        stacked_b.append(_on_units(units, runs_b[seed], f"B seed {seed}"))
+    return units, np.stack(stacked_a), np.stack(stacked_b)
+
+
+def _on_units(units, run, name):
+    """``run``'s values reordered onto ``units``; errors name the run (``"B seed 2021"``)."""
+    try:
+        return pair_by_unit(units, np.empty((0, len(units))), *run)[2]
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def split_rows(a, b):
+    """Labels and scores of pooled AUC rows, checking every run labelled the rows alike.
+
+    Args:
+        a (np.ndarray): A's rows from ``pool_seeds``, shape ``(S, 2, n)``: labels, then scores.
+        b (np.ndarray): B's rows, same shape.
+
+    Returns:
+        tuple: ``(labels (n,), scores_a (S, n), scores_b (S, n))`` for ``auc_difference``.
+    """
+    labels = a[0, 0]
+    for name, rows in (("A", a), ("B", b)):
+        differs = (rows[:, 0] != labels).any(axis=0)
+        if differs.any():
+            raise ValueError(f"run {name} labels {int(differs.sum())} rows differently from A's "
+                             f"first seed (first at row {int(np.argmax(differs))}): the runs did "
+                             "not score the same test rows")
+    return labels, a[:, 1], b[:, 1]
+
+
+def paired_difference(a, b, *, contrast="difference", confidence=0.95, n_resamples=9999,
+                      seed=0):
+    """Paired bootstrap interval of ``mean(A) - mean(B)`` (or ``/``) over users.
+
+    Args:
+        a (array-like): A's per-user values, shape ``(n,)``, or ``(S, n)`` with seeds pooled.
+        b (array-like): B's values on the same users, same shape.
+        contrast (str): "difference" or "ratio".
+        confidence (float): confidence level of the two-sided interval.
+        n_resamples (int): bootstrap resamples.
+        seed (int): seed of the resampling.
+
+    Returns:
+        PairedDifference
+    """
+    return macro_paired_difference({"all": (a, b)}, contrast=contrast, confidence=confidence,
+                                   n_resamples=n_resamples, seed=seed)
+
+
+def macro_paired_difference(markets, *, contrast="difference", confidence=0.95,
+                            n_resamples=9999, seed=0):
+    """Paired bootstrap interval of ``macro(A) - macro(B)`` (or ``/``): users are resampled within
+    each market and the markets are averaged with equal weight, as the macro is.
+
+    Args:
+        markets (Mapping): market -> ``(a, b)``, each ``(n_m,)`` or ``(S, n_m)`` (seeds pooled).
+        contrast, confidence, n_resamples, seed: as in ``paired_difference``.
+
+    Returns:
+        PairedDifference
+    """
+    strata = {}
+    for market, (a, b) in markets.items():
+        a, b = _user_stratum(market, a, b)
+        strata[market] = (a.shape[-1], a.shape[0], (a, b))
+    return _stratified(strata, _mean_metric, contrast, confidence, n_resamples, seed)
+
+
+def _user_stratum(market, a, b):
+    """``(a, b)`` of one market as float arrays ``(S, n)``, checked to be paired."""
+    a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"market {market}: A's values {a.shape} and B's {b.shape} must have the "
+                         "same shape (n,) or (seeds, n); align them with pair_by_unit/pool_seeds")
+    return a, b
+
+
+def _mean_metric(stratum, index):
+    """Each method's mean over seeds and resampled users.
+
+    Args:
+        stratum (tuple): ``(a, b)``, each of shape ``(S, n)``.
+        index (np.ndarray): positions of the resampled users, shape ``(..., m)``.
+
+    Returns:
+        tuple: two arrays of shape ``(...)``.
+    """
+    return tuple(values[..., index].mean(axis=(0, -1)) for values in stratum)
+
+
+def auc_difference(labels, scores_a, scores_b, *, contrast="difference", confidence=0.95,
+                   n_resamples=9999, seed=0):
+    """Paired bootstrap interval of ``AUC(A) - AUC(B)`` (or ``/``) over test rows.
+
+    Args:
+        labels (array-like): 0/1 labels, shape ``(n,)``.
+        scores_a (array-like): A's scores, shape ``(n,)``, or ``(S, n)`` with seeds pooled.
+        scores_b (array-like): B's scores on the same rows, same shape.
+        contrast, confidence, n_resamples, seed: as in ``paired_difference``.
+
+    Returns:
+        PairedDifference
+    """
+    return macro_auc_difference({"all": (labels, scores_a, scores_b)}, contrast=contrast,
+                                confidence=confidence, n_resamples=n_resamples, seed=seed)
+
+
+def macro_auc_difference(strata, *, contrast="difference", confidence=0.95, n_resamples=9999,
+                         seed=0):
+    """As ``auc_difference``, rows resampled within each stratum (scenario, task), strata
+    averaged with equal weight.
+
+    Args:
+        strata (Mapping): name -> ``(labels, scores_a, scores_b)`` as in ``auc_difference``.
+        contrast, confidence, n_resamples, seed: as in ``paired_difference``.
+
+    Returns:
+        PairedDifference
+    """
+    rows = {name: _row_stratum(name, *arrays) for name, arrays in strata.items()}
+    return _stratified(rows, _auc_metric, contrast, confidence, n_resamples, seed)
+
+
+def _row_stratum(name, labels, scores_a, scores_b):
+    """One stratum's rows, checked: ``(n, S, (n, sorted_a, sorted_b))`` for ``_stratified``."""
+    labels = np.asarray(labels)
+    scores_a, scores_b = _user_stratum(name, scores_a, scores_b)
+    if labels.shape != scores_a.shape[-1:] or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"stratum {name}: labels must be 0/1 with one per row "
+                         f"({scores_a.shape[-1]} rows), got shape {labels.shape}")
+    if labels.min() == labels.max():
+        raise ValueError(f"stratum {name}: every row has label {labels[0]}; AUC needs both classes")
+    labels = labels.astype(float)
+    stratum = tuple([_sorted_rows(labels, seed) for seed in scores] for scores in
+                    (scores_a, scores_b))
+    return labels.size, scores_a.shape[0], (labels.size, *stratum)
+
+
+def _sorted_rows(labels, scores):
+    """``(order, sorted labels, starts of tie groups)`` of one seed's scores, each ``(n,)``."""
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])
+    return order, labels[order], starts
+
+
+def _auc_metric(stratum, index):
+    """Each method's mean over seeds of its AUC on the resampled rows.
+
+    A resample is the original rows with multiplicities, so its AUC is the weighted Mann-Whitney
+    statistic over the rows sorted once: ties count one half, as in
+    ``sklearn.metrics.roc_auc_score``; linear in the rows per resample, where ranking each
+    resample (``scipy.stats.rankdata``) costs a sort.
+
+    Args:
+        stratum (tuple): ``(n, sorted_a, sorted_b)`` from ``_row_stratum``.
+        index (np.ndarray): positions of the resampled rows, shape ``(..., m)``.
+
+    Returns:
+        tuple: two arrays of shape ``(...)``; NaN where a resample holds one class only.
+    """
+    n, sorted_a, sorted_b = stratum
+    flat = index.reshape(-1, index.shape[-1])
+    offsets = np.arange(flat.shape[0])[:, None] * n
+    counts = np.bincount((flat + offsets).ravel(), minlength=flat.size // flat.shape[-1] * n)
+    counts = counts.reshape(flat.shape[0], n).astype(float)
+    values = [np.mean([_weighted_auc(counts, *rows) for rows in seeds], axis=0).reshape(
+        index.shape[:-1]) for seeds in (sorted_a, sorted_b)]
+    return tuple(values)
+
+
+def _weighted_auc(counts, order, labels, starts):
+    """AUC of rows weighted by ``counts`` (shape ``(R, n)``) -> shape ``(R,)``."""
+    weights = counts[:, order]
+    positive = np.add.reduceat(weights * labels, starts, axis=-1)
+    negative = np.add.reduceat(weights * (1 - labels), starts, axis=-1)
+    below = np.cumsum(negative, axis=-1) - negative
+    pairs = positive.sum(axis=-1) * negative.sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (positive * (below + negative / 2)).sum(axis=-1) / pairs
+
+
+def _stratified(strata, metric, contrast, confidence, n_resamples, seed):
+    """Bootstrap the contrast of the strata-averaged ``metric``, each stratum resampled within.
+
+    Args:
+        strata (dict): name -> ``(units, seeds, stratum)``: the stratum's unit count, seed count
+            and the data ``metric`` reads.
+        metric (callable): ``metric(stratum, index)`` -> ``(value_a, value_b)`` for resampled
+            unit positions ``index`` of shape ``(..., m)``, each value of shape ``(...)``.
+        contrast (str): "difference" or "ratio".
+        confidence, n_resamples, seed: as in ``paired_difference``.
+
+    Returns:
+        PairedDifference
+    """
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast must be one of {CONTRASTS}, got {contrast!r}")
+    if not strata:
+        raise ValueError("no market (stratum) to compare")
+    arrays = list(strata.values())
+    sizes = [units for units, _, _ in arrays]
+
+    def statistic(*indices, axis=-1):
+        # indices[k]: (..., n_k) positions into stratum k; every array of the stratum is read
+        # through them, so A and B of a unit stay paired.
+        values = [metric(stratum, index) for (_, _, stratum), index in zip(arrays, indices)]
+        macro_a = np.mean([value_a for value_a, _ in values], axis=0)
+        macro_b = np.mean([value_b for _, value_b in values], axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return macro_a - macro_b if contrast == "difference" else macro_a / macro_b
+
+    indices = [np.arange(size) for size in sizes]
+    diff = float(statistic(*indices))
+    if not np.isfinite(diff):
+        raise ValueError(f"the {contrast} of the observed data is {diff} (B's macro is 0?)")
+    size = sum(2 * units * seeds for units, seeds, _ in arrays)
+    options = dict(statistic=statistic, n_resamples=n_resamples, confidence_level=confidence,
+                   batch=max(1, BATCH_ELEMENTS // size), rng=np.random.default_rng(seed))
+    return _interval(indices, options, diff, strata)
+
+
+def _interval(indices, options, diff, strata):
+    """BCa interval, falling back where BCa is undefined.
+
+    BCa is chosen over the percentile interval because per-user ranking metrics are very skewed
+    (most users score 0, a few score near 1) and a ratio is a biased statistic: BCa corrects
+    both the median bias and the skew of the bootstrap distribution (second-order accurate),
+    the percentile interval neither. BCa is undefined on degenerate data: where every resample
+    gives the same value (A and B identical on every unit) the interval is that value
+    (method "degenerate"); where only the jackknife acceleration or bias correction cannot be
+    computed, the percentile interval of the same resamples is given (method "percentile").
+    """
+    n = sum(index.size for index in indices)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.bootstrap(indices, method=METHOD, **options)
+    resampled = result.bootstrap_distribution
+    if not np.isfinite(resampled).all():
+        raise ValueError(f"a bootstrap resample has no defined value (strata {list(strata)}): "
+                         "a stratum has too few positives or negatives (or B's macro reaches 0)")
+    if np.ptp(resampled) == 0:
+        return PairedDifference(diff, diff, diff, n, "degenerate")
+    low, high = result.confidence_interval
+    method = METHOD
+    if not (np.isfinite(low) and np.isfinite(high)):
+        options = {**options, "n_resamples": 0}
+        low, high = stats.bootstrap(indices, method="percentile", bootstrap_result=result,
+                                    **options).confidence_interval
+        method = "percentile"
+    return PairedDifference(diff, float(low), float(high), n, method)
