@@ -475,3 +475,5 @@ def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(
         **_settings(SMALL[3:] + extra), "markets": ["de", "fr"], "fed_rounds": 2, "fed_strategy": strategy,
         "checkpoint_dir": str(tmp_path / "in-process")})
     _assert_same_results(remote, local, "train_loss")
+    for market, result in local["per_market"].items():  # each test user's values crossed the wire
+        assert remote["per_market"][market]["per_user"] == result["per_user"] and result["per_user"]["user"]

@@ -105,32 +105,3 @@ def test_per_user_values_cross_a_flower_message():
     values = {"user": ["u1", "u2", "u3"], "ndcg@10": np.float32([0.5, 0.0, 1 / 3]).tolist()}
     reply = ({"ndcg@10": 0.2778}, values)
     assert decode_reply(encode_reply(reply)) == reply
-
-
-def test_a_flower_run_keeps_the_in_process_per_user_values(tmp_path, monkeypatch):
-    """Flower's ServerApp (its whole message path, nodes in this process) records every market's
-    per-user test values, equal to the in-process run's."""
-    pytest.importorskip("flwr")
-    from types import SimpleNamespace
-
-    from flwr.supercore.task_identity import TaskIdentity
-    from test_flower import SMALL, LoopbackGrid, _settings
-
-    from recbole_cmr import flower as launcher
-    from recbole_cmr.federated import flower
-
-    for name, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # the ServerApp's identity
-        monkeypatch.setattr(TaskIdentity, name, value)
-    argv = ["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "2",
-            *SMALL[3:], f"--checkpoint_dir={tmp_path / 'app'}"]
-    settings, markets, data_root, _ = launcher.run_settings(argv, tmp_path)
-    settings["result_file"] = str(tmp_path / "result.json")
-    run_config = {"settings": json.dumps(settings), "node-timeout": 60}
-    flower.server_main(LoopbackGrid(run_config, markets, data_root), SimpleNamespace(run_config=run_config))
-    remote = json.loads((tmp_path / "result.json").read_text())
-    local = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
-        **_settings(SMALL[3:]), "markets": ["de", "fr"], "fed_rounds": 2,
-        "checkpoint_dir": str(tmp_path / "in-process")})
-    for market in ("de", "fr"):
-        assert remote["per_market"][market]["per_user"] == local["per_market"][market]["per_user"]
-        assert len(local["per_market"][market]["per_user"]["user"]) > 0
