@@ -11,7 +11,9 @@ and its test split is evaluated twice: full ranking (items foreign to the market
 
 Resumable: every (model, dataset, seed) run writes ``results/<dataset>/<model>-seed<S>.json`` as
 soon as it ends and is skipped when that file exists with the current settings (a file whose
-settings changed is run again and left out of the summaries). ``summarise`` rebuilds
+settings changed is run again and left out of the summaries), after its per-user sidecar
+``<model>-seed<S>.per_user.npz`` (``per_user.py``: each test user's values per market, stage and
+protocol, for paired comparisons; records without one stay valid). ``summarise`` rebuilds
 ``results/<dataset>.json`` (full ranking), ``results/<dataset>-uni99.json``, ``results/<dataset>.md``
 and ``results/<dataset>-gain.png`` from those files; the markdown and json also check FeCoSR
 against the benchmark targets (README, Results) on the seeds each pair of models has run.
@@ -21,11 +23,12 @@ import argparse
 import contextlib
 import fcntl
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from per_user import write_record
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -129,12 +132,14 @@ def eval_args(test_mode):
 
 
 def evaluate_protocol(checkpoints, test_mode):
-    """``{market: test result}`` of each saved model under another evaluation protocol."""
+    """``({market: test result}, {market: per-user values})`` of each saved model under another
+    evaluation protocol (per-user values: the trainer's ``last_per_user``, each test user's token
+    and metric values)."""
     from recbole.utils import init_seed
 
     from recbole_cmr import get_trainer, load_data_and_model
 
-    out = {}
+    out, per_user = {}, {}
     for checkpoint in sorted(set(checkpoints)):
         config, model, _, _, _, test = load_data_and_model(
             checkpoint, config_dict={"eval_args": eval_args(test_mode)}
@@ -142,7 +147,8 @@ def evaluate_protocol(checkpoints, test_mode):
         trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
         init_seed(config["seed"], config["reproducibility"])
         out.update(trainer.evaluate(test, load_best_model=False))
-    return out
+        per_user.update(trainer.last_per_user)
+    return out, per_user
 
 
 def _floats(result):
@@ -233,14 +239,18 @@ def rounds_wall_s(state):
 
 
 def _both_protocols(results):
-    """``{market: {"valid", "test": {protocol: result}}}`` from ``{market: {valid, test, checkpoint}}``."""
+    """``({market: {"valid", "test": {protocol: result}}}, {market: {protocol: per-user values}})``
+    from ``{market: {valid, test, per_user, checkpoint}}``."""
     per_market = {m: {"valid": _floats(r["valid"]), "test": {"full": _floats(r["test"])}}
                   for m, r in results.items()}
+    per_user = {m: {"full": r.get("per_user", {})} for m, r in results.items()}
     checkpoints = [r["checkpoint"] for r in results.values()]
     for protocol in PROTOCOLS[1:]:
-        for market, res in evaluate_protocol(checkpoints, protocol).items():
+        tests, values = evaluate_protocol(checkpoints, protocol)
+        for market, res in tests.items():
             per_market[market]["test"][protocol] = _floats(res)
-    return per_market
+            per_user[market][protocol] = values.get(market, {})
+    return per_market, per_user
 
 
 def with_stage_runs(runs):
@@ -291,10 +301,13 @@ def run_one(dataset, name, seed, out_file):
                   "federated stage", flush=True)
     start = time.time()
     result = run_recbole_cmr(model=model, dataset=dataset, config_dict={**settings, **extra})
-    per_market = _both_protocols(result["per_market"])
+    per_market, final = _both_protocols(result["per_market"])
+    per_user = {m: {"final": values} for m, values in final.items()}
     stage = {m: r["federated"] for m, r in result["per_market"].items() if "federated" in r}
-    for market, res in _both_protocols(stage).items():
+    stage_results, stage_values = _both_protocols(stage)
+    for market, res in stage_results.items():
         per_market[market]["federated"] = res
+        per_user[market]["federated"] = stage_values[market]
     for market, r in result["per_market"].items():
         if "kept_pretrained" in r:
             per_market[market]["kept_pretrained"] = r["kept_pretrained"]
@@ -307,10 +320,7 @@ def run_one(dataset, name, seed, out_file):
               "settings": settings, **machine(),
               "wall_s": round(prior_s + time.time() - start, 1),
               **record_extra, "per_market": per_market}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_file)
+    write_record(record, out_file, per_user)  # the per-user sidecar first, then the record
 
 
 def _mean_std(values):

@@ -27,7 +27,8 @@ import json
 
 from cross_market import RESULTS, _cell, seed_table
 from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, spec_settings,
-                            write_record, write_run, write_summary)
+                            write_run, write_summary)
+from per_user import write_record
 
 DATASET = "ml100k-entities"
 NAME = "mkt-ml100k"
@@ -73,7 +74,7 @@ def run_one(name, seed, out_file):
     """Train and test one model (both stages where it has two); write ``out_file`` with the
     code ``revision`` (a run cut before the stamp reads as stale)."""
     model, settings = run_settings(name, seed)
-    write_run(model, DATASET, settings, name, seed, SELECTED_BY, out_file)
+    write_run(model, DATASET, settings, name, seed, SELECTED_BY, out_file)  # + per-user sidecar
     write_record({**json.loads(out_file.read_text()), "revision": REVISION}, out_file)
 
 

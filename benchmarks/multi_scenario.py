@@ -25,10 +25,10 @@ validations without gain. One epoch over all four scenarios (~400k training rows
 
 import argparse
 import json
-import os
 import time
 
 from cross_market import RESULTS, _cell, _mean_std, seed_table
+from per_user import write_record
 
 DATASET = "ml100k-scenarios"
 NAME = "pfmsmtrec-ml100k"
@@ -94,7 +94,8 @@ def run_one(name, seed, out_file):
 
 def write_run(model, dataset, settings, name, seed, selected_by, out_file):
     """Run ``model`` on ``dataset`` with ``settings`` and write its record (settings, wall time,
-    valid and test results per market, the federated rounds) to ``out_file`` atomically."""
+    valid and test results per market, the federated rounds) to ``out_file`` atomically, after
+    its per-user sidecar (each market's test rows: user, label and score per task)."""
     from recbole_cmr import run_recbole_cmr
     from recbole_cmr.config import mode_settings
 
@@ -109,15 +110,8 @@ def write_run(model, dataset, settings, name, seed, selected_by, out_file):
                              for m, r in result["per_market"].items()}}
     if result.get("federated_rounds"):
         record["federated_rounds"] = result["federated_rounds"]
-    write_record(record, out_file)
-
-
-def write_record(record, out_file):
-    """Write a run record (JSON) to ``out_file`` atomically."""
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_file)
+    write_record(record, out_file, {m: {"final": {"labeled": r.get("per_user", {})}}
+                                    for m, r in result["per_market"].items()})
 
 
 def run_grid(models, seeds, folder, is_current, run_one):

@@ -38,8 +38,8 @@ import time
 
 from cross_market import (DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, exclusive,
                           seed_table)
-from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, write_record,
-                            write_summary)
+from multi_scenario import current_runs, harness_main, paired_bars, ran_with, write_summary
+from per_user import write_record
 
 NAME = "ant-scientific"
 FOLDER = RESULTS / NAME
@@ -164,7 +164,7 @@ def _pretrain_unless_current(seed):
             "settings": settings, "wall_s": wall,
             "selected_by": "macro valid ndcg@10 of the auxiliary domains",
             "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
-                           for m, r in result["per_market"].items()}}, out_file)
+                           for m, r in result["per_market"].items()}}, out_file, _per_user(result))
     return pretrained_file(seed)
 
 
@@ -179,7 +179,15 @@ def run_one(name, seed, out_file):
             "revision": REVISIONS[model],
             "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
             "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
-                                                    "test": _floats(target["test"])}}}, out_file)
+                                                    "test": _floats(target["test"])}}},
+                 out_file, _per_user(result, [MARKET]))
+
+
+def _per_user(result, markets=None):
+    """The per-user sidecar's values of ``result``'s ``markets`` (all by default): each test
+    user's token and metric values, full ranking (the protocol above)."""
+    return {m: {"final": {"full": r.get("per_user", {})}} for m, r in result["per_market"].items()
+            if markets is None or m in markets}
 
 
 def is_current(record):

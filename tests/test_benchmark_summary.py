@@ -4,13 +4,18 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "cross_market.py"
 
 
 def _load_harness(name):
-    """The module ``benchmarks/<name>.py``."""
+    """The module ``benchmarks/<name>.py`` (the harnesses import each other from that folder)."""
+    import sys
+
+    if str(HARNESS.parent) not in sys.path:
+        sys.path.insert(0, str(HARNESS.parent))
     spec = importlib.util.spec_from_file_location(name, HARNESS.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -331,3 +336,147 @@ def test_ant_tuning_grid_reads_as_recbole_space_and_a_done_variant_is_skipped(an
         tune.tune("ANT-relearn", 2020)
     (done / "run.json").write_text(json.dumps(tune.run_record("ANT-relearn", 2020)))
     assert tune.tune("ANT-relearn", 2020) == done
+
+
+# ---- per-user sidecars of the run records (benchmarks/per_user.py) ---------------------------
+@pytest.fixture(scope="module")
+def per_user():
+    return _load_harness("per_user")
+
+
+def _values(users, seed=0, fields=("ndcg@10", "hit@10")):
+    """One protocol's per-user values as a trainer keeps them: tokens and float32-exact lists."""
+    rng = np.random.default_rng(seed)
+    return {"user": list(users),
+            **{f: rng.random(len(users)).astype(np.float32).tolist() for f in fields}}
+
+
+def test_per_user_sidecar_round_trips_as_float32(per_user, tmp_path):
+    values = {"ca": {"final": {"full": _values(["u1", "u22"], 1), "uni99": _values(["u1", "u22"], 2)},
+                     "federated": {"full": _values(["u1", "u22"], 3)}},
+              "de": {"final": {"full": _values(["long-user-token-7"], 4)}}}
+    record = tmp_path / "Local-seed2020.json"
+    held = per_user.write_per_user(values, record)
+    assert (tmp_path / "Local-seed2020.per_user.npz").exists()
+    assert held["file"] == "Local-seed2020.per_user.npz"
+    assert held["markets"] == {"ca": {"final": {"full": 2, "uni99": 2}, "federated": {"full": 2}},
+                               "de": {"final": {"full": 1}}}
+    back = per_user.read_per_user(record)
+    assert back.keys() == values.keys()
+    for market, stages in values.items():
+        assert back[market].keys() == stages.keys()
+        for stage, protocols in stages.items():
+            assert back[market][stage].keys() == protocols.keys()
+            for protocol, fields in protocols.items():
+                got = back[market][stage][protocol]
+                assert got.keys() == fields.keys() and got["user"].dtype.kind == "U"
+                assert got["user"].tolist() == fields["user"]
+                for field in ("ndcg@10", "hit@10"):
+                    assert got[field].dtype == np.float32 and got[field].tolist() == fields[field]
+    assert per_user.read_per_user(tmp_path / "Pooled-seed2020.json") is None  # no sidecar
+
+
+def test_per_user_values_shorter_than_their_users_are_refused(per_user, tmp_path):
+    bad = {"ca": {"final": {"full": {"user": ["u1", "u2"], "ndcg@10": [0.5]}}}}
+    with pytest.raises(ValueError, match="ca/final/full: field 'ndcg@10' has 1 values for 2 users"):
+        per_user.write_per_user(bad, tmp_path / "r.json")
+
+
+def test_the_sidecar_is_written_before_the_record(per_user, tmp_path, monkeypatch):
+    """The record marks a finished run: when it exists, its sidecar is complete."""
+    import os
+
+    replaced = []
+
+    def replace(src, dst):
+        replaced.append(Path(dst).name)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(per_user.os, "replace", replace)
+    record = tmp_path / "results" / "Local-seed2020.json"
+    per_user.write_record({"name": "Local"}, record, {"ca": {"final": {"full": _values(["u1"])}}})
+    assert replaced == ["Local-seed2020.per_user.npz", "Local-seed2020.json"]
+    assert json.loads(record.read_text())["per_user"]["file"] == "Local-seed2020.per_user.npz"
+    assert sorted(p.name for p in record.parent.iterdir()) == [
+        "Local-seed2020.json", "Local-seed2020.per_user.npz"]  # no temporary file left
+
+
+def test_records_with_and_without_a_sidecar_summarise_alike(harness, per_user, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    _, settings = harness.run_settings("xmrec", "Local", 2020)
+    for seed, ndcg in ((2020, 0.1), (2021, 0.2)):
+        run = {**_run("Local", seed, {"a": ndcg, "b": ndcg}), "dataset": "xmrec",
+               "revision": harness.REVISIONS["Local"], "settings": {**settings, "seed": seed}}
+        sidecar = {m: {"final": {"full": _values(["u1"])}} for m in "ab"} if seed == 2021 else None
+        per_user.write_record(run, tmp_path / "xmrec" / f"Local-seed{seed}.json", sidecar)
+    harness.summarise("xmrec")  # the record written before sidecars (2020) still counts
+    summary = json.loads((tmp_path / "xmrec.json").read_text())
+    assert summary["seeds"] == [2020, 2021]
+    assert summary["models"]["Local"]["macro"]["ndcg@10"] == pytest.approx(0.15)
+    assert per_user.read_per_user(tmp_path / "xmrec" / "Local-seed2020.json") is None
+
+
+def _fake_run_result(markets):
+    """What ``run_recbole_cmr`` returns for a fine-tuned federated model on ``markets``."""
+    def entry(market, stage, seed):
+        return {"valid": {"ndcg@10": 0.1}, "test": {"ndcg@10": 0.1, "hit@10": 0.2},
+                "per_user": _values([f"{market}-u{i}" for i in range(3)], seed),
+                "checkpoint": f"{stage}-{market}.pth"}
+
+    return {"train_mode": "federated",
+            "per_market": {m: {**entry(m, "final", i), "federated": entry(m, "federated", 10 + i)}
+                           for i, m in enumerate(markets)}}
+
+
+def test_cross_market_run_one_writes_every_markets_per_user_values(harness, per_user, tmp_path,
+                                                                   monkeypatch):
+    import recbole_cmr
+
+    markets = ["ca", "de", "fr"]
+    result = _fake_run_result(markets)
+    uni99 = {}  # checkpoint -> (market, its uni99 per-user values)
+
+    def evaluate_protocol(checkpoints, test_mode):
+        tests, values = {}, {}
+        for i, checkpoint in enumerate(sorted(set(checkpoints))):
+            market = checkpoint.split("-")[1].removesuffix(".pth")
+            tests[market] = {"ndcg@10": 0.3, "hit@10": 0.4}
+            values[market] = uni99[checkpoint] = _values([f"{market}-u{j}" for j in range(3)], 20 + i)
+        return tests, values
+
+    monkeypatch.setattr(recbole_cmr, "run_recbole_cmr", lambda **kwargs: result)
+    monkeypatch.setattr(harness, "evaluate_protocol", evaluate_protocol)
+    monkeypatch.setattr(harness, "round_checkpoint", lambda *args, **kwargs: (None, None))
+    out_file = tmp_path / "xmrec" / "FeCoSR-seed2020.json"
+    harness.run_one("xmrec", "FeCoSR", 2020, out_file)
+    record = json.loads(out_file.read_text())
+    assert record["per_user"]["file"] == "FeCoSR-seed2020.per_user.npz"
+    assert record["per_market"]["ca"]["test"]["uni99"]["ndcg@10"] == 0.3  # the numbers as before
+    back = per_user.read_per_user(out_file)
+    assert sorted(back) == markets
+    for market in markets:
+        for stage, entry in (("final", result["per_market"][market]),
+                             ("federated", result["per_market"][market]["federated"])):
+            got = back[market][stage]
+            assert sorted(got) == ["full", "uni99"]
+            assert {k: v.tolist() for k, v in got["full"].items()} == entry["per_user"]
+            expected = uni99[entry["checkpoint"]]
+            assert {k: v.tolist() for k, v in got["uni99"].items()} == expected
+
+
+def test_ctr_write_run_keeps_each_rows_label_and_score(ctr_harness, per_user, tmp_path, monkeypatch):
+    import recbole_cmr
+
+    rows = {m: {"user": ["7", "7", "9"], "label_click": [1.0, 0.0, 1.0], "score_click": [0.9, 0.2, 0.6]}
+            for m in ("s1", "s2")}
+    result = {"per_market": {m: {"valid": {"auc": 0.7}, "test": {"auc": 0.7}, "per_user": v}
+                             for m, v in rows.items()}}
+    monkeypatch.setattr(recbole_cmr, "run_recbole_cmr", lambda **kwargs: result)
+    out_file = tmp_path / "PF-MSMTrec-seed2020.json"
+    ctr_harness.write_run("PFMSMTrec", "ml100k-scenarios", {"seed": 2020}, "PF-MSMTrec", 2020, "auc",
+                          out_file)
+    back = per_user.read_per_user(out_file)
+    assert {m: {k: v.tolist() for k, v in back[m]["final"]["labeled"].items()} for m in back} == {
+        m: {k: (v if k == "user" else np.float32(v).tolist()) for k, v in r.items()}
+        for m, r in rows.items()}
+    assert json.loads(out_file.read_text())["per_user"]["markets"]["s2"] == {"final": {"labeled": 3}}
