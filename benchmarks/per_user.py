@@ -17,6 +17,7 @@ record written before) stay valid: :func:`read_per_user` gives None for them.
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -26,7 +27,8 @@ USER = "user"
 
 
 def sidecar_path(record_file):
-    """``<stem>.per_user.npz`` beside the record ``<stem>.json``."""
+    """``<stem>.per_user.npz`` beside the record ``<stem>.json`` (a path or a string)."""
+    record_file = Path(record_file)
     return record_file.with_name(record_file.stem + SUFFIX)
 
 
