@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import paired
 from per_user import write_record
 
 HERE = Path(__file__).resolve().parent
@@ -378,9 +379,9 @@ def _wall_cell(by_device):
     return " / ".join(f"{wall / 60:.1f} ({device})" for device, wall in by_device.items())
 
 
-def summarise_protocol(runs, protocol):
+def summarise_protocol(runs, protocol, folder):
     """``{"protocol", "seeds", "selected_by", "models": {name: {per_market, macro, wall_s}},
-    "targets": target_checks(...)}``."""
+    "targets": target_checks(...)}`` (``folder``: the records and their per-user sidecars)."""
     summary = {"protocol": protocol, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
@@ -395,18 +396,20 @@ def summarise_protocol(runs, protocol):
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
-    summary["targets"] = target_checks(runs, protocol)
+    summary["targets"] = target_checks(runs, protocol, folder)
     return summary
 
 
-# The benchmark targets for FeCoSR: (other model, relation FeCoSR must have to it, wording,
-# listed as "not run yet" before the other model has runs; False where a dataset may skip it).
-TARGETS = [("Local", "ratio", "FeCoSR ≥ 1.10 × Local", True),
-           ("FedAvg-SASRec", "above", "FeCoSR above FedAvg-SASRec", True),
-           ("PretrainFinetune", "above", "FeCoSR above PretrainFinetune", True),
-           ("Pooled", "at_least", "FeCoSR matches or beats Pooled (goal)", True),
-           ("Local", "no_degradation", "no market where FeCoSR is below Local by more than one seed-std", True),
-           ("FeCoSR-noS2CE", "above", "FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)", False)]
+# The benchmark targets for FeCoSR: (other model, how FeCoSR is compared with it (options of
+# paired.compare, or PER_MARKET), wording, listed as "not run yet" before the other model has runs
+# (False where a dataset may skip it)). Verdicts read paired 95 % intervals (paired.py).
+PER_MARKET = "per_market"
+TARGETS = [("Local", {"contrast": "ratio", "threshold": 1.10}, "FeCoSR ≥ 1.10 × Local", True),
+           ("FedAvg-SASRec", {}, "FeCoSR above FedAvg-SASRec", True),
+           ("PretrainFinetune", {}, "FeCoSR above PretrainFinetune", True),
+           ("Pooled", {"relation": "at_least"}, "FeCoSR at least level with Pooled (goal)", True),
+           ("Local", PER_MARKET, "no market where FeCoSR is significantly below Local", True),
+           ("FeCoSR-noS2CE", {}, "FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)", False)]
 
 
 def _ndcg_by_seed(runs, name, protocol):
@@ -415,57 +418,46 @@ def _ndcg_by_seed(runs, name, protocol):
             for r in runs if r["name"] == name}
 
 
-def _target_row(fecosr, other, relation, seeds):
-    """``(measured, met)`` of one target on ``seeds`` (both runs' ``{seed: {market: ndcg}}``)."""
+def _means(fecosr, other, how, seeds):
+    """The two models' macro test NDCG@10 means on ``seeds`` as text (the worst market's for a
+    per-market target)."""
     import numpy as np
 
     markets = list(fecosr[seeds[0]])
     mine = np.array([[fecosr[s][m] for m in markets] for s in seeds])  # (seeds, markets)
     theirs = np.array([[other[s][m] for m in markets] for s in seeds])
     ours, base = float(mine.mean()), float(theirs.mean())
-    if relation == "ratio":
-        return f"{ours / base:.2f} × ({ours:.4f} / {base:.4f})", ours / base >= 1.10
-    if relation in ("above", "at_least"):
-        met = ours > base if relation == "above" else ours >= base
-        return f"{ours:.4f} vs {base:.4f}", met
-    if len(seeds) < 2:
-        return "needs two seeds of both for a std", None
-    gap = mine.mean(axis=0) - theirs.mean(axis=0)  # (markets,)
-    std = theirs.std(axis=0, ddof=1)
-    worst = int(np.argmin(gap / np.maximum(std, 1e-12)))
-    below = [m for m, g, sd in zip(markets, gap, std) if g < -sd]
-    return (f"below by more than one std in {', '.join(below) or 'no market'}; closest: "
-            f"{markets[worst]} {gap[worst]:+.4f} (Local std {std[worst]:.4f})"), not below
+    if how == PER_MARKET:
+        gap = mine.mean(axis=0) - theirs.mean(axis=0)
+        worst = int(np.argmin(gap))
+        return f"lowest market {markets[worst]}: {gap[worst]:+.4f}"
+    if how.get("contrast") == "ratio":
+        return f"{ours / base:.2f} × ({ours:.4f} / {base:.4f})"
+    return f"{ours:.4f} vs {base:.4f}"
 
 
-def target_checks(runs, protocol):
-    """``[{"target", "seeds", "measured", "met"}]``: FeCoSR against each model on the seeds both
-    ran (``met`` is None where those seeds cannot decide it); [] without FeCoSR runs."""
+def target_checks(runs, protocol, folder):
+    """``[{"target", "seeds", "measured", "verdict", "paired", ...}]``: FeCoSR against each model
+    on the seeds both ran (``paired.target_row``): ``measured`` compares the means, ``verdict``
+    (met / level / missed, None without per-user values) reads the paired 95 % interval over
+    the runs' per-user sidecars in ``folder``. [] without FeCoSR runs; a target a dataset may
+    skip is left out until its model ran."""
     fecosr = _ndcg_by_seed(runs, "FeCoSR", protocol)
     rows = []
-    for other_name, relation, target, always in TARGETS if fecosr else []:
+    for other_name, how, target, always in TARGETS if fecosr else []:
         other = _ndcg_by_seed(runs, other_name, protocol)
-        seeds = sorted(set(fecosr) & set(other))
-        if not other:
-            if always:
-                rows.append({"target": target, "seeds": [], "measured": "not run yet", "met": None})
+        if not other and not always:
             continue
-        if not seeds:
-            rows.append({"target": target, "seeds": [], "measured": "no seed run by both", "met": None})
-            continue
-        measured, met = _target_row(fecosr, other, relation, seeds)
-        rows.append({"target": target, "seeds": seeds, "measured": measured,
-                     "met": None if met is None else bool(met)})
+        options = {"per_market": True} if how == PER_MARKET else how
+        rows.append(paired.target_row(
+            folder, target, runs, "FeCoSR", other_name, protocol=protocol, **options,
+            measured=lambda seeds: _means(fecosr, other, how, seeds)))
     return rows
 
 
 def _targets_markdown(rows):
-    lines = ["### Targets (FeCoSR against each model on the seeds both ran)", "",
-             "| target | seeds | measured | met |", "|---|---|---|---|"]
-    for row in rows:
-        met = {True: "yes", False: "**no**", None: "–"}[row["met"]]
-        lines.append(f"| {row['target']} | {row['seeds']} | {row['measured']} | {met} |")
-    return lines + [""]
+    return ["### Targets (FeCoSR against each model on the seeds both ran)", "",
+            *paired.targets_table(rows)]
 
 
 def markdown(dataset, summaries):
@@ -591,7 +583,7 @@ def summarise(dataset):
     order = {name: i for i, name in enumerate(MODELS)}
     trained = sorted(runs, key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
     runs = with_stage_runs(trained)  # + "w/o fine-tuning" runs, whose rounds are their run's
-    summaries = [summarise_protocol(runs, p) for p in PROTOCOLS]
+    summaries = [summarise_protocol(runs, p, RESULTS / dataset) for p in PROTOCOLS]
     for summary in summaries:
         suffix = "" if summary["protocol"] == "full" else f"-{summary['protocol']}"
         (RESULTS / f"{dataset}{suffix}.json").write_text(json.dumps(summary, indent=2))

@@ -28,6 +28,7 @@ import json
 from cross_market import RESULTS, _cell, seed_table
 from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, spec_settings,
                             write_run, write_summary)
+import paired
 from per_user import write_record
 
 DATASET = "ml100k-entities"
@@ -85,34 +86,39 @@ def is_current(record):
         ran_with(record, run_settings(record["name"], record["seed"])[1])
 
 
-def summarise_runs(runs):
+def summarise_runs(runs, folder=None):
     """``{"dataset", "selected_by", "seeds", "models": {name: {per_market, macro, runs, wall_s}},
-    "targets"}``: means and sample std over seeds; ``target`` is the headline market."""
+    "targets"}``: means and sample std over seeds; ``target`` is the headline market.
+    ``folder``: the records, whose per-user sidecars the targets read (default: the harness's)."""
     summary = {"dataset": DATASET, "selected_by": SELECTED_BY, "headline_market": TARGET,
                "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
         summary["models"][name] = seed_table(mine, lambda res: res["test"], METRICS)
-    summary["targets"] = target_checks(summary)
+    summary["targets"] = target_checks(runs, folder)
     return summary
 
 
-def target_checks(summary):
-    """``[{"target", "met"}]``: MKT above every baseline on target AUC and CTRGAUC; every
-    ablation below MKT (target AUC). ``met`` is None where a model has not run yet."""
-    models = summary["models"]
-    full = models.get("MKT")
+def target_checks(runs, folder=None):
+    """``[{"target", "seeds", "measured", "verdict", "paired", ...}]`` (``paired.target_row``):
+    MKT above every baseline on the target entity's AUC (rows resampled) and CTRGAUC (users
+    resampled); MKT above every ablation on the target's AUC. ``folder``: the records (default:
+    the harness's)."""
+    folder = RESULTS / NAME if folder is None else folder
     rows = []
+
+    def row(target, a, b, metric):
+        kind = "gauc" if metric == "ctrgauc" else "auc"
+        rows.append(paired.target_row(
+            folder, target, runs, a, b, protocol="labeled", kind=kind, markets=[TARGET],
+            measured=paired.means_of(runs, a, b, lambda r: r["per_market"][TARGET]["test"][metric])))
+
     for other in BASELINES:
         for metric in ("auc", "ctrgauc"):
-            met = None if full is None or other not in models else bool(
-                full["per_market"][TARGET][metric] > models[other]["per_market"][TARGET][metric])
-            rows.append({"target": f"MKT target {metric} > {other}", "met": met})
+            row(f"MKT above {other} (target {metric})", "MKT", other, metric)
     for ablation in ABLATIONS:
-        met = None if full is None or ablation not in models else bool(
-            models[ablation]["per_market"][TARGET]["auc"] < full["per_market"][TARGET]["auc"])
-        rows.append({"target": f"{ablation} below MKT (target auc)", "met": met})
+        row(f"MKT above its ablation {ablation} (target auc)", "MKT", ablation, "auc")
     return rows
 
 
@@ -135,10 +141,8 @@ def markdown(summary):
               "The two-stage models (Finetune, MKT and its ablations) fine-tune the target only; "
               "their source rows are the first stage's network trained on both entities.", "",
               "Click histories hold only clicks of their entity's training split, strictly "
-              "before the row.", "", "Targets:", ""]
-    for r in summary["targets"]:
-        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
-        lines.append(f"- {r['target']}: {mark}")
+              "before the row.", "", "Targets (MKT against each model, target entity):", "",
+              *paired.targets_table(summary["targets"])]
     return "\n".join(lines) + "\n"
 
 

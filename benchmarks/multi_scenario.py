@@ -27,7 +27,10 @@ import argparse
 import json
 import time
 
+import numpy as np
+
 from cross_market import RESULTS, _cell, _mean_std, seed_table
+import paired
 from per_user import write_record
 
 DATASET = "ml100k-scenarios"
@@ -147,9 +150,11 @@ def is_current(record):
     return ran_with(record, settings, ["fed_rounds"] if local else [])
 
 
-def summarise_runs(runs):
+def summarise_runs(runs, folder=None):
     """``{"dataset", "selected_by", "seeds", "models": {name: {per_market, macro, runs, wall_s}},
-    "targets"}``: means and sample std over seeds; ``macro`` is per seed the mean over scenarios."""
+    "targets"}``: means and sample std over seeds; ``macro`` is per seed the mean over
+    scenarios. ``folder``: the records, whose per-user sidecars the targets read (default: the
+    harness's)."""
     summary = {"dataset": DATASET, "selected_by": SELECTED_BY, "seeds": [], "models": {}}
     for name in dict.fromkeys(r["name"] for r in runs):
         mine = [r for r in runs if r["name"] == name]
@@ -159,41 +164,35 @@ def summarise_runs(runs):
         if rounds:
             entry["rounds_to_best"] = _mean_std([r["best_round"] + 1 for r in rounds])[0]
         summary["models"][name] = entry
-    summary["targets"] = target_checks(summary)
+    summary["targets"] = target_checks(runs, folder)
     return summary
 
 
-def target_checks(summary):
-    """``[{"target", "met"}]``: PF-MSMTrec's macro AUC ≥ every federated baseline and Pooled; in
-    every scenario ≥ Local-MMoE on both tasks; every ablation below the full model. ``met`` is
-    None where PF-MSMTrec or the other model has not run yet."""
-    models = summary["models"]
-    full = models.get("PF-MSMTrec")
-    rows = []
+def target_checks(runs, folder=None):
+    """``[{"target", "seeds", "measured", "verdict", "paired", ...}]`` (``paired.target_row``):
+    PF-MSMTrec's macro AUC (mean over scenarios of the mean over tasks; rows resampled within
+    each scenario, once for both tasks) at least level with every federated baseline and Pooled;
+    in no scenario significantly below Local-MMoE on either task; the full model above every
+    ablation. ``folder``: the records (default: the harness's)."""
+    folder = RESULTS / NAME if folder is None else folder
+    full = "PF-MSMTrec"
 
-    def check(target, other, test):
-        met = None if full is None or other not in models else bool(test(models[other]))
-        rows.append({"target": target, "met": met})
+    def macro(key):
+        return lambda r: float(np.mean([res["test"][key] for res in r["per_market"].values()]))
 
-    for other in BASELINES:
-        check(f"PF-MSMTrec macro AUC ≥ {other}", other,
-              lambda theirs: full["macro"]["auc"] >= theirs["macro"]["auc"])
+    rows = [paired.target_row(folder, f"PF-MSMTrec macro AUC at least level with {other}", runs,
+                              full, other, protocol="labeled", kind="auc", tasks=TASKS,
+                              relation="at_least", measured=paired.means_of(runs, full, other, macro("auc")))
+            for other in BASELINES]
     for task in TASKS:
-        key = f"auc_{task}"
-
-        def every_scenario(local, key=key):
-            below = [m for m, r in full["per_market"].items() if r[key] < local["per_market"][m][key]]
-            if below:
-                rows_note.append(f"{key} below Local-MMoE in {', '.join(below)}")
-            return not below
-
-        rows_note = []
-        check(f"PF-MSMTrec ≥ Local-MMoE in every scenario on {key}", "Local-MMoE", every_scenario)
-        if rows_note:
-            rows[-1]["note"] = rows_note[0]
-    for ablation in ABLATIONS:
-        check(f"{ablation} below PF-MSMTrec (macro AUC)", ablation,
-              lambda theirs: theirs["macro"]["auc"] < full["macro"]["auc"])
+        rows.append(paired.target_row(
+            folder, f"no scenario where PF-MSMTrec is significantly below Local-MMoE (auc_{task})",
+            runs, full, "Local-MMoE", protocol="labeled", kind="auc", tasks=[task],
+            per_market=True, measured=paired.means_of(runs, full, "Local-MMoE", macro(f"auc_{task}"))))
+    rows += [paired.target_row(folder, f"PF-MSMTrec above its ablation {ablation} (macro AUC)", runs, full,
+                               ablation, protocol="labeled", kind="auc", tasks=TASKS,
+                               measured=paired.means_of(runs, full, ablation, macro("auc")))
+             for ablation in ABLATIONS]
     return rows
 
 
@@ -218,10 +217,8 @@ def markdown(summary):
             lines.append(f"| {name} | " + " | ".join(
                 _cell(m["per_market"][s][f"auc_{task}"], m["per_market"][s][f"auc_{task}_std"])
                 for s in markets) + " |")
-    lines += ["", "Targets:", ""]
-    for r in summary["targets"]:
-        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
-        lines.append(f"- {r['target']}: {mark}" + (f" ({r['note']})" if r.get("note") else ""))
+    lines += ["", "Targets (PF-MSMTrec against each model):", "",
+              *paired.targets_table(summary["targets"])]
     return "\n".join(lines) + "\n"
 
 

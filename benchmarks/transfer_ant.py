@@ -39,6 +39,7 @@ import time
 from cross_market import (DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, exclusive,
                           seed_table)
 from multi_scenario import current_runs, harness_main, paired_bars, ran_with, write_summary
+import paired
 from per_user import write_record
 
 NAME = "ant-scientific"
@@ -204,9 +205,10 @@ def current_ant(record, settings):
     return ran_with(record, settings, WHERE)
 
 
-def summarise_runs(runs):
-    """``{"selected_by", "seeds", "models": {variant: {per_market: {target: metrics}, runs,
-    wall_s}}, "negative_transfer", "targets", "pretraining"}``: means and sample std over seeds."""
+def summarise_runs(runs, folder=None):
+    """``{"selected_by", "seeds", "models": {variant: {per_market: {target: metrics}, runs, wall_s}},
+    "negative_transfer", "targets", "pretraining"}``: means and sample std over seeds.
+    ``folder``: the records, whose per-user sidecars the targets read (default: the harness's)."""
     summary = {"dataset": "amazon-scientific", "selected_by": SELECTED_BY, "seeds": [],
                "models": {}}
     for variant in VARIANTS:
@@ -220,7 +222,7 @@ def summarise_runs(runs):
             entry["per_market"][target] = table["per_market"][MARKET]
             entry["runs"][target], entry["wall_s"][target] = table["runs"], table["wall_s"]
     summary["negative_transfer"] = negative_transfer(summary)
-    summary["targets"] = target_checks(summary)
+    summary["targets"] = target_checks(runs, folder)
     summary["pretraining"] = pretraining_summary()
     return summary
 
@@ -241,29 +243,26 @@ def negative_transfer(summary):
     return flagged
 
 
-def _relative(a, b):
-    return 100.0 * (a / b - 1.0)
-
-
-def target_checks(summary):
-    """``[{"target", "met", "note"}]``: ANT-relearn ≥ SASRec-scratch (NDCG@10 and Recall@10)
-    and above ANT-finetune and UniSRec-FT (NDCG@10) on each target; ``met`` None until both ran."""
-    models = summary["models"]
-    full = models.get("ANT-relearn", {}).get("per_market", {})
+def target_checks(runs, folder=None):
+    """``[{"target", "seeds", "measured", "verdict", "paired", ...}]`` (``paired.target_row``):
+    on each target ANT-relearn at least level with SASRec-scratch (NDCG@10 and Recall@10) and
+    above ANT-finetune and UniSRec-FT (NDCG@10); verdicts read paired intervals over the test
+    users of the runs' per-user sidecars in ``folder`` (default: the harness's)."""
+    folder = FOLDER if folder is None else folder
     rows = []
     for target in TARGETS:
-        for other, keys, relation in (("SASRec-scratch", ("ndcg@10", "recall@10"), "≥"),
-                                      ("ANT-finetune", ("ndcg@10",), ">"),
-                                      ("UniSRec-FT", ("ndcg@10",), ">")):
-            theirs = models.get(other, {}).get("per_market", {}).get(target)
-            mine = full.get(target)
-            met, note = None, ""
-            if theirs and mine:
-                ok = [mine[k] >= theirs[k] if relation == "≥" else mine[k] > theirs[k] for k in keys]
-                met = all(ok)
-                note = ", ".join(f"{k} {_relative(mine[k], theirs[k]):+.1f} %" for k in keys)
-            rows.append({"target": f"ANT-relearn {relation} {other} on {target} ({', '.join(keys)})",
-                         "met": met, "note": note})
+        mine = f"ANT-relearn@{target}"
+        for other, keys, relation in (("SASRec-scratch", ("ndcg@10", "recall@10"), "at_least"),
+                                      ("ANT-finetune", ("ndcg@10",), "above"),
+                                      ("UniSRec-FT", ("ndcg@10",), "above")):
+            theirs = f"{other}@{target}"
+            wording = "at least level with" if relation == "at_least" else "above"
+            for key in keys:
+                rows.append(paired.target_row(
+                    folder, f"ANT-relearn {wording} {other} on {target} ({key})", runs, mine,
+                    theirs, protocol="full", field=key, relation=relation,
+                    measured=paired.means_of(runs, mine, theirs,
+                                             lambda r, key=key: r["per_market"][MARKET]["test"][key])))
     return rows
 
 
@@ -310,10 +309,7 @@ def markdown(summary):
         lines += ["Pretraining (per seed; macro NDCG@10 over the auxiliary domains): " + "; ".join(
             f"{seed}: valid {p['valid_ndcg@10']:.4f}, test {p['test_ndcg@10']:.4f}, "
             f"{p['wall_s'] / 60:.1f} min" for seed, p in summary["pretraining"].items()), ""]
-    lines += ["Targets:", ""]
-    for r in summary["targets"]:
-        mark = {True: "yes", False: "**no**", None: "not run yet"}[r["met"]]
-        lines.append(f"- {r['target']}: {mark}" + (f" ({r['note']})" if r["note"] else ""))
+    lines += ["Targets:", "", *paired.targets_table(summary["targets"])]
     return "\n".join(lines) + "\n"
 
 

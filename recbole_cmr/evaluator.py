@@ -9,11 +9,12 @@ rows, weighted by the user's number of rows (impressions),
 import inspect
 
 import numpy as np
-import pandas as pd
 from recbole.evaluator import Evaluator as RecBoleEvaluator
 from recbole.evaluator import register
 from recbole.evaluator.base_metric import LossMetric, TopkMetric
 from recbole.utils import EvaluatorType
+
+from recbole_cmr.stats import per_user_auc
 
 
 def ctr_gauc(preds, trues, users):
@@ -22,16 +23,10 @@ def ctr_gauc(preds, trues, users):
     Args:
         preds, trues, users (np.ndarray): shape ``[N]`` scores, 0/1 labels, user ids.
     """
-    frame = pd.DataFrame({"user": users, "label": trues.astype(np.float64),
-                          "rank": pd.Series(preds).groupby(users).rank(method="average").to_numpy()})
-    per_user = frame.groupby("user").agg(n=("label", "size"), pos=("label", "sum"))
-    per_user["rank_pos"] = frame[frame["label"] == 1].groupby("user")["rank"].sum()
-    per_user = per_user[(per_user["pos"] > 0) & (per_user["pos"] < per_user["n"])]
-    if per_user.empty:
+    auc, impressions = per_user_auc(preds, trues, users)
+    if auc.empty:
         return float("nan")
-    neg = per_user["n"] - per_user["pos"]
-    auc = (per_user["rank_pos"] - per_user["pos"] * (per_user["pos"] + 1) / 2) / (per_user["pos"] * neg)
-    return float((auc * per_user["n"]).sum() / per_user["n"].sum())
+    return float((auc * impressions).sum() / impressions.sum())
 
 
 class CTRGAUC(LossMetric):

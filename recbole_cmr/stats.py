@@ -29,6 +29,7 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 CONTRASTS = ("difference", "ratio")
@@ -215,7 +216,10 @@ def macro_paired_difference(markets, *, contrast="difference", confidence=0.95,
     strata = {}
     for market, (a, b) in markets.items():
         a, b = _user_stratum(market, a, b)
-        strata[market] = (a.shape[-1], a.shape[0], (a, b))
+        # A user's mean over seeds first: the metric is linear, so this is exact and resampling
+        # reads one value per user instead of one per (seed, user).
+        strata[market] = (a.shape[-1], 1, (a.mean(axis=0, keepdims=True),
+                                           b.mean(axis=0, keepdims=True)))
     return _stratified(strata, _mean_metric, contrast, confidence, n_resamples, seed)
 
 
@@ -260,22 +264,38 @@ def auc_difference(labels, scores_a, scores_b, *, contrast="difference", confide
 
 def macro_auc_difference(strata, *, contrast="difference", confidence=0.95, n_resamples=9999,
                          seed=0):
-    """As ``auc_difference``, rows resampled within each stratum (scenario, task), strata
-    averaged with equal weight.
+    """As ``auc_difference``, rows resampled within each stratum (scenario), strata averaged
+    with equal weight.
 
     Args:
-        strata (Mapping): name -> ``(labels, scores_a, scores_b)`` as in ``auc_difference``.
+        strata (Mapping): name -> ``(labels, scores_a, scores_b)`` as in ``auc_difference``, or a
+            list of such triples over the same rows, one per task: the stratum's AUC is then the
+            mean over its tasks (a multi-task model's macro AUC), and a resample draws the rows
+            once for every task.
         contrast, confidence, n_resamples, seed: as in ``paired_difference``.
 
     Returns:
         PairedDifference
     """
-    rows = {name: _row_stratum(name, *arrays) for name, arrays in strata.items()}
+    rows = {name: _row_stratum(name, arrays) for name, arrays in strata.items()}
     return _stratified(rows, _auc_metric, contrast, confidence, n_resamples, seed)
 
 
-def _row_stratum(name, labels, scores_a, scores_b):
-    """One stratum's rows, checked: ``(n, S, (n, sorted_a, sorted_b))`` for ``_stratified``."""
+def _row_stratum(name, arrays):
+    """One stratum's rows, checked: ``(n, S, (n, tasks))`` for ``_stratified``; ``tasks`` holds per
+    task ``(sorted_a, sorted_b)``, each a list over seeds of :func:`_sorted_rows`."""
+    tasks = [arrays] if isinstance(arrays, tuple) else list(arrays)
+    checked = [_task_rows(name, *task) for task in tasks]
+    sizes = {(n, seeds) for n, seeds, _ in checked}
+    if len(sizes) != 1:
+        raise ValueError(f"stratum {name}: its tasks hold different rows or seeds {sorted(sizes)}; "
+                         "a stratum's tasks must score the same rows")
+    (n, seeds), = sizes
+    return n, seeds, (n, [rows for _, _, rows in checked])
+
+
+def _task_rows(name, labels, scores_a, scores_b):
+    """``(n, S, (sorted_a, sorted_b))`` of one task of a stratum, checked."""
     labels = np.asarray(labels)
     scores_a, scores_b = _user_stratum(name, scores_a, scores_b)
     if labels.shape != scores_a.shape[-1:] or not np.isin(labels, (0, 1)).all():
@@ -286,7 +306,77 @@ def _row_stratum(name, labels, scores_a, scores_b):
     labels = labels.astype(float)
     stratum = tuple([_sorted_rows(labels, seed) for seed in scores] for scores in
                     (scores_a, scores_b))
-    return labels.size, scores_a.shape[0], (labels.size, *stratum)
+    return labels.size, scores_a.shape[0], stratum
+
+
+def macro_gauc_difference(strata, *, contrast="difference", confidence=0.95, n_resamples=9999,
+                          seed=0):
+    """Paired bootstrap interval of the group AUC (``CTRGAUC``: each user's AUC weighted by the
+    user's rows) of A against B: users are resampled within each stratum, strata averaged with
+    equal weight. Users whose rows hold one class only have no AUC and are left out, as the
+    metric leaves them out.
+
+    Args:
+        strata (Mapping): name -> ``(users, labels, scores_a, scores_b)``: the rows' user tokens
+            and 0/1 labels ``(n,)``, each method's scores ``(n,)`` or ``(S, n)`` (seeds pooled).
+        contrast, confidence, n_resamples, seed: as in ``paired_difference``.
+
+    Returns:
+        PairedDifference (``n``: users with an AUC)
+    """
+    users_of = {name: _user_aucs(name, *arrays) for name, arrays in strata.items()}
+    return _stratified(users_of, _gauc_metric, contrast, confidence, n_resamples, seed)
+
+
+def _user_aucs(name, users, labels, scores_a, scores_b):
+    """``(U, S, (auc_a (S, U), auc_b (S, U), impressions (U,)))`` of one stratum."""
+    users, labels = np.asarray(users), np.asarray(labels)
+    scores_a, scores_b = _user_stratum(name, scores_a, scores_b)
+    if users.shape != labels.shape or labels.shape != scores_a.shape[-1:]:
+        raise ValueError(f"stratum {name}: users {users.shape}, labels {labels.shape} and scores "
+                         f"{scores_a.shape} must hold one value per row")
+    aucs = [[per_user_auc(seed, labels, users) for seed in scores] for scores in (scores_a, scores_b)]
+    impressions = aucs[0][0][1]
+    if impressions.empty:
+        raise ValueError(f"stratum {name}: no user has rows of both classes; group AUC is undefined")
+    values = tuple(np.stack([auc.to_numpy() for auc, _ in method]) for method in aucs)
+    return impressions.size, scores_a.shape[0], (*values, impressions.to_numpy(dtype=float))
+
+
+def per_user_auc(preds, trues, users):
+    """Each user's AUC over their rows (ties count one half) and number of rows, for the users
+    whose rows hold both classes.
+
+    Args:
+        preds, trues, users (np.ndarray): shape ``[N]`` scores, 0/1 labels, user ids.
+
+    Returns:
+        tuple: ``(auc, impressions)``, two ``pd.Series`` indexed by user (sorted), shape ``[U]``.
+    """
+    frame = pd.DataFrame({"user": users, "label": trues.astype(np.float64),
+                          "rank": pd.Series(preds).groupby(users).rank(method="average").to_numpy()})
+    per_user = frame.groupby("user").agg(n=("label", "size"), pos=("label", "sum"))
+    per_user["rank_pos"] = frame[frame["label"] == 1].groupby("user")["rank"].sum()
+    per_user = per_user[(per_user["pos"] > 0) & (per_user["pos"] < per_user["n"])]
+    neg = per_user["n"] - per_user["pos"]
+    auc = (per_user["rank_pos"] - per_user["pos"] * (per_user["pos"] + 1) / 2) / (per_user["pos"] * neg)
+    return auc, per_user["n"]
+
+
+def _gauc_metric(stratum, index):
+    """Each method's mean over seeds of its impression-weighted user AUC on resampled users.
+
+    Args:
+        stratum (tuple): ``(auc_a (S, U), auc_b (S, U), impressions (U,))``.
+        index (np.ndarray): positions of the resampled users, shape ``(..., m)``.
+
+    Returns:
+        tuple: two arrays of shape ``(...)``.
+    """
+    auc_a, auc_b, impressions = stratum
+    weights = impressions[index]
+    return tuple(((auc[:, index] * weights).sum(axis=-1) / weights.sum(axis=-1)).mean(axis=0)
+                 for auc in (auc_a, auc_b))
 
 
 def _sorted_rows(labels, scores):
@@ -298,7 +388,7 @@ def _sorted_rows(labels, scores):
 
 
 def _auc_metric(stratum, index):
-    """Each method's mean over seeds of its AUC on the resampled rows.
+    """Each method's mean over tasks and seeds of its AUC on the resampled rows.
 
     A resample is the original rows with multiplicities, so its AUC is the weighted Mann-Whitney
     statistic over the rows sorted once: ties count one half, as in
@@ -306,20 +396,20 @@ def _auc_metric(stratum, index):
     resample (``scipy.stats.rankdata``) costs a sort.
 
     Args:
-        stratum (tuple): ``(n, sorted_a, sorted_b)`` from ``_row_stratum``.
+        stratum (tuple): ``(n, tasks)`` from ``_row_stratum``.
         index (np.ndarray): positions of the resampled rows, shape ``(..., m)``.
 
     Returns:
         tuple: two arrays of shape ``(...)``; NaN where a resample holds one class only.
     """
-    n, sorted_a, sorted_b = stratum
+    n, tasks = stratum
     flat = index.reshape(-1, index.shape[-1])
     offsets = np.arange(flat.shape[0])[:, None] * n
     counts = np.bincount((flat + offsets).ravel(), minlength=flat.size // flat.shape[-1] * n)
     counts = counts.reshape(flat.shape[0], n).astype(float)
-    values = [np.mean([_weighted_auc(counts, *rows) for rows in seeds], axis=0).reshape(
-        index.shape[:-1]) for seeds in (sorted_a, sorted_b)]
-    return tuple(values)
+    return tuple(np.mean([[_weighted_auc(counts, *rows) for rows in task[method]]
+                          for task in tasks], axis=(0, 1)).reshape(index.shape[:-1])
+                 for method in (0, 1))
 
 
 def _weighted_auc(counts, order, labels, starts):

@@ -37,11 +37,11 @@ def _run(name, seed, ndcg, wall_s=60.0):
                            for m, v in ndcg.items()}}
 
 
-def test_summary_means_sample_std_and_macro(harness):
+def test_summary_means_sample_std_and_macro(harness, tmp_path):
     runs = [_run("Local", 2020, {"a": 0.10, "b": 0.20}, 60.0),
             _run("Local", 2021, {"a": 0.20, "b": 0.40}, 120.0),
             _run("FeCoSR", 2020, {"a": 0.30, "b": 0.50})]
-    full = harness.summarise_protocol(runs, "full")
+    full = harness.summarise_protocol(runs, "full", tmp_path)
     assert full["seeds"] == [2020, 2021]
     local = full["models"]["Local"]
     assert local["runs"] == 2 and local["wall_s"] == pytest.approx(90.0)
@@ -54,55 +54,35 @@ def test_summary_means_sample_std_and_macro(harness):
     one = full["models"]["FeCoSR"]
     assert one["runs"] == 1 and one["macro"]["ndcg@10"] == pytest.approx(0.40)
     assert one["macro"]["ndcg@10_std"] is None  # undefined for a single seed, not 0
-    uni = harness.summarise_protocol(runs, "uni99")
+    uni = harness.summarise_protocol(runs, "uni99", tmp_path)
     assert uni["models"]["Local"]["macro"]["ndcg@10"] == pytest.approx(5 * 0.225)
 
 
-def test_markdown_shows_std_only_where_there_are_seeds_to_spread(harness):
+def test_markdown_shows_std_only_where_there_are_seeds_to_spread(harness, tmp_path):
     runs = [_run("Local", 2020, {"a": 0.10}), _run("Local", 2021, {"a": 0.20}),
             _run("FeCoSR", 2020, {"a": 0.30})]
-    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
+    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full", tmp_path)])
     local = next(line for line in text.splitlines() if line.startswith("| Local"))
     fecosr = next(line for line in text.splitlines() if line.startswith("| FeCoSR"))
     assert "(n=2)" in local and "0.1500 ± 0.0707" in local
     assert "(n=1)" in fecosr and "0.3000 |" in fecosr and "±" not in fecosr
 
 
-def _targets(harness, runs):
-    return {row["target"]: row for row in harness.target_checks(runs, "full")}
-
-
-def test_targets_compare_fecosr_on_the_seeds_both_ran(harness):
+def test_targets_without_per_user_values_compare_means_and_give_no_verdict(harness, tmp_path):
     runs = [_run("Local", 2020, {"a": 0.10, "b": 0.10}), _run("Local", 2021, {"a": 0.12, "b": 0.30}),
             _run("FeCoSR", 2020, {"a": 0.12, "b": 0.12}),
             _run("FedAvg-SASRec", 2020, {"a": 0.20, "b": 0.20})]
-    rows = _targets(harness, runs)
+    rows = {row["target"]: row for row in harness.target_checks(runs, "full", tmp_path)}
     ratio = rows["FeCoSR ≥ 1.10 × Local"]
     # only seed 2020 is shared: 0.12 / 0.10, not Local's two-seed mean
-    assert ratio["seeds"] == [2020] and ratio["met"] is True and ratio["measured"].startswith("1.20 ×")
-    assert rows["FeCoSR above FedAvg-SASRec"]["met"] is False
+    assert ratio["seeds"] == [2020] and ratio["measured"].startswith("1.20 ×")
+    assert ratio["verdict"] is None and "FeCoSR-seed2020, Local-seed2020" in ratio["paired"]
     assert rows["FeCoSR above PretrainFinetune"] == {"target": "FeCoSR above PretrainFinetune",
-                                                     "seeds": [], "measured": "not run yet", "met": None}
-    # a std needs two shared seeds: undecided, not passed
-    assert rows["no market where FeCoSR is below Local by more than one seed-std"]["met"] is None
-    assert harness.target_checks([r for r in runs if r["name"] != "FeCoSR"], "full") == []
-
-
-def test_degradation_target_flags_a_market_more_than_one_std_below_local(harness):
-    runs = [_run("Local", 2020, {"a": 0.10, "b": 0.20}), _run("Local", 2021, {"a": 0.12, "b": 0.22}),
-            _run("FeCoSR", 2020, {"a": 0.30, "b": 0.18}), _run("FeCoSR", 2021, {"a": 0.30, "b": 0.18})]
-    row = _targets(harness, runs)["no market where FeCoSR is below Local by more than one seed-std"]
-    # b: FeCoSR 0.18 against Local 0.21 ± 0.0141; a is far above
-    assert row["met"] is False and "in b;" in row["measured"]
-    runs[-1] = _run("FeCoSR", 2021, {"a": 0.30, "b": 0.22})  # b: 0.20, within one std of 0.21
-    row = _targets(harness, runs)["no market where FeCoSR is below Local by more than one seed-std"]
-    assert row["met"] is True and "in no market" in row["measured"]
-
-
-def test_markdown_lists_the_targets(harness):
-    runs = [_run("Local", 2020, {"a": 0.10}), _run("FeCoSR", 2020, {"a": 0.105})]
-    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
-    assert "| FeCoSR ≥ 1.10 × Local | [2020] | 1.05 × (0.1050 / 0.1000) | **no** |" in text
+                                                     "seeds": [], "measured": "not run yet",
+                                                     "verdict": None}
+    assert harness.target_checks([r for r in runs if r["name"] != "FeCoSR"], "full", tmp_path) == []
+    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full", tmp_path)])
+    assert "| FeCoSR ≥ 1.10 × Local | [2020] | 1.20 × (0.1200 / 0.1000) | no interval: 2 runs" in text
 
 
 def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_path, monkeypatch):
@@ -123,12 +103,12 @@ def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_p
     assert path == str(whole) and state["round"] == 5
 
 
-def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness):
+def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness, tmp_path):
     fed = [_run("FedAvg-SASRec", seed, {"a": 0.1}) for seed in (2020, 2021)]
     for run, best, wall in zip(fed, (4, 9), (120.0, 240.0)):
         run["federated_rounds"] = {"best_round": best, "rounds": best + 3, "rounds_wall_s": wall,
                                    "history": []}
-    summary = harness.summarise_protocol(fed + [_run("Local", 2020, {"a": 0.1})], "full")
+    summary = harness.summarise_protocol(fed + [_run("Local", 2020, {"a": 0.1})], "full", tmp_path)
     entry = summary["models"]["FedAvg-SASRec"]
     assert entry["rounds_to_best"] == pytest.approx(7.5)  # rounds 5 and 10 (1-based)
     assert entry["rounds_wall_s"] == pytest.approx(180.0)
@@ -138,14 +118,14 @@ def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness):
     assert row.endswith("| 8 | 3.0 |")
 
 
-def test_wall_times_are_kept_apart_per_machine(harness):
+def test_wall_times_are_kept_apart_per_machine(harness, tmp_path):
     runs = [_run("Local", 2020, {"a": 0.1}, 600.0), _run("Local", 2021, {"a": 0.1}, 60.0),
             _run("Local", 2022, {"a": 0.1}, 120.0)]
     runs[1]["device"] = runs[2]["device"] = "NVIDIA H200"
-    entry = harness.summarise_protocol(runs, "full")["models"]["Local"]
+    entry = harness.summarise_protocol(runs, "full", tmp_path)["models"]["Local"]
     assert entry["wall_s"] == pytest.approx(600.0)  # the CPU machine's, never mixed with the GPU's
     assert entry["wall_s_by_device"] == {"H200": pytest.approx(90.0), "cpu": pytest.approx(600.0)}
-    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full")])
+    text = harness.markdown("toy", [harness.summarise_protocol(runs, "full", tmp_path)])
     assert "| 1.5 (H200) / 10.0 (cpu) |" in text and "Wall time per machine" in text
 
 
@@ -178,26 +158,24 @@ def _ctr_run(name, seed, auc, wall_s=60.0):
             "per_market": {m: {"valid": res(*v), "test": res(*v)} for m, v in auc.items()}}
 
 
-def test_ctr_summary_macro_and_targets(ctr_harness):
+def test_ctr_summary_macro_and_targets(ctr_harness, tmp_path):
     runs = [_ctr_run("Local-MMoE", 2020, {"a": (0.70, 0.60), "b": (0.80, 0.70)}),
             _ctr_run("Local-MMoE", 2021, {"a": (0.72, 0.62), "b": (0.82, 0.72)}),
             _ctr_run("FedAvg-MMoE", 2020, {"a": (0.75, 0.65), "b": (0.75, 0.65)}),
             _ctr_run("PF-MSMTrec", 2020, {"a": (0.76, 0.66), "b": (0.79, 0.75)}),
             _ctr_run("PF-MSMTrec-noCA", 2020, {"a": (0.77, 0.70), "b": (0.80, 0.75)})]
-    summary = ctr_harness.summarise_runs(runs)
+    summary = ctr_harness.summarise_runs(runs, tmp_path)
     local = summary["models"]["Local-MMoE"]
     assert local["per_market"]["a"]["auc_click"] == pytest.approx(0.71)
     assert local["macro"]["auc"] == pytest.approx((0.65 + 0.75 + 0.67 + 0.77) / 4)
     assert local["macro"]["auc_std"] == pytest.approx(0.0141421, rel=1e-5)
     assert summary["models"]["PF-MSMTrec"]["macro"]["auc_std"] is None
-    met = {r["target"]: r["met"] for r in summary["targets"]}
-    assert met["PF-MSMTrec macro AUC ≥ FedAvg-MMoE"] is True
-    assert met["PF-MSMTrec macro AUC ≥ Pooled-MMoE"] is None  # not run
-    assert met["PF-MSMTrec ≥ Local-MMoE in every scenario on auc_click"] is False  # b: 0.79 < 0.81
-    assert met["PF-MSMTrec ≥ Local-MMoE in every scenario on auc_ctcvr"] is True
-    assert met["PF-MSMTrec-noCA below PF-MSMTrec (macro AUC)"] is False
+    rows = {r["target"]: r for r in summary["targets"]}
+    fedavg = rows["PF-MSMTrec macro AUC at least level with FedAvg-MMoE"]
+    assert fedavg["measured"].startswith("0.7400 vs 0.7000") and fedavg["verdict"] is None
+    assert rows["PF-MSMTrec macro AUC at least level with Pooled-MMoE"]["measured"] == "not run yet"
     text = ctr_harness.markdown(summary)
-    assert "| PF-MSMTrec | 1 | 0.7400 |" in text and "auc_click below Local-MMoE in b" in text
+    assert "| PF-MSMTrec | 1 | 0.7400 |" in text
 
 
 # ---- the multi-entity CTR harness (benchmarks/multi_entity.py) ------------------------------
@@ -215,17 +193,16 @@ def _entity_run(name, seed, target_auc, gauc=0.6):
                            "target": {"valid": res(target_auc), "test": res(target_auc)}}}
 
 
-def test_entity_summary_headline_is_the_target_entity(entity_harness):
+def test_entity_summary_headline_is_the_target_entity(entity_harness, tmp_path):
     runs = [_entity_run("DNN-target", 2020, 0.70), _entity_run("DNN-target", 2021, 0.72),
             _entity_run("Finetune", 2020, 0.74, gauc=0.65), _entity_run("MKT", 2020, 0.75),
             _entity_run("MKT-noPDL", 2020, 0.76)]
-    summary = entity_harness.summarise_runs(runs)
+    summary = entity_harness.summarise_runs(runs, tmp_path)
     assert summary["models"]["DNN-target"]["per_market"]["target"]["auc"] == pytest.approx(0.71)
-    met = {r["target"]: r["met"] for r in summary["targets"]}
-    assert met["MKT target auc > DNN-target"] is True
-    assert met["MKT target ctrgauc > Finetune"] is False  # 0.6 < 0.65
-    assert met["MKT target auc > PLE"] is None  # not run
-    assert met["MKT-noPDL below MKT (target auc)"] is False
+    rows = {r["target"]: r for r in summary["targets"]}
+    assert rows["MKT above DNN-target (target auc)"]["measured"].startswith("0.7500 vs 0.7000")
+    assert rows["MKT above Finetune (target ctrgauc)"]["measured"].startswith("0.6000 vs 0.6500")
+    assert rows["MKT above PLE (target auc)"]["measured"] == "not run yet"
     text = entity_harness.markdown(summary)
     assert "| MKT | 1 | 0.7500 | 0.6000 | 0.5000 |" in text
 
@@ -242,7 +219,7 @@ def _ant_run(variant, target, seed, ndcg, recall):
             "per_market": {"scientific": {"valid": res, "test": res}}}
 
 
-def test_ant_summary_targets_as_markets_and_negative_transfer(ant_harness):
+def test_ant_summary_targets_as_markets_and_negative_transfer(ant_harness, tmp_path):
     runs = [_ant_run("SASRec-scratch", "scientific-mm", 2020, 0.050, 0.10),
             _ant_run("SASRec-scratch", "scientific-mm", 2021, 0.054, 0.10),
             _ant_run("SASRec-scratch", "scientific-full", 2020, 0.040, 0.08),
@@ -250,7 +227,7 @@ def test_ant_summary_targets_as_markets_and_negative_transfer(ant_harness):
             _ant_run("ANT-relearn", "scientific-full", 2020, 0.041, 0.07),
             _ant_run("ANT-finetune", "scientific-mm", 2020, 0.045, 0.11),
             _ant_run("ANT-relearn-noImage", "scientific-mm", 2020, 0.055, 0.10)]
-    summary = ant_harness.summarise_runs(runs)
+    summary = ant_harness.summarise_runs(runs, tmp_path)
     scratch = summary["models"]["SASRec-scratch"]
     assert scratch["per_market"]["scientific-mm"]["ndcg@10"] == pytest.approx(0.052)
     assert scratch["per_market"]["scientific-mm"]["ndcg@10_std"] == pytest.approx(0.0028284, rel=1e-4)
@@ -259,14 +236,12 @@ def test_ant_summary_targets_as_markets_and_negative_transfer(ant_harness):
     flagged = {(f["model"], f["target"]): f["metrics"] for f in summary["negative_transfer"]}
     assert flagged == {("ANT-relearn", "scientific-full"): ["recall@10"],
                        ("ANT-finetune", "scientific-mm"): ["ndcg@10"]}
-    met = {r["target"]: r["met"] for r in summary["targets"]}
-    assert met["ANT-relearn ≥ SASRec-scratch on scientific-mm (ndcg@10, recall@10)"] is True
-    assert met["ANT-relearn ≥ SASRec-scratch on scientific-full (ndcg@10, recall@10)"] is False
-    assert met["ANT-relearn > ANT-finetune on scientific-mm (ndcg@10)"] is True
-    assert met["ANT-relearn > UniSRec-FT on scientific-mm (ndcg@10)"] is None  # not run
+    rows = {r["target"]: r for r in summary["targets"]}
+    scratch = rows["ANT-relearn at least level with SASRec-scratch on scientific-mm (ndcg@10)"]
+    assert scratch["seeds"] == [2020] and scratch["measured"] == "0.0600 vs 0.0500 (+20.0 %)"
+    assert rows["ANT-relearn above UniSRec-FT on scientific-mm (ndcg@10)"]["measured"] == "not run yet"
     text = ant_harness.markdown(summary)
     assert "| ANT-finetune ⚠ | 1 | 0.1100 | 0.2200 | 0.0450 | 0.0675 |" in text
-    assert "ndcg@10 +15.4 %" in text  # 0.060 vs 0.052
 
 
 def test_ant_harness_runs_pretrained_variants_from_one_checkpoint_per_seed(ant_harness):

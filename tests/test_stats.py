@@ -161,3 +161,45 @@ def test_macro_auc_averages_strata_and_rows_pair_across_runs():
     flipped = {0: (users, np.stack([1 - labels, scores_b[0]]))}
     with pytest.raises(ValueError, match="run B labels 300 rows differently"):
         stats.split_rows(*stats.pool_seeds(runs_a, flipped)[1:])
+
+
+def test_a_multi_task_stratum_averages_its_tasks_on_rows_drawn_once():
+    rng = np.random.default_rng(10)
+    click, ctcvr = _rows(400, rng), _rows(400, rng)
+    ctcvr = (ctcvr[0], ctcvr[1][:1], ctcvr[2][:1])
+    click = (click[0], click[1][:1], click[2][:1])
+    both = stats.macro_auc_difference({"s": [click, ctcvr]}, **FAST)
+    expected = np.mean([roc_auc_score(y, a[0]) - roc_auc_score(y, b[0]) for y, a, b in (click, ctcvr)])
+    assert both.diff == pytest.approx(expected)
+    # Two copies of one task are that task: the rows are drawn once for both, so the interval is
+    # the one task's exactly (two independent draws would narrow it).
+    assert stats.macro_auc_difference({"s": [click, click]}, **FAST) == stats.auc_difference(*click, **FAST)
+    with pytest.raises(ValueError, match="stratum s: its tasks hold different rows"):
+        stats.macro_auc_difference({"s": [click, tuple(x[..., :200] for x in ctcvr)]}, **FAST)
+
+
+def _user_rows(n_users, rng, seeds=1, rows_per_user=None):
+    """Rows of ``n_users`` users (``rows_per_user`` each, else 2-7) with user tokens, labels
+    ``(n,)`` and the scores of a good A and a weaker B ``(seeds, n)``."""
+    sizes = np.full(n_users, rows_per_user) if rows_per_user else rng.integers(2, 8, n_users)
+    users = np.repeat([f"u{i}" for i in range(n_users)], sizes)
+    labels, scores_a, scores_b = _rows(users.size, rng, seeds)
+    return users, labels, scores_a, scores_b
+
+
+def test_group_auc_weights_users_by_rows_and_resamples_users():
+    from recbole_cmr.evaluator import ctr_gauc
+
+    users, labels, scores_a, scores_b = _user_rows(150, np.random.default_rng(11))
+    result = stats.macro_gauc_difference({"t": (users, labels, scores_a, scores_b)}, **FAST)
+    expected = ctr_gauc(scores_a[0], labels, users) - ctr_gauc(scores_b[0], labels, users)
+    assert result.diff == pytest.approx(expected)
+    auc, impressions = stats.per_user_auc(scores_a[0], labels, users)
+    assert result.n == auc.size < 150  # users with one class only have no AUC
+    assert _verdict(result) == "met"
+    # With equal rows per user, the group AUC is the mean user AUC: resampling users is then
+    # exactly the paired bootstrap of the per-user AUCs.
+    users, labels, scores_a, scores_b = _user_rows(120, np.random.default_rng(12), rows_per_user=4)
+    equal = stats.macro_gauc_difference({"t": (users, labels, scores_a, scores_b)}, **FAST)
+    per_user = [stats.per_user_auc(s[0], labels, users)[0].to_numpy() for s in (scores_a, scores_b)]
+    assert equal == stats.paired_difference(*per_user, **FAST)
