@@ -13,7 +13,7 @@ from recbole.utils import init_seed
 
 from recbole_cmr import Config, create_dataset, data_preparation
 from recbole_cmr.data import pooled_train_data
-from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader
+from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader, MarketNegSampleEvalDataLoader
 from recbole_cmr.data.sampler import MarketRepeatableSampler, MarketSampler
 
 from conftest import FAST  # noqa: E402
@@ -87,7 +87,8 @@ def test_users_stay_per_market_unless_pooled(two_markets):
 def test_loaders_are_recboles_classes(two_markets, model, sampler_class):
     """Per market and phase: RecBole's loader class for the phase's mode, over that market's
     split, with RecBole's sampler class for the model (repeatable for sequential models), set to
-    the phase and drawing from the market's catalogue; full ranking adds only the foreign mask."""
+    the phase and drawing from the market's catalogue; full ranking adds only the foreign mask,
+    sampled ranking collates a batch at once (test_sampled_eval)."""
     eval_args = {**two_markets["eval_args"], "mode": {"valid": "full", "test": "uni99"}}
     config = Config(model=model, dataset="xm2", config_dict={
         **two_markets, "train_mode": "federated", "eval_args": eval_args})
@@ -101,7 +102,8 @@ def test_loaders_are_recboles_classes(two_markets, model, sampler_class):
         assert type(valid[market]) is MarketFullSortEvalDataLoader
         assert isinstance(valid[market], FullSortEvalDataLoader)
         assert valid[market].is_sequential == (model == "SASRec")
-        assert type(test[market]) is NegSampleEvalDataLoader
+        assert type(test[market]) is MarketNegSampleEvalDataLoader
+        assert isinstance(test[market], NegSampleEvalDataLoader)
         assert test[market].neg_sample_args["distribution"] == "uniform"
         assert test[market].neg_sample_args["sample_num"] == 99
         splits = [loader._dataset for loader in (train[market], valid[market], test[market])]

@@ -129,3 +129,36 @@ def test_users_with_different_sequences_and_predict_only_models_keep_recboles_pa
     core, test = _trainer(two_markets, "CORE", "xm2", "in")
     assert isinstance(core.model, PREDICT_ONLY)
     _assert_recboles_numbers(core, test, monkeypatch, fast=False)
+
+
+def _interactions_equal(a, b):
+    return set(a.columns) == set(b.columns) and all(torch.equal(a[k], b[k]) for k in a.columns)
+
+
+@pytest.mark.parametrize("model, split", [
+    ("SASRec", {"LS": "valid_and_test"}),  # one positive per user
+    ("BPR", {"RS": [0.6, 0.2, 0.2]}),      # several positives per user
+])
+def test_a_batch_is_collated_as_recboles_per_user_collation(two_markets, model, split):
+    """The market's sampled-evaluation loader builds a batch at once with RecBole's negatives
+    (the same sampler calls in the same order), rows, labels and indices."""
+    from recbole.data.dataloader import NegSampleEvalDataLoader
+
+    from recbole_cmr.data.dataloader import MarketNegSampleEvalDataLoader
+
+    config = Config(model=model, dataset="xm2", config_dict={
+        **two_markets, "eval_args": {**UNI99, "split": split}, "eval_batch_size": 400})
+    _, _, test = data_preparation(config, create_dataset(config))
+    loader = test["in"]
+    assert isinstance(loader, MarketNegSampleEvalDataLoader)
+    several = 0
+    for index in (list(range(0, 7)), list(range(7, 30))):
+        init_seed(SEED, True)
+        ours = loader.collate_fn(index)
+        init_seed(SEED, True)
+        theirs = NegSampleEvalDataLoader.collate_fn(loader, index)
+        assert _interactions_equal(ours[0], theirs[0])
+        assert all(torch.equal(x, y) for x, y in zip(ours[1:], theirs[1:]))
+        several += int((ours[2].bincount() > 1).sum())
+        assert (ours[0][config["LABEL_FIELD"]] == 0).sum() == 99 * len(ours[3])
+    assert (several > 0) == (model == "BPR")

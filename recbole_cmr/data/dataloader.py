@@ -1,13 +1,17 @@
-"""RecBole's full-ranking loader, restricted to one market's catalogue.
+"""RecBole's evaluation loaders for one market: full ranking restricted to the market's catalogue,
+and sampled ranking (``uni99``, ``pop100``) collated a batch at a time.
 
-Contract: a batch is RecBole's ``(interaction, history_index, positive_u, positive_i)``, except that
-when the market has foreign items or ``mask_history_items`` is on, ``history_index`` is a
-:class:`ScoreMask`; ``MultiMarketTrainerMixin._full_sort_batch_eval`` applies it to the scores
-(RecBole's own trainer rejects it with an IndexError instead of ranking unmasked).
+Contract: a batch is RecBole's ``(interaction, history_index, positive_u, positive_i)`` (sampled:
+``(interaction, row_idx, positive_u, positive_i)``), except that when the market has foreign items
+or ``mask_history_items`` is on, ``history_index`` is a :class:`ScoreMask`;
+``MultiMarketTrainerMixin._full_sort_batch_eval`` applies it to the scores (RecBole's own trainer
+rejects it with an IndexError instead of ranking unmasked).
 """
 
+import numpy as np
 import torch
-from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
+from recbole.data.interaction import Interaction
 from recbole.utils import ModelType
 
 
@@ -94,6 +98,73 @@ class MarketFullSortEvalDataLoader(FullSortEvalDataLoader):
         if self.item_mask is not None or self.mask_history:
             history_index = ScoreMask(history_index, self.item_mask)
         return interaction, history_index, positive_u, positive_i
+
+
+class MarketNegSampleEvalDataLoader(NegSampleEvalDataLoader):
+    """RecBole's ``NegSampleEvalDataLoader`` with the batch built at once: the same sampler calls
+    in the same order (one per user, so the same negatives for the same random state) and the
+    same rows, labels and indices as RecBole's per-user collation, without its per-user
+    ``Interaction`` copies (on 300 test users: most of a sampled evaluation's time). A data
+    ``transform`` (BERT4Rec's masking, ...) keeps RecBole's path."""
+
+    def collate_fn(self, index):
+        if (self.neg_sample_args["distribution"] == "none"
+                or self.neg_sample_args["sample_num"] == "none"
+                or self.config["transform"] is not None):
+            return super().collate_fn(index)
+        uids = self.uid_list[np.asarray(index)]
+        counts = self.uid2items_num[uids]  # [n_users]: positives per user
+        rows = np.concatenate([np.arange(self.uid2index[u].start, self.uid2index[u].stop)
+                               for u in uids])  # [n_pos]: each user's rows, in order
+        positives = self._dataset[torch.from_numpy(rows)]
+        negatives = self._negatives(positives, counts)
+        block, user = self._layout(counts)
+        data = positives[torch.from_numpy(block)]
+        first = np.cumsum(np.r_[0, counts * self.times])[:-1]  # [n_users]: each block's start
+        is_positive = np.arange(len(block)) - np.repeat(first, counts * self.times) < counts[user]
+        items = data[self.iid_field].clone()
+        items[torch.from_numpy(~is_positive)] = negatives
+        data.update(Interaction({self.iid_field: items,
+                                 self.label_field: torch.from_numpy(is_positive.astype(np.float32))}))
+        data = self._dataset.join(data)
+        positive_u = np.repeat(np.arange(len(uids)), counts)
+        return (data, torch.from_numpy(user).long(), torch.from_numpy(positive_u).long(),
+                positives[self.iid_field])
+
+    def _negatives(self, positives, counts):
+        """Each user's negatives as RecBole draws them, one sampler call per user in order.
+
+        Args:
+            positives (Interaction): ``[n_pos]`` rows, users contiguous.
+            counts (np.ndarray): ``[n_users]`` rows per user.
+
+        Returns:
+            torch.LongTensor: ``[n_pos * neg_sample_num]``, user by user, each user's in RecBole's
+            order (the k-th negative of all the user's rows, then the (k+1)-th).
+        """
+        users = positives[self.uid_field].numpy()
+        items = positives[self.iid_field].numpy()
+        bounds = np.cumsum(np.r_[0, counts])
+        return torch.cat([torch.as_tensor(self._sampler.sample_by_user_ids(
+            users[start:end], items[start:end], self.neg_sample_num)).long()
+            for start, end in zip(bounds[:-1], bounds[1:])])
+
+    def _layout(self, counts):
+        """RecBole's row layout of a batch: user by user, the user's rows repeated ``times``
+        (positives first, then one copy per negative).
+
+        Args:
+            counts (np.ndarray): ``[n_users]`` rows per user.
+
+        Returns:
+            tuple: ``(block, user)``, each ``[n_pos * times]``: the positive row each output row
+            copies, and its user's position in the batch.
+        """
+        user = np.repeat(np.arange(len(counts)), counts * self.times)
+        start = np.cumsum(np.r_[0, counts])[:-1]  # each user's first positive row
+        offset = np.arange(len(user)) - np.repeat(np.cumsum(np.r_[0, counts * self.times])[:-1],
+                                                  counts * self.times)
+        return start[user] + offset % counts[user], user
 
 
 def check_mask_history_items(config):

@@ -3,13 +3,14 @@
 from logging import getLogger
 
 import numpy as np
-from recbole.data.dataloader import FullSortEvalDataLoader
+from recbole.data.dataloader import FullSortEvalDataLoader, NegSampleEvalDataLoader
 from recbole.data.interaction import cat_interactions
 from recbole.data.utils import get_dataloader
 from recbole.sampler import KGSampler, RepeatableSampler, Sampler
 from recbole.utils import ModelType, set_color
 
-from recbole_cmr.data.dataloader import MarketFullSortEvalDataLoader, check_mask_history_items
+from recbole_cmr.data.dataloader import (MarketFullSortEvalDataLoader, MarketNegSampleEvalDataLoader,
+                                         check_mask_history_items)
 from recbole_cmr.data.dataset import MultiMarketDataset
 from recbole_cmr.data.sampler import create_market_samplers
 
@@ -59,6 +60,8 @@ def market_loaders(config, dataset, built, catalogue, item_num):
         loader_class = get_dataloader(config, phase)
         if loader_class is FullSortEvalDataLoader:
             loaders.append(MarketFullSortEvalDataLoader(config, split, sampler))
+        elif loader_class is NegSampleEvalDataLoader:
+            loaders.append(MarketNegSampleEvalDataLoader(config, split, sampler))
         else:
             loaders.append(loader_class(config, split, sampler, shuffle=False))
     return loaders
