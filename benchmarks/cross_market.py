@@ -100,6 +100,11 @@ DATASETS = {
     "movielens-markets": {"convert": ["movielens", str(SHARED / "movielens_titles")],
                           "settings": {"item_text_fields": ["title"]},
                           "skip": []},
+    # Each market sells its own catalogue, overlapping like XMRec's; item text (issue 39).
+    "movielens-catalogues": {"convert": ["movielens-catalogues", str(SHARED / "movielens_titles"),
+                                         "--xmrec", str(SHARED / "xmrec")],
+                             "settings": {"item_text_fields": ["title"]},
+                             "skip": []},
 }
 
 

@@ -19,6 +19,9 @@ from .ml100k_entities import convert_ml100k_entities
 from .merge import convert_merge
 from .ml100k_scenarios import convert_ml100k_scenarios
 from .movielens import convert_movielens
+from .movielens_catalogues import (
+    LAST_K, MIN_RATINGS, USERS, convert_movielens_catalogues, parse_users,
+)
 from .unisrec import convert_unisrec
 from .xmrec import convert_xmrec
 
@@ -28,6 +31,8 @@ EXAMPLES = f"""examples:
       --max-users-per-market 200 --seed 2026
   {PROG} unisrec /work/shared/data/amazon_scientific/full --out dataset
   {PROG} movielens /work/shared/data/movielens_titles --out dataset
+  {PROG} movielens-catalogues /work/shared/data/movielens_titles --xmrec /work/shared/data/xmrec \\
+      --out dataset
   {PROG} aliexpress --market nl=train_nl.csv --test-market nl=test_nl.csv --out dataset
   {PROG} ml100k-scenarios --out dataset
   {PROG} ml100k-entities --out dataset
@@ -76,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_xmrec(sub, common)
     _add_unisrec(sub, common)
     _add_movielens(sub, common)
+    _add_movielens_catalogues(sub, common)
     _add_aliexpress(sub, common)
     _add_ml100k_scenarios(sub, common)
     _add_ml100k_entities(sub, common)
@@ -120,17 +126,20 @@ def _add_unisrec(sub, parents) -> None:
         market=a.market, command=cmd))
 
 
+def _movielens_args(p, name, seed_help) -> None:
+    """The arguments both MovieLens converters have: src, --name, --seed."""
+    p.add_argument("src", type=Path, help="folder with ml-100k.* and ml-1m.* files")
+    p.add_argument("--name", default=name, help=f"dataset name (default: {name})")
+    p.add_argument("--seed", type=int, default=2026, help=f"{seed_help} (default: 2026)")
+
+
 def _add_movielens(sub, parents) -> None:
     p = sub.add_parser("movielens", parents=parents,
                        help="MovieLens-100K/1M by title -> 5 markets",
                        description="movielens_titles (ml-100k/ml-1m keyed by title) -> markets "
                        "ml100k and, by the first zip-code digit of ML-1M users, east 0-2, south 3 "
                        "and 7, central 4-6, west 8-9; seeded user samples, item text.")
-    p.add_argument("src", type=Path, help="folder with ml-100k.* and ml-1m.* files")
-    p.add_argument("--name", default="movielens-markets",
-                   help="dataset name (default: movielens-markets)")
-    p.add_argument("--seed", type=int, default=2026,
-                   help="seed of the user samples (default: 2026)")
+    _movielens_args(p, "movielens-markets", "seed of the user samples")
     p.add_argument("--max-users", type=positive_int, default=600, metavar="N",
                    help="users sampled per market (default: 600)")
     p.add_argument("--last-k", type=positive_int, default=30, metavar="K",
@@ -138,6 +147,27 @@ def _add_movielens(sub, parents) -> None:
     p.set_defaults(run=lambda a, cmd: convert_movielens(
         a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed,
         max_users=a.max_users, last_k=a.last_k, command=cmd))
+
+
+def _add_movielens_catalogues(sub, parents) -> None:
+    p = sub.add_parser("movielens-catalogues", parents=parents,
+                       help="MovieLens markets, each selling its own catalogue (XMRec-like)",
+                       description="movielens_titles -> the movielens markets, unequal in size, "
+                       "each selling a catalogue shaped like XMRec's; real ratings and text.")
+    _movielens_args(p, "movielens-catalogues", "seed of the user samples and the catalogues")
+    p.add_argument("--users", nargs="+", default=[], metavar="MARKET=N",
+                   help="users sampled in a market (default: "
+                   + " ".join(f"{m}={n}" for m, n in USERS.items()) + ")")
+    p.add_argument("--last-k", type=positive_int, default=LAST_K, metavar="K",
+                   help=f"candidate ratings per user, the last by time (default: {LAST_K})")
+    p.add_argument("--min-ratings", type=positive_int, default=MIN_RATINGS, metavar="N",
+                   help=f"drop users left with fewer ratings (default: {MIN_RATINGS})")
+    p.add_argument("--xmrec", type=Path, metavar="DIR",
+                   help="XMRec <market>_5core.txt folder, measured for the README's comparison")
+    p.set_defaults(run=lambda a, cmd: convert_movielens_catalogues(
+        a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed,
+        users=parse_users(a.users), last_k=a.last_k, min_ratings=a.min_ratings,
+        xmrec=a.xmrec, command=cmd))
 
 
 def _add_aliexpress(sub, parents) -> None:

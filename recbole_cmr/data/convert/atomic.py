@@ -55,6 +55,7 @@ class AtomicDataset:
     are copied as they are (e.g. precomputed image features).
     ``sources`` are listed in the README with their SHA-256, relative to ``source_root`` when
     it is set (for files inside an installed package, whose absolute path varies).
+    ``sections`` (``{title: markdown}``) are extra README sections, written after the notes.
     """
 
     name: str
@@ -75,6 +76,7 @@ class AtomicDataset:
     description: str = ""
     notes: list[str] = field(default_factory=list)
     command: str = ""
+    sections: dict[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------
@@ -556,6 +558,8 @@ def _readme(ds: AtomicDataset, stats: dict) -> str:
         lines += ["", f"`.item` header: `{_header(ds.item_fields)}`"]
     if ds.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in ds.notes]
+    for title, body in ds.sections.items():
+        lines += ["", f"## {title}", "", body.strip()]
     return "\n".join(lines) + "\n"
 
 
