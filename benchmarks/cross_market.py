@@ -319,6 +319,8 @@ def run_one(dataset, name, seed, out_file):
             per_market[market]["kept_pretrained"] = r["kept_pretrained"]
         if "after_transfer" in r:
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
+            for target, values in r.get("after_transfer_per_user", {}).items():
+                per_user[market][f"{AFTER}{target}"] = {"full": values}
     if result.get("federated_rounds"):  # best round, rounds' wall time, valid per round
         record_extra["federated_rounds"] = result["federated_rounds"]
     record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
@@ -402,7 +404,52 @@ def summarise_protocol(runs, protocol, folder):
         if shared:
             summary["models"][name]["federated_stage_of"] = sorted(shared)
     summary["targets"] = target_checks(runs, protocol, folder)
+    if protocol == "full":
+        summary["source_degradation"] = source_degradation(runs, folder)
     return summary
+
+
+AFTER = "after_transfer_"  # the sidecar stage of a source's test under a target's model
+
+
+def source_degradation(runs, folder):
+    """The source market's test NDCG@10 (full ranking) under each target's fine-tuned model
+    against its own model's, for the transfer runs (PretrainFinetune), on the seeds that ran:
+    ``{"model", "source", "seeds", "own", "targets": {target: {"after", "change_pct", ...paired
+    fields of "after - own"}}}``, or None without such runs (the paper's CH1: one-to-one transfer
+    forgets the source)."""
+    import numpy as np
+
+    mine = [r for r in runs if r["name"] == "PretrainFinetune"
+            and any("after_transfer_full" in res for res in r["per_market"].values())]
+    if not mine:
+        return None
+    source = next(m for m, res in mine[0]["per_market"].items() if "after_transfer_full" in res)
+    seeds = sorted(r["seed"] for r in mine)
+    own = float(np.mean([r["per_market"][source]["test"]["full"]["ndcg@10"] for r in mine]))
+    out = {"model": "PretrainFinetune", "source": source, "seeds": seeds, "own": own, "targets": {}}
+    for target in mine[0]["per_market"][source]["after_transfer_full"]:
+        after = float(np.mean([r["per_market"][source]["after_transfer_full"][target]["ndcg@10"]
+                               for r in mine]))
+        compared = paired.compare(folder, ("PretrainFinetune", f"{AFTER}{target}"),
+                                  "PretrainFinetune", seeds, protocol="full", markets=[source])
+        out["targets"][target] = {"after": after, "change_pct": 100 * (after / own - 1),
+                                  **compared, "paired": paired.interval_text(compared)}
+    return out
+
+
+def _degradation_markdown(degradation):
+    """The source-degradation table (:func:`source_degradation`)."""
+    lines = [f"### Source degradation (CH1): market {degradation['source']} under each target's "
+             f"fine-tuned {degradation['model']} (seeds {degradation['seeds']})", "",
+             f"The source's own model: test NDCG@10 {degradation['own']:.4f}. Paired difference "
+             "(target's model - source's own model) over the source's test users.", "",
+             "| target's model | source NDCG@10 | change | paired difference [95 % CI] |",
+             "|---|---|---|---|"]
+    for target, row in degradation["targets"].items():
+        lines.append(f"| {target} | {row['after']:.4f} | {row['change_pct']:+.1f} % | "
+                     f"{row['paired']} |")
+    return lines + [""]
 
 
 # The benchmark targets for FeCoSR: (other model, how FeCoSR is compared with it (options of
@@ -499,6 +546,8 @@ def markdown(dataset, summaries):
         lines.append("")
         if summary.get("targets"):
             lines += _targets_markdown(summary["targets"])
+        if summary.get("source_degradation"):
+            lines += _degradation_markdown(summary["source_degradation"])
     return "\n".join(lines) + "\n"
 
 

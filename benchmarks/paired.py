@@ -59,7 +59,9 @@ def compare(folder, a, b, seeds, *, protocol, field="ndcg@10", kind="ranking", m
     values, missing = {}, []
     for seed in sorted(seeds):
         runs = [_values(folder, name, seed) for name, _ in sides]
-        absent = [f"{name}-seed{seed}" for (name, _), run in zip(sides, runs) if run is None]
+        absent = [f"{name}-seed{seed}" + ("" if run is None else f" ({stage}/{protocol})")
+                  for (name, stage), run in zip(sides, runs)
+                  if run is None or not _holds(run[1], stage, protocol, markets)]
         missing += absent
         if not absent:
             values[seed] = [run[1] for run in runs]
@@ -203,6 +205,12 @@ def _values(folder, name, seed):
     sidecar = sidecar_path(path)
     values = _read(path, sidecar.stat().st_mtime_ns) if sidecar.exists() else None
     return None if values is None else (path, values)
+
+
+def _holds(values, stage, protocol, markets):
+    """True when a sidecar's ``values`` hold ``stage``/``protocol`` in ``markets`` (all markets
+    when None); a sidecar written before a stage existed lacks it."""
+    return all(values.get(m, {}).get(stage, {}).get(protocol) for m in markets or values)
 
 
 def _stratum(values, sides, market, protocol, field, kind, tasks):

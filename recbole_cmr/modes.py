@@ -199,7 +199,8 @@ def train_transfer(config, train, valid, test, saved, verbose, info):
     domains), fine-tune a copy on each other market (the targets).
 
     Each source keeps its own results, plus ``after_transfer``: its test results under each
-    target's fine-tuned model (the source degradation that one-to-one transfer causes).
+    target's fine-tuned model (the source degradation that one-to-one transfer causes), and
+    ``after_transfer_per_user``: each of these evaluations' per-user values (as ``per_user``).
     """
     sources = source_markets(config, train)
     log_market(", ".join(sources), "(source) ")
@@ -211,10 +212,12 @@ def train_transfer(config, train, valid, test, saved, verbose, info):
                                      verbose, models_out=tuned))
     info["default_valid"] = targets  # what the run's valid score is over by default
     for source in sources:
-        per_market[source]["after_transfer"] = {
-            market: trainer_for(config, use_market(target, train[source]._dataset)).evaluate(
-                test[source], load_best_model=False)
-            for market, target in tuned.items()}
+        after, values = {}, {}
+        for market, target in tuned.items():
+            trainer = trainer_for(config, use_market(target, train[source]._dataset))
+            after[market] = trainer.evaluate(test[source], load_best_model=False)
+            values[market] = trainer.last_per_user
+        per_market[source].update(after_transfer=after, after_transfer_per_user=values)
     return per_market
 
 

@@ -112,6 +112,7 @@ def discard_run_files(log_path):
 
 
 PER_USER = "per_user"  # a market's per-user test values: one line each in the results JSON
+AFTER_TRANSFER_PER_USER = "after_transfer_per_user"  # a source's, per target: one line each
 
 
 def _compact(values):
@@ -131,9 +132,13 @@ def results_json(result):
         lines.append(_compact(values))
         return f"<{PER_USER} {len(lines) - 1}>"
 
-    def hide(value):
+    def hide(value, key=None):
         if isinstance(value, dict):
-            return {k: mark(v) if k == PER_USER and v else hide(v) for k, v in value.items()}
+            if key == PER_USER and value:
+                return mark(value)
+            # the children of after_transfer_per_user are per_user entries, one per target
+            return {k: hide(v, PER_USER if key == AFTER_TRANSFER_PER_USER else k)
+                    for k, v in value.items()}
         return [hide(v) for v in value] if isinstance(value, (list, tuple)) else value
 
     text = json.dumps(hide(result), indent=2, default=float)

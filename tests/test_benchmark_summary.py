@@ -455,3 +455,37 @@ def test_ctr_write_run_keeps_each_rows_label_and_score(ctr_harness, per_user, tm
         m: {k: (v if k == "user" else np.float32(v).tolist()) for k, v in r.items()}
         for m, r in rows.items()}
     assert json.loads(out_file.read_text())["per_user"]["markets"]["s2"] == {"final": {"labeled": 3}}
+
+
+def test_transfer_runs_keep_the_sources_per_user_values_under_each_target(harness, per_user,
+                                                                          tmp_path, monkeypatch):
+    """PretrainFinetune: the source's test under each target's model goes to the sidecar as
+    stage ``after_transfer_<target>``, and the summary's source degradation pairs it with the
+    source's own model on the source's users."""
+    import recbole_cmr
+
+    users = [f"ca-u{i}" for i in range(200)]
+    own = _values(users, 1, ("ndcg@10",))
+    worse = {"user": users, "ndcg@10": [v * 0.5 for v in own["ndcg@10"]]}
+    result = {"train_mode": "transfer", "per_market": {
+        "ca": {"valid": {"ndcg@10": 0.1}, "test": {"ndcg@10": float(np.mean(own["ndcg@10"]))},
+               "per_user": own, "checkpoint": "ca.pth",
+               "after_transfer": {"de": {"ndcg@10": float(np.mean(worse["ndcg@10"]))}},
+               "after_transfer_per_user": {"de": worse}},
+        "de": {"valid": {"ndcg@10": 0.1}, "test": {"ndcg@10": 0.2}, "checkpoint": "de.pth",
+               "per_user": _values(["de-u1"], 2, ("ndcg@10",))}}}
+    monkeypatch.setattr(recbole_cmr, "run_recbole_cmr", lambda **kwargs: result)
+    monkeypatch.setattr(harness, "evaluate_protocol", lambda checkpoints, mode: ({}, {}))
+    out_file = tmp_path / "PretrainFinetune-seed2020.json"
+    harness.run_one("xmrec", "PretrainFinetune", 2020, out_file)
+    back = per_user.read_per_user(out_file)["ca"]["after_transfer_de"]["full"]
+    assert back["user"].tolist() == users and np.allclose(back["ndcg@10"], worse["ndcg@10"])
+    record = json.loads(out_file.read_text())
+    for market in record["per_market"].values():  # as summarise_protocol reads them
+        market["test"].setdefault("uni99", market["test"]["full"])
+    degradation = harness.source_degradation([record], tmp_path)
+    row = degradation["targets"]["de"]
+    assert degradation["source"] == "ca" and row["change_pct"] == pytest.approx(-50, abs=0.1)
+    assert row["verdict"] == "missed" and row["ci_high"] < 0  # after - own: wholly below zero
+    text = "\n".join(harness._degradation_markdown(degradation))
+    assert "| de | " in text and "-50.0 %" in text

@@ -122,8 +122,9 @@ def test_runs_without_per_user_values_are_named_and_left_out(paired, write_recor
     none = paired.compare(tmp_path, "A", "B", [2020], protocol="full")
     assert none == {"seeds": [], "verdict": None, "without_per_user": ["B-seed2020"],
                     "note": none["note"]} and none["note"].startswith("no interval: 1 run")
-    with pytest.raises(ValueError, match="no per-user values of market a, stage final, protocol uni99"):
-        paired.compare(tmp_path, "A", "B", [2021], protocol="uni99")
+    older = paired.compare(tmp_path, "A", "B", [2021], protocol="uni99")  # a stage it lacks
+    assert older["verdict"] is None and older["without_per_user"] == [
+        "A-seed2021 (final/uni99)", "B-seed2021 (final/uni99)"]
 
 
 def test_no_market_below_names_the_market_whose_interval_is_below_zero(paired, write_record, tmp_path):

@@ -172,6 +172,21 @@ def test_baselines_are_registered_models(two_markets):
     _, _, test = data_preparation(config, create_dataset(config))  # every market's loaders
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     assert dict(trainer.evaluate(test["jp"], load_best_model=False)) == dict(source["after_transfer"]["in"])
+    # ... with its per-user values, on the source's users, one line in the results JSON
+    import json
+
+    from recbole_cmr.results import results_json
+
+    after = source["after_transfer_per_user"]["in"]
+    assert after["user"] == source["per_user"]["user"] and after["ndcg@10"] != source["per_user"]["ndcg@10"]
+    assert sum(after["ndcg@10"]) / len(after["ndcg@10"]) == pytest.approx(
+        source["after_transfer"]["in"]["ndcg@10"], abs=1e-4)
+    text = results_json(transfer)
+    written = json.loads(text)["per_market"]["jp"]["after_transfer_per_user"]["in"]
+    assert written["user"] == after["user"] and written["ndcg@10"] == pytest.approx(after["ndcg@10"])
+    lines = text.splitlines()
+    opened = next(i for i, line in enumerate(lines) if '"after_transfer_per_user"' in line)
+    assert lines[opened + 1].strip().startswith('"in": {"user": [')
 
 
 def test_finetuned_checkpoint_reloads_with_its_adapter(two_markets):
