@@ -61,6 +61,8 @@ MODELS = {
     "MKT-noHFA": {"model": "MKT", "hfa": False},
     "MKT-noPDL": {"model": "MKT", "pdl": False},
     "MKT-noGates": {"model": "MKT", "stage2_gates": False},
+    # The paper's own ablation: the multi-entity model of stage 1 alone, without fine-tuning.
+    "MKT-noStage2": {"model": "MKT", "finetune": False},
 }
 BASELINES = ["DNN-target", "SharedBottom", "PLE", "Finetune"]
 ABLATIONS = [n for n in MODELS if n.startswith("MKT-")]

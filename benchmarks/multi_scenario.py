@@ -165,7 +165,59 @@ def summarise_runs(runs, folder=None):
             entry["rounds_to_best"] = _mean_std([r["best_round"] + 1 for r in rounds])[0]
         summary["models"][name] = entry
     summary["targets"] = target_checks(runs, folder)
+    summary["conflict"] = conflict_summary(runs)
     return summary
+
+
+def conflict_summary(runs, name="PF-MSMTrec"):
+    """Per seed of ``name``, the conflict its strategy measured each round (issue 40):
+    ``{seed: {"clients", "cosine": [mean pairwise cosine of the clients' expert updates per
+    round], "pairs": {"c1/c2": mean over rounds}, "a": {client: [per round]}, "b": ...}}``;
+    ``{}`` for records written before the rounds kept these reports."""
+    out = {}
+    for run in runs:
+        reports = [r["strategy"] for r in (run.get("federated_rounds") or {}).get("history", [])
+                   if r.get("strategy", {}).get("expert_cosine")]
+        if run["name"] != name or not reports:
+            continue
+        clients = reports[0]["clients"]
+        same = [r for r in reports if r["clients"] == clients]  # every client trained
+        cosines = np.array([r["expert_cosine"] for r in same])  # [rounds, N, N]
+        upper = np.triu_indices(len(clients), k=1)
+        out[run["seed"]] = {
+            "clients": clients,
+            "cosine": [float(c[upper].mean()) for c in cosines],
+            "pairs": {f"{clients[i]}/{clients[j]}": float(cosines[:, i, j].mean())
+                      for i, j in zip(*upper)},
+            **{key: {c: [r[key][c] for r in same] for c in clients} for key in ("a", "b")
+               if key in same[0]}}
+    return out
+
+
+def conflict_chart(conflict, path):
+    """Per round: the mean pairwise cosine of the clients' expert updates (every seed), and each
+    client's mean ``a_i`` (experts) and ``b_i`` (towers) on the first seed; saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for seed, entry in conflict.items():
+        left.plot(range(1, len(entry["cosine"]) + 1), entry["cosine"], label=f"seed {seed}")
+    left.axhline(0, color="grey", lw=0.5)
+    left.set(xlabel="round", ylabel="mean pairwise cosine", title="expert updates of the clients")
+    left.legend(fontsize=8)
+    seed, entry = next(iter(conflict.items()))
+    for key, style in (("a", "-"), ("b", "--")):
+        for client, values in entry.get(key, {}).items():
+            right.plot(range(1, len(values) + 1), values, style, label=f"{key} {client}")
+    right.set(xlabel="round", ylabel="weight (clamped to [0, 1])",
+              title=f"a_i (experts, -) and b_i (towers, --), seed {seed}")
+    right.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def target_checks(runs, folder=None):
@@ -217,6 +269,13 @@ def markdown(summary):
             lines.append(f"| {name} | " + " | ".join(
                 _cell(m["per_market"][s][f"auc_{task}"], m["per_market"][s][f"auc_{task}_std"])
                 for s in markets) + " |")
+    if summary.get("conflict"):
+        lines += ["", "Conflict measured by PF-MSMTrec's server (mean pairwise cosine of the "
+                  f"clients' expert updates, round 1 → last; [chart]({NAME}-conflict.png)): "
+                  + "; ".join(f"seed {seed}: {c['cosine'][0]:+.3f} → {c['cosine'][-1]:+.3f}, "
+                              f"most opposed pair {min(c['pairs'], key=c['pairs'].get)} "
+                              f"{min(c['pairs'].values()):+.3f}"
+                              for seed, c in summary["conflict"].items())]
     lines += ["", "Targets (PF-MSMTrec against each model):", "",
               *paired.targets_table(summary["targets"])]
     return "\n".join(lines) + "\n"
@@ -255,8 +314,11 @@ def paired_bars(names, bars, ylabel, title, path, margin):
 
 
 def summarise():
-    return write_summary(NAME, current_runs(RESULTS / NAME, is_current, MODELS), summarise_runs,
-                         markdown, chart)
+    summary = write_summary(NAME, current_runs(RESULTS / NAME, is_current, MODELS), summarise_runs,
+                            markdown, chart)
+    if summary and summary["conflict"]:
+        conflict_chart(summary["conflict"], RESULTS / f"{NAME}-conflict.png")
+    return summary
 
 
 def write_summary(name, runs, summarise_runs, markdown, chart):

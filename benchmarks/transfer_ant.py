@@ -90,10 +90,16 @@ VARIANTS = {
     "ANT-relearn-noFusion": {"model": "ANT", "fusion": False},
     # Re-learning re-initialises the adaptors, so the pretrained encoder serves a linear adaptor too.
     "ANT-relearn-noMoE": {"model": "ANT", "moe": False},
+    # Controls (issue 40): freeze_encoder swapped, so re-learning and fine-tuning are compared at
+    # the same trainable parts (ANT-relearn vs ANT-finetune-frozen: adaptors trained, encoder
+    # frozen; ANT-relearn-trainEncoder vs ANT-finetune: everything trained).
+    "ANT-finetune-frozen": {"model": "ANT", "adaptation": "finetune", "freeze_encoder": True},
+    "ANT-relearn-trainEncoder": {"model": "ANT", "freeze_encoder": False},
 }
 BASELINES = ["SASRec-scratch", "UniSRec-FT", "ANT-finetune", "ANT-relearn"]
-ABLATIONS = [v for v in VARIANTS if v.startswith("ANT-relearn-")]
-# The ablations need images to mean anything: they run on the multi-modal target only.
+CONTROLS = ["ANT-finetune-frozen", "ANT-relearn-trainEncoder"]
+ABLATIONS = [v for v in VARIANTS if v.startswith("ANT-relearn-") and v not in CONTROLS]
+# The ablations and controls need images to mean anything: they run on the multi-modal target only.
 MODELS = {f"{v}@{t}": (v, t) for t in TARGETS for v in VARIANTS
           if t == "scientific-mm" or v in BASELINES}
 CONVERT = {
@@ -246,7 +252,8 @@ def negative_transfer(summary):
 def target_checks(runs, folder=None):
     """``[{"target", "seeds", "measured", "verdict", "paired", ...}]`` (``paired.target_row``):
     on each target ANT-relearn at least level with SASRec-scratch (NDCG@10 and Recall@10) and
-    above ANT-finetune and UniSRec-FT (NDCG@10); verdicts read paired intervals over the test
+    above ANT-finetune and UniSRec-FT (NDCG@10); on scientific-mm, re-learning above fine-tuning
+    at the same trainable parts (the controls); verdicts read paired intervals over the test
     users of the runs' per-user sidecars in ``folder`` (default: the harness's)."""
     folder = FOLDER if folder is None else folder
     rows = []
@@ -258,12 +265,22 @@ def target_checks(runs, folder=None):
             theirs = f"{other}@{target}"
             wording = "at least level with" if relation == "at_least" else "above"
             for key in keys:
-                rows.append(paired.target_row(
-                    folder, f"ANT-relearn {wording} {other} on {target} ({key})", runs, mine,
-                    theirs, protocol="full", field=key, relation=relation,
-                    measured=paired.means_of(runs, mine, theirs,
-                                             lambda r, key=key: r["per_market"][MARKET]["test"][key])))
+                rows.append(_row(folder, runs, f"ANT-relearn {wording} {other} on {target} ({key})",
+                                 mine, theirs, key, relation))
+    # The controls: re-learning against fine-tuning at the same trainable parts.
+    for mine, theirs, parts in (("ANT-relearn", "ANT-finetune-frozen", "encoder frozen"),
+                                ("ANT-relearn-trainEncoder", "ANT-finetune", "encoder trained")):
+        target = "scientific-mm"
+        rows.append(_row(folder, runs, f"{mine} above {theirs} on {target} ({parts}; ndcg@10)",
+                         f"{mine}@{target}", f"{theirs}@{target}", "ndcg@10", "above"))
     return rows
+
+
+def _row(folder, runs, wording, mine, theirs, key, relation):
+    """One target row of the test ``key`` of run names ``mine`` against ``theirs``."""
+    return paired.target_row(folder, wording, runs, mine, theirs, protocol="full", field=key,
+                             relation=relation, measured=paired.means_of(
+                                 runs, mine, theirs, lambda r: r["per_market"][MARKET]["test"][key]))
 
 
 def pretraining_summary():

@@ -489,3 +489,24 @@ def test_transfer_runs_keep_the_sources_per_user_values_under_each_target(harnes
     assert row["verdict"] == "missed" and row["ci_high"] < 0  # after - own: wholly below zero
     text = "\n".join(harness._degradation_markdown(degradation))
     assert "| de | " in text and "-50.0 %" in text
+
+
+def test_pf_msmtrec_conflict_reports_become_a_summary_and_a_chart(ctr_harness, tmp_path):
+    def report(cosine, a):
+        return {"clients": ["x", "y", "z"], "expert_cosine": cosine, "a": {"x": a, "y": a, "z": a},
+                "b": {"x": 0.1, "y": 0.2, "z": 0.3}}
+
+    eye = np.eye(3)
+    opposed = eye + np.array([[0, -0.5, 0.2], [-0.5, 0, 0.1], [0.2, 0.1, 0]])
+    run = _ctr_run("PF-MSMTrec", 2020, {"x": (0.7, 0.6), "y": (0.7, 0.6), "z": (0.7, 0.6)})
+    run["federated_rounds"] = {"best_round": 1, "history": [
+        {"round": 0, "strategy": report(eye.tolist(), 0.1)},
+        {"round": 1, "strategy": report(opposed.tolist(), 0.3)}]}
+    summary = ctr_harness.summarise_runs([run], tmp_path)
+    conflict = summary["conflict"][2020]
+    assert conflict["cosine"] == pytest.approx([0.0, (-0.5 + 0.2 + 0.1) / 3])
+    assert conflict["pairs"]["x/y"] == pytest.approx(-0.25) and conflict["a"]["x"] == [0.1, 0.3]
+    text = ctr_harness.markdown(summary)
+    assert "most opposed pair x/y -0.250" in text
+    ctr_harness.conflict_chart(summary["conflict"], tmp_path / "conflict.png")
+    assert (tmp_path / "conflict.png").stat().st_size > 0

@@ -231,3 +231,28 @@ def test_ant_targets_compare_each_metric_on_the_target(write_record, tmp_path):
     rows = {r["target"]: r for r in harness.target_checks(runs, tmp_path)}
     assert rows["ANT-relearn above ANT-finetune on scientific-mm (ndcg@10)"]["verdict"] == "met"
     assert rows["ANT-relearn above UniSRec-FT on scientific-mm (ndcg@10)"]["measured"] == "not run yet"
+
+
+def test_ant_controls_swap_freeze_encoder_and_compare_at_the_same_trainable_parts(write_record,
+                                                                                   tmp_path):
+    harness = _load("transfer_ant")
+    settings = {name: harness.run_settings(f"{name}@scientific-mm", 2020)[2] for name in
+                ("ANT-relearn", "ANT-finetune", "ANT-finetune-frozen", "ANT-relearn-trainEncoder")}
+    # the controls differ from their partner only in adaptation (re-learn or keep)
+    for mine, theirs in (("ANT-relearn", "ANT-finetune-frozen"),
+                         ("ANT-relearn-trainEncoder", "ANT-finetune")):
+        a, b = (dict(settings[n]) for n in (mine, theirs))
+        assert a.pop("adaptation", "relearn") == "relearn" and b.pop("adaptation") == "finetune"
+        assert a.get("freeze_encoder", True) == b["freeze_encoder"]
+        a.pop("freeze_encoder", None), b.pop("freeze_encoder")
+        assert a == b
+    assert "ANT-finetune-frozen@scientific-full" not in harness.MODELS
+    market = {harness.MARKET: (300, 0.05)}
+    runs = [_ranking(write_record, tmp_path, "ANT-relearn-trainEncoder@scientific-mm", 2020, market,
+                     shift=0.03),
+            _ranking(write_record, tmp_path, "ANT-finetune@scientific-mm", 2020, market)]
+    for run in runs:
+        run["per_market"][harness.MARKET]["test"] = {"ndcg@10": 0.05, "recall@10": 0.1}
+    rows = {r["target"]: r for r in harness.target_checks(runs, tmp_path)}
+    row = rows["ANT-relearn-trainEncoder above ANT-finetune on scientific-mm (encoder trained; ndcg@10)"]
+    assert row["verdict"] == "met"

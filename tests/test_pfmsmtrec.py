@@ -278,6 +278,16 @@ def test_personalized_weights_stay_in_range_and_change(scenarios):
     groups = next(iter(seen[-1].values()))
     assert any(g.startswith("experts.") for g in groups) and any(g.startswith("towers.") for g in groups)
     assert seen[1] != seen[2] and any(v != 0.1 for v in values)  # learnt after round 0
+    # each round's history holds the strategy's report: update cosines and the weights' means
+    reports = [record["strategy"] for record in server.history]
+    assert len(reports) == 3 and reports[0]["clients"] == list(server.clients)
+    n = len(server.clients)
+    cosine = np.array(reports[-1]["expert_cosine"])
+    assert cosine.shape == (n, n) and np.allclose(np.diag(cosine), 1) and (np.abs(cosine) <= 1 + 1e-9).all()
+    assert set(reports[-1]["a"]) == set(server.clients) and all(0 <= v <= 1 for v in reports[-1]["b"].values())
+    from recbole_cmr.federated.server import round_summary
+
+    assert round_summary(server)["history"][-1]["strategy"] == reports[-1]
     # the clients hold their own shared parameters now
     personal = server.personal
     a, b = list(personal)[:2]
@@ -305,6 +315,10 @@ def test_personalized_update_rule_matches_a_hand_computation():
     g0 = np.array([0.5, 0.5])
     ca = g0 * (1 + alpha) / (1 + alpha ** 2)  # (g0 + c/||Gw|| Gw) / (1 + α²) with Gw = g0
     assert set(uniform) == {gate} and set(own["a"]) == set(own["b"]) == {expert, tower}
+    # the round's report: orthogonal expert updates (cosine 0), the weights they were mixed with
+    assert strategy.round_report() == {"clients": ["a", "b"], "expert_cosine": [[1.0, 0.0], [0.0, 1.0]],
+                                       "expert_cosine_by_group": {"experts.shared.0": 0.0},
+                                       "a": {"a": a0, "b": a0}, "b": {"a": a0, "b": a0}}
     assert np.allclose(uniform[gate], (1 * np.array([2.0, 0.0]) + 3 * np.array([0.0, 4.0])) / 4)
     for c in ("a", "b"):
         assert np.allclose(own[c][expert], np.array(moves[c][expert]) + a0 * ca, atol=1e-6)
@@ -322,6 +336,7 @@ def test_personalized_update_rule_matches_a_hand_computation():
     assert strategy.weights["a"]["experts.shared.0"] == pytest.approx(a1)
     ca1 = step * (1 + alpha) / (1 + alpha ** 2)  # one client: w = (1), Gw = g0 = Δ_a¹
     assert np.allclose(own1["a"][expert], start_a[expert].numpy() + step + a1 * ca1, atol=1e-6)
+    assert strategy.round_report()["a"] == {"a": pytest.approx(a1)}  # after this round's step
     assert set(own1) == {"a"} and torch.equal(uniform1[gate], start_a[gate])
 
 

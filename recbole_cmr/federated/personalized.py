@@ -114,6 +114,13 @@ def tower_attention(G):
     return torch.softmax(scores, dim=1) @ G
 
 
+def _cosines(G):
+    """``[N, N]`` cosine similarity of the rows of ``G`` (``[N, d]``); 0 against a zero row."""
+    norms = G.norm(dim=1, keepdim=True)
+    unit = torch.where(norms > 0, G / norms.clamp_min(1e-300), torch.zeros_like(G))
+    return unit @ unit.T
+
+
 def group_names(names, pattern):
     """``{prefix: [names]}`` of the names whose start matches the regex ``pattern``."""
     groups = {}
@@ -227,6 +234,7 @@ class PersonalizedConflictAverse(Strategy):
             direction = conflict_averse_direction(G[group], self.ca_alpha)  # [d]
             self._apply(group, group_names_, G[group], direction, starts, uniform, own,
                         self.personalized_experts)
+        self.report = self._report(cids, G, experts, towers)
         counts = [k for _, _, k in results]
         for group, group_names_ in towers.items():
             if self.personalized_towers:
@@ -236,6 +244,31 @@ class PersonalizedConflictAverse(Strategy):
             self._apply(group, group_names_, G[group], direction, starts, uniform, own,
                         self.personalized_towers)
         return uniform, own
+
+    def _report(self, cids, G, experts, towers):
+        """The round's conflict measurements, before the weights move: the pairwise cosine of
+        the clients' expert updates (mean over the expert networks, and per network the mean
+        over client pairs) and each client's mean ``a_i`` (experts) and ``b_i`` (towers).
+
+        Args:
+            cids (list[str]): the clients, in ``G``'s row order.
+            G (dict[str, Tensor]): per group ``[N, d]`` float64 updates.
+        """
+        cosines = {group: _cosines(G[group]) for group in experts}  # each [N, N]
+        pairs = ~torch.eye(len(cids), dtype=torch.bool)
+        report = {"clients": list(cids)}
+        if cosines:
+            report["expert_cosine"] = torch.stack(list(cosines.values())).mean(0).tolist()
+            report["expert_cosine_by_group"] = {
+                group: float(c[pairs].mean()) if len(cids) > 1 else 1.0 for group, c in cosines.items()}
+        for key, groups in (("a", experts), ("b", towers)):
+            if groups:
+                report[key] = {cid: float(np.mean([self.weight(cid, g) for g in groups]))
+                               for cid in cids}
+        return report
+
+    def round_report(self):
+        return getattr(self, "report", {})
 
     def _apply(self, group, names, G, direction, starts, uniform, own, personalized):
         """One group's new values. Personalized: client i's own ``start_i + Δ_i + clamp(w_i) ·

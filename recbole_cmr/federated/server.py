@@ -187,8 +187,8 @@ class FederatedServer:
         best (dict): ``round``, ``global``, ``personal`` and ``valid`` (``{market: result}``) of
             the best validated round (each client keeps its own local parameters of that round).
         history (list[dict]): one record per round: ``round``, ``markets`` (trained), ``dropped``
-            (selected, but their node was lost: see ``fed_min_clients``),
-            ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
+            (selected, but their node was lost: see ``fed_min_clients``), ``strategy`` (the
+            strategy's ``round_report``, where it has one), ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
             ``train_time``, ``aggregate_time``, ``valid_time``, ``round_time`` (seconds).
     """
 
@@ -288,10 +288,12 @@ class FederatedServer:
         else:
             self.global_params = aggregate_round(self.strategy, round_idx, results,
                                                  self.global_params)
+        report = self.strategy.round_report() if results else {}
         return {
             "round": round_idx,
             "markets": selected,
             "dropped": dropped,
+            **({"strategy": report} if report else {}),
             "train_loss": float(np.mean(losses)),
             "bytes_up": bytes_up,
             "bytes_down": sum(nbytes(self.params_for(c)) for c in selected),
@@ -620,9 +622,10 @@ def round_summary(server):
     """``{"best_round", "rounds", "rounds_wall_s", "history"}`` of a server's rounds: the best
     validated round (0-based), how many rounds ran, their wall time, and per round the macro valid
     score (None where not validated), mean train loss, seconds, the tensor bytes sent up and down
-    and, under Flower, the message bytes (``wire_up``, ``wire_down``) and the markets left out
-    because their node was lost (``dropped``, only where any was)."""
-    keys = ("bytes_up", "bytes_down", "wire_up", "wire_down")
+    and, under Flower, the message bytes (``wire_up``, ``wire_down``), the markets left out
+    because their node was lost (``dropped``, only where any was) and the strategy's report of
+    the round (``strategy``, :meth:`Strategy.round_report`, only where it has one)."""
+    keys = ("bytes_up", "bytes_down", "wire_up", "wire_down", "strategy")
     history = [{"round": r["round"], "valid_score": r["valid_score"],
                 "train_loss": r["train_loss"], "round_time": round(r["round_time"], 3),
                 **{k: r[k] for k in keys if k in r}, **({"dropped": r["dropped"]} if r.get("dropped") else {})}

@@ -97,6 +97,11 @@ class Strategy(abc.ABC):
         e.g. FedProx's ``proximal_mu``: a ``{str: float}`` dict."""
         return {}
 
+    def round_report(self):
+        """Plain numbers about the last :meth:`aggregate` for the round's history (e.g.
+        PF-MSMTrec's update cosines and client weights); ``{}`` for most strategies."""
+        return {}
+
     def state_dict(self):
         """The strategy's state across rounds (server moments), saved in round checkpoints."""
         return {}
