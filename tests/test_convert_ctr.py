@@ -229,6 +229,34 @@ def test_ml100k_cli(tmp_path):
     assert exc.value.code == 2
 
 
+def test_ml100k_scenarios_by_gender_or_occupation_hold_each_user_once(tmp_path, users):
+    """``--split gender`` / ``occupation``: every user is in exactly one scenario, by the rule
+    its README states; an occupation no group holds is an error naming it."""
+    from recbole_cmr.data.convert.ml100k_scenarios import OCCUPATIONS
+
+    done = run_cli("ml100k-scenarios", ML100K, "--out", tmp_path, "--name", "mlg", "--split",
+                   "gender", "--negatives", "1", "-q")
+    assert done.returncode == 0, done.stderr
+    seen = {}
+    for scenario, gender in (("female", "F"), ("male", "M")):
+        mine = read(tmp_path / "mlg" / f"{scenario}.user")["user_id"]
+        assert (users.loc[mine, "gender"] == gender).all()
+        seen.update(dict.fromkeys(mine, scenario))
+        assert set(read(tmp_path / "mlg" / f"{scenario}.inter")["user_id"]) <= set(mine)
+    assert len(seen) == len(users)
+    readme = (tmp_path / "mlg" / "README.md").read_text()
+    assert "scenario `female` (gender in F)" in readme and "--split gender" in readme
+    by_occupation = {o: g for g, members in OCCUPATIONS.items() for o in members}
+    assert set(users["occupation"]) == set(by_occupation)  # every occupation has a group
+    odd = ml100k_copy(tmp_path)
+    text = (odd / "ml-100k.user").read_text().replace("\tstudent\t", "\tastronaut\t", 1)
+    (odd / "ml-100k.user").write_text(text)
+    done = run_cli("ml100k-scenarios", odd, "--out", tmp_path, "--name", "mlo", "--split",
+                   "occupation", "-q")
+    assert done.returncode == 2 and "occupation ['astronaut'] belongs to no scenario" in done.stderr
+    assert not (tmp_path / "mlo").exists()
+
+
 # ------------------------------------------------------------------------------ writer
 def test_writer_user_tables_and_split_suffixes(tmp_path):
     inter = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"]})

@@ -17,7 +17,7 @@ from .amazon18 import convert_amazon18
 from .aliexpress import convert_aliexpress
 from .ml100k_entities import convert_ml100k_entities
 from .merge import convert_merge
-from .ml100k_scenarios import convert_ml100k_scenarios
+from .ml100k_scenarios import SPLITS, convert_ml100k_scenarios
 from .movielens import convert_movielens
 from .movielens_catalogues import (
     LAST_K, MIN_RATINGS, USERS, convert_movielens_catalogues, parse_users,
@@ -206,9 +206,12 @@ def _add_ml100k_scenarios(sub, parents) -> None:
                        "and a shared .item (release year, genre).")
     _ml100k_args(p, "ml100k-scenarios", "seed of the negative sampling", 4,
                  "sampled non-clicked movies per rating")
+    p.add_argument("--split", choices=SPLITS, default="age",
+                   help="what the scenarios are: age bands (default), gender, or occupation "
+                   "groups (name the dataset with --name)")
     p.set_defaults(run=lambda a, cmd: convert_ml100k_scenarios(
         a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
-        command=cmd))
+        split=a.split, command=cmd))
 
 
 def _add_ml100k_entities(sub, parents) -> None:

@@ -46,6 +46,17 @@ SCENARIOS = {  # scenario: [lowest age, highest age + 1) (None: unbounded)
     "35to44": (35, 45),
     "45plus": (45, None),
 }
+# Other ways to cut the users into scenarios (``split``), for scenarios whose preferences
+# conflict more than age bands do (issue 40): gender, or occupation groups.
+GENDERS = {"female": ("F",), "male": ("M",)}
+OCCUPATIONS = {
+    "student": ("student",),
+    "technical": ("engineer", "programmer", "scientist", "technician"),
+    "arts_education": ("artist", "educator", "entertainment", "librarian", "writer"),
+    "business_other": ("administrator", "doctor", "executive", "healthcare", "homemaker",
+                       "lawyer", "marketing", "none", "other", "retired", "salesman"),
+}
+SPLITS = ("age", "gender", "occupation")
 INTER_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
 USER_COLUMNS = ("user_id", "age", "gender", "occupation")
 ITEM_COLUMNS = ("item_id", "release_year", "class")
@@ -92,6 +103,37 @@ def scenario_of(ages: pd.Series) -> pd.Series:
             inside &= ages < high
         result[inside] = scenario
     return result
+
+
+def scenarios_by(users: pd.DataFrame, split: str, path: Path) -> tuple[pd.Series, dict]:
+    """Each user's scenario under ``split`` and each scenario's rule (for the notes).
+
+    Args:
+        users (pd.DataFrame): :func:`read_users` output (``scenario`` holds the age band).
+        split (str): ``age``, ``gender`` or ``occupation``.
+        path (Path): the ``.user`` file, for errors.
+
+    Returns:
+        tuple: ``(scenario per user (pd.Series), {scenario: rule text})``.
+    """
+    if split == "age":
+        return users["scenario"], {m: _age_band(m) for m in SCENARIOS}
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    column, groups = ("gender", GENDERS) if split == "gender" else ("occupation", OCCUPATIONS)
+    of = {value: group for group, values in groups.items() for value in values}
+    scenario = users[column].map(of)
+    if scenario.isna().any():
+        unknown = sorted(users.loc[scenario.isna(), column].unique())
+        raise ValueError(f"{path}: {column} {unknown} belongs to no scenario of split {split!r} "
+                         f"(known: {sorted(of)})")
+    return scenario, {m: f"{column} in {', '.join(values)}" for m, values in groups.items()}
+
+
+def _age_band(market: str) -> str:
+    low, high = SCENARIOS[market]
+    return (f"age < {high}" if low is None else f"age >= {low}" if high is None
+            else f"{low} <= age < {high}")
 
 
 def _no_missing(values: pd.Series, column: str, path: Path) -> None:
@@ -232,14 +274,19 @@ def build_ml100k_scenarios(
     name: str = "ml100k-scenarios",
     seed: int = 2026,
     negatives: int = 4,
+    split: str = "age",
     command: str | None = None,
 ) -> AtomicDataset:
-    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the four scenarios."""
+    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the scenarios of
+    ``split``: the four age bands (default), ``gender`` (female, male) or ``occupation`` (the
+    groups of ``OCCUPATIONS``)."""
     paths, ratings, users, items, source_root = read_ml100k(src, negatives)
+    by_user, rules = scenarios_by(users, split, paths["user"])
+    users = users.assign(scenario=by_user)
     catalogue = pd.Index(items["item_id"])
     scenario = ratings["user_id"].map(dict(zip(users["user_id"], users["scenario"])))
     markets, tables, notes = {}, {}, []
-    for market in SCENARIOS:
+    for market in rules:
         mine = ratings[scenario == market]
         if len(mine) == 0:
             raise ValueError(f"{paths['inter']}: no rating of a user in scenario {market!r}")
@@ -247,7 +294,7 @@ def build_ml100k_scenarios(
         rows = scenario_rows(mine, catalogue, negatives, market_rng(seed, market), paths["inter"])
         markets[market] = rows
         tables[market] = users.loc[users["scenario"] == market, list(USER_FIELDS)]
-        notes.append(_scenario_note(market, mine, rows))
+        notes.append(_scenario_note(market, rules[market], mine, rows))
     notes += _method_notes(seed, negatives, source_root is not None)
     return AtomicDataset(
         name=name,
@@ -260,17 +307,18 @@ def build_ml100k_scenarios(
         user_fields=dict(USER_FIELDS),
         sources=list(paths.values()),
         source_root=source_root,
-        description=DESCRIPTION,
+        description=DESCRIPTION if split == "age" else DESCRIPTION.replace(
+            "Scenarios (markets) are the users' age bands: `under25` (age < 25), `25to34`, "
+            "`35to44`, `45plus` (age >= 45)", f"Scenarios (markets) are the users' {split} "
+            f"groups: " + "; ".join(f"`{m}`: {rule}" for m, rule in rules.items())),
         notes=notes,
         command=command
-        or call_repr("convert_ml100k_scenarios", src, name=name, seed=seed, negatives=negatives),
+        or call_repr("convert_ml100k_scenarios", src, name=name, seed=seed, negatives=negatives,
+                     **({} if split == "age" else {"split": split})),
     )
 
 
-def _scenario_note(market: str, ratings: pd.DataFrame, rows: pd.DataFrame) -> str:
-    low, high = SCENARIOS[market]
-    band = (f"age < {high}" if low is None else f"age >= {low}" if high is None
-            else f"{low} <= age < {high}")
+def _scenario_note(market: str, band: str, ratings: pd.DataFrame, rows: pd.DataFrame) -> str:
     return (
         f"scenario `{market}` ({band}): {ratings['user_id'].nunique()} users, {len(ratings)} "
         f"ratings -> {len(rows)} rows, {int(rows['click'].sum())} clicks, "
