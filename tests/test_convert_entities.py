@@ -90,3 +90,22 @@ def test_other_seed_other_negatives_and_cli(out, tmp_path):
     assert len(rows) == len(full) - positives  # one negative per positive instead of two
     assert "--negatives 1" in (tmp_path / "mle" / "README.md").read_text()
     assert read(tmp_path / "mle" / "target.item")["title_cluster"].nunique() == 8
+
+
+def test_unrelated_source_gives_each_user_another_users_source_ratings(out):
+    """``unrelated_source``: the target is the default conversion's, the source holds the same
+    per-user rating sets, each moved to another user by a seeded permutation."""
+    other = build_ml100k_entities(unrelated_source=True, clusters=8)
+    target = read(out / "target.inter")
+    assert (other.markets["target"]["item_id"].to_numpy() == target["item_id"].to_numpy()).all()
+
+    def positives(rows):
+        rows = rows[rows["label"].astype(float) == 1]
+        return rows.groupby("user_id")["item_id"].apply(frozenset)
+
+    before, after = positives(read(out / "source.inter")), positives(other.markets["source"])
+    assert sorted(before.tolist(), key=sorted) == sorted(after.tolist(), key=sorted)  # the same sets
+    shared = before.index.intersection(after.index)
+    assert (before[shared] != after[shared]).mean() > 0.9  # nearly every user got another's
+    assert any("unrelated source" in note for note in other.notes)
+    assert "unrelated_source=True" in other.command

@@ -229,8 +229,12 @@ def _add_ml100k_entities(sub, parents) -> None:
     p.add_argument("--encoder", default=None,
                    help="sentence-transformers model name or path for the titles (default: "
                    "all-MiniLM-L6-v2, shipped offline)")
+    p.add_argument("--unrelated-source", action="store_true",
+                   help="give each user another user's source ratings (a seeded permutation): "
+                   "a source entity unrelated to the target's users")
     p.set_defaults(run=lambda a, cmd: convert_ml100k_entities(
         a.src, a.out, overwrite=a.overwrite, name=a.name, seed=a.seed, negatives=a.negatives,
+        unrelated_source=a.unrelated_source,
         clusters=a.clusters, encoder=a.encoder, command=cmd))
 
 

@@ -103,9 +103,14 @@ def build_ml100k_entities(
     negatives: int = 2,
     clusters: int = 32,
     encoder: str | None = None,
+    unrelated_source: bool = False,
     command: str | None = None,
 ) -> AtomicDataset:
-    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the two entities."""
+    """Read the ml-100k files in ``src`` (default: recbole's copy) and build the two entities.
+
+    ``unrelated_source``: each user's source ratings are another user's (a seeded permutation
+    of the users), so the source entity holds real behaviour that tells nothing about the
+    target's user: a source a multi-entity model should learn to filter (issue 40)."""
     paths, ratings, users, items, source_root = read_ml100k(src, negatives)
     items["title"] = read_atomic(paths["item"], ("item_id", "movie_title"))["movie_title"].to_numpy()
     items["entity"] = entity_of(items["genre"])
@@ -113,7 +118,12 @@ def build_ml100k_entities(
     items.loc[target, "title_cluster"] = title_clusters(items.loc[target, "title"], clusters, seed,
                                                         encoder).astype(str)
     entity = ratings["item_id"].map(dict(zip(items["item_id"], items["entity"])))
-    markets, item_tables, user_tables, notes = {}, {}, {}, []
+    notes = []
+    if unrelated_source:
+        ratings, moved = permute_users(ratings, entity == "source", market_rng(seed, "unrelated"))
+        notes.append(f"unrelated source: each user's source ratings are another user's (a "
+                     f"seeded permutation of the {moved} users; seed {seed}); target unchanged")
+    markets, item_tables, user_tables = {}, {}, {}
     for market in ENTITIES:
         mine = ratings[entity == market]
         if len(mine) == 0:
@@ -134,8 +144,27 @@ def build_ml100k_entities(
         sources=list(paths.values()), source_root=source_root, description=DESCRIPTION,
         notes=notes,
         command=command or call_repr("convert_ml100k_entities", src, name=name, seed=seed,
-                                     negatives=negatives, clusters=clusters, encoder=encoder),
+                                     negatives=negatives, clusters=clusters, encoder=encoder,
+                                     **({"unrelated_source": True} if unrelated_source else {})),
     )
+
+
+def permute_users(ratings: pd.DataFrame, rows: pd.Series, rng: np.random.Generator):
+    """``ratings`` with the user of the selected ``rows`` replaced by a permutation of the users.
+
+    Args:
+        ratings (pd.DataFrame): the ratings (``user_id``).
+        rows (pd.Series): bool, the rows whose user moves (the source entity's).
+        rng (np.random.Generator): draws the permutation.
+
+    Returns:
+        tuple: ``(ratings copy, number of users permuted)``.
+    """
+    users = np.sort(ratings.loc[rows, "user_id"].unique())
+    moved = dict(zip(users, users[rng.permutation(len(users))]))
+    out = ratings.copy()
+    out.loc[rows, "user_id"] = out.loc[rows, "user_id"].map(moved)
+    return out, len(users)
 
 
 def _method_notes(seed, negatives, clusters, encoder, default_src):
