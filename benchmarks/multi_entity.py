@@ -5,11 +5,16 @@ users; the task is the target entity's CTR).
     python benchmarks/multi_entity.py --seeds 2020 2021 2022
     python benchmarks/multi_entity.py --models MKT DNN-target --seeds 2020
     python benchmarks/multi_entity.py --summarise-only
+    python benchmarks/multi_entity.py --pair unrelated    # a source unrelated to the target's users
 
 Protocol: RecBole's labeled evaluation per entity, split per user by time (80/10/10); every
 model is selected by the target entity's valid AUC (``valid_markets: [target]``; fine-tuned
 models: their fine-tuning's valid AUC) and reports test AUC, CTRGAUC (impression-weighted user
 AUC) and LogLoss per entity; the headline is the target entity.
+
+``--pair unrelated`` runs the same grid where each user's source ratings are another user's
+(``ml100k-entities --unrelated-source``, converted into ``benchmarks/data``; results in
+``results/mkt-ml100k-unrelated``).
 
 Resumable: every (model, seed) run writes ``results/mkt-ml100k/<model>-seed<S>.json`` as soon as
 it ends and is skipped when that file exists with the current settings and code ``revision``
@@ -26,8 +31,8 @@ networks [256, 128] (the paper's [1024, 512] scaled down), histories of 20 click
 import json
 
 from cross_market import RESULTS, _cell, seed_table
-from multi_scenario import (current_runs, harness_main, paired_bars, ran_with, spec_settings,
-                            write_run, write_summary)
+from multi_scenario import (current_runs, data_variant, harness_main, paired_bars, ran_with,
+                            spec_settings, write_run, write_summary)
 import paired
 from per_user import write_record
 
@@ -68,9 +73,27 @@ BASELINES = ["DNN-target", "SharedBottom", "PLE", "Finetune"]
 ABLATIONS = [n for n in MODELS if n.startswith("MKT-")]
 
 
+# The entity pairs this harness runs (``--pair``): the shipped one, and one whose source entity
+# tells nothing about the target's users (each user's source ratings are another user's), so
+# the gates and HFA have something to filter (issue 40).
+PAIRS = {
+    "ml100k": {"dataset": DATASET, "name": NAME},
+    "unrelated": {"dataset": f"{DATASET}-unrelated", "name": f"{NAME}-unrelated",
+                  "convert": ["ml100k-entities", "--unrelated-source"]},
+}
+DATA_SETTINGS = {}  # the chosen pair's data settings (use_pair)
+
+
 def run_settings(name, seed):
     """``(RecBole model, config_dict)`` of one run."""
-    return spec_settings(MODELS, SETTINGS, name, seed)
+    return spec_settings(MODELS, {**SETTINGS, **DATA_SETTINGS}, name, seed)
+
+
+def use_pair(pair):
+    """Run and summarise the entity ``pair`` (:data:`PAIRS`); returns its results folder."""
+    global DATASET, NAME, DATA_SETTINGS
+    DATASET, NAME, DATA_SETTINGS = data_variant(PAIRS[pair], "ml100k-entities")
+    return RESULTS / NAME
 
 
 def run_one(name, seed, out_file):
@@ -162,7 +185,8 @@ def summarise():
 
 
 def main():
-    harness_main(__doc__, MODELS, RESULTS / NAME, is_current, run_one, summarise)
+    harness_main(__doc__, MODELS, RESULTS / NAME, is_current, run_one, summarise,
+                 choose=("--pair", PAIRS, "ml100k", use_pair))
 
 
 if __name__ == "__main__":

@@ -510,3 +510,26 @@ def test_pf_msmtrec_conflict_reports_become_a_summary_and_a_chart(ctr_harness, t
     assert "most opposed pair x/y -0.250" in text
     ctr_harness.conflict_chart(summary["conflict"], tmp_path / "conflict.png")
     assert (tmp_path / "conflict.png").stat().st_size > 0
+
+
+def test_data_variants_convert_once_and_read_their_base_yaml(entity_harness, ctr_harness, monkeypatch):
+    """``--pair unrelated`` / ``--split gender``: the variant's dataset is converted into
+    benchmarks/data, read with the shipped dataset's properties, and summarised apart."""
+    import importlib
+
+    shared = importlib.import_module("cross_market")  # the module the harnesses import
+    calls = []
+    monkeypatch.setattr(shared, "convert_once", lambda args, name: calls.append((args, name)))
+    for module in (entity_harness, ctr_harness):
+        for key in ("DATASET", "NAME", "DATA_SETTINGS"):
+            monkeypatch.setattr(module, key, getattr(module, key))  # restored after the test
+    folder = entity_harness.use_pair("unrelated")
+    assert folder.name == "mkt-ml100k-unrelated" and entity_harness.DATASET == "ml100k-entities-unrelated"
+    assert calls == [(["ml100k-entities", "--unrelated-source"], "ml100k-entities-unrelated")]
+    settings = entity_harness.run_settings("MKT", 2020)[1]
+    assert settings["data_path"] == str(shared.DATA) and settings["history_fields"]  # the yaml's
+    assert ctr_harness.use_split("occupation").name == "pfmsmtrec-ml100k-occupation"
+    settings = ctr_harness.run_settings("PF-MSMTrec", 2020)[1]
+    assert settings["stopping_step"] == 10 and settings["eval_args"]["mode"] == "labeled"
+    assert ctr_harness.use_split("age").name == "pfmsmtrec-ml100k"
+    assert "data_path" not in ctr_harness.run_settings("PF-MSMTrec", 2020)[1]  # the shipped data
