@@ -25,6 +25,11 @@ seed<S>.json`` as soon as it ends and is skipped when that file exists with the 
 targets as markets), ``.md`` and ``.png``, flagging negative transfer (a pretrained variant below
 SASRec-scratch on NDCG@10 or Recall@10 of a target).
 
+``--sizes paper`` runs with the paper's sizes (hidden 256, FFN 256, sequences of 50) everywhere,
+pretraining included (``saved/ant-pretrain-paper-seed<S>.pth``), into ``results/ant-scientific-
+paper``: meant for a GPU machine, e.g. for the headline rows (``--models SASRec-scratch@scientific-mm
+UniSRec-FT@scientific-mm ANT-finetune@scientific-mm ANT-relearn@scientific-mm``).
+
 Sizing: hidden 64 and FFN 128 (paper: 256 / 256), sequences of at most 20 items (paper: 50),
 at most 30 pretraining epochs (its validation was still rising slowly there) and 150 adaptation
 epochs with early stopping after 5 validations without gain (paper: up to 300 epochs), batches of
@@ -119,17 +124,32 @@ def ensure_datasets():
         convert_once(["merge", *sources, str(DATA / target)], merged)
 
 
+# Model sizes (``--sizes``): the CPU-scaled default, or the paper's (hidden 256, FFN 256,
+# sequences of 50) for every model and the pretraining, results apart (issue 40; meant for a GPU).
+SIZES = {"scaled": {}, "paper": {"hidden_size": 256, "inner_size": 256, "MAX_ITEM_LIST_LENGTH": 50}}
+SIZE_SETTINGS, SIZE_SUFFIX = {}, ""  # the chosen sizes (use_sizes)
+
+
+def use_sizes(sizes):
+    """Run and summarise with model ``sizes`` (:data:`SIZES`); returns the results folder."""
+    global NAME, FOLDER, SIZE_SETTINGS, SIZE_SUFFIX
+    SIZE_SUFFIX = "" if sizes == "scaled" else f"-{sizes}"
+    NAME, SIZE_SETTINGS = f"ant-scientific{SIZE_SUFFIX}", dict(SIZES[sizes])
+    FOLDER = RESULTS / NAME
+    return FOLDER
+
+
 def common(seed):
     return {**SETTINGS, "seed": seed, "data_path": str(DATA), "checkpoint_dir": str(SAVED),
             "text_cache_dir": str(SAVED)}
 
 
 def pretrain_settings(seed):
-    return {**common(seed), **PRETRAIN}
+    return {**common(seed), **PRETRAIN, **SIZE_SETTINGS}
 
 
 def pretrained_file(seed):
-    return SAVED / f"ant-pretrain-seed{seed}.pth"
+    return SAVED / f"ant-pretrain{SIZE_SUFFIX}-seed{seed}.pth"
 
 
 def run_settings(name, seed):
@@ -137,7 +157,7 @@ def run_settings(name, seed):
     variant, target = MODELS[name]
     spec = dict(VARIANTS[variant])
     model = spec.pop("model")
-    settings = {**common(seed), **spec}
+    settings = {**common(seed), **spec, **SIZE_SETTINGS}
     if model == "ANT":
         settings["pretrained"] = str(pretrained_file(seed))
     return model, TARGETS[target], settings
@@ -350,7 +370,8 @@ def summarise():
 
 def main():
     ensure_datasets()
-    harness_main(__doc__, MODELS, FOLDER, is_current, run_one, summarise)
+    harness_main(__doc__, MODELS, FOLDER, is_current, run_one, summarise,
+                 choose=("--sizes", SIZES, "scaled", use_sizes))
 
 
 if __name__ == "__main__":

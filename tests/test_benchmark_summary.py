@@ -533,3 +533,18 @@ def test_data_variants_convert_once_and_read_their_base_yaml(entity_harness, ctr
     assert settings["stopping_step"] == 10 and settings["eval_args"]["mode"] == "labeled"
     assert ctr_harness.use_split("age").name == "pfmsmtrec-ml100k"
     assert "data_path" not in ctr_harness.run_settings("PF-MSMTrec", 2020)[1]  # the shipped data
+
+
+def test_ant_paper_sizes_reach_every_model_and_the_pretraining_apart(ant_harness, monkeypatch):
+    for key in ("NAME", "FOLDER", "SIZE_SETTINGS", "SIZE_SUFFIX"):
+        monkeypatch.setattr(ant_harness, key, getattr(ant_harness, key))  # restored after the test
+    scaled = ant_harness.pretrained_file(2020)
+    assert ant_harness.use_sizes("paper").name == "ant-scientific-paper"
+    paper = {"hidden_size": 256, "inner_size": 256, "MAX_ITEM_LIST_LENGTH": 50}
+    for name in ("SASRec-scratch@scientific-mm", "ANT-relearn@scientific-full"):
+        settings = ant_harness.run_settings(name, 2020)[2]
+        assert {k: settings[k] for k in paper} == paper
+    assert {k: ant_harness.pretrain_settings(2020)[k] for k in paper} == paper
+    assert ant_harness.pretrained_file(2020) != scaled
+    assert ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]["pretrained"] == str(
+        ant_harness.pretrained_file(2020))
