@@ -61,6 +61,7 @@ SCHEMA = {
     # they are read, as they depend on the markets / train mode)
     "fed_rounds": (int, AT_LEAST_1, False),
     "fed_local_epochs": (int, AT_LEAST_1, False),
+    "fed_local_steps": (int, AT_LEAST_1, True),
     "history_max_len": (int, AT_LEAST_1, False),
     "image_feature_dim": (int, AT_LEAST_1, False),
     "price_buckets": (int, AT_LEAST_1, False),

@@ -162,3 +162,47 @@ def test_fed_rowwise_composes_with_fedavg_and_fedprox_and_refuses_other_strategi
     assert type(make_strategy({"fed_strategy": "median_for_test"})) is Median
     with pytest.raises(ValueError, match=r"fed_rowwise applies to .* not to fed_strategy \[median_for_test\]"):
         make_strategy({"fed_strategy": "median_for_test", "fed_rowwise": True})
+
+
+def _fit_res(results, steps):
+    from recbole_cmr.federated.strategy import FitRes
+
+    return [FitRes(c, u, n, {"loss": 0.0, "num_steps": tau}) for (c, u, n), tau in zip(results, steps)]
+
+
+def test_fednova_by_hand():
+    """x += tau_eff * sum_i p_i (y_i - x) / tau_i, tau_eff = sum_i p_i tau_i; equal step counts
+    give FedAvg; integer tensors the plain average; a reply without num_steps is an error."""
+    strategy = make_strategy({"fed_strategy": "fednova"})
+    strategy.configure_round(0, X0)
+    x1 = strategy.aggregate(0, _fit_res(ROUND0, [1.0, 4.0]))
+    # p = (1/4, 3/4); normalised deltas: a [1, 0] / 1, b [-1, 2] / 4; tau_eff = 1/4 + 3 = 3.25
+    expected = [1.0 + 3.25 * (0.25 * 1 + 0.75 * -0.25), 2.0 + 3.25 * (0.75 * 0.5)]
+    assert _close(x1["w"], expected) and int(x1["steps"]) == 2
+    fedavg = FedAvg().aggregate(0, ROUND0)
+    assert _close(strategy.aggregate(0, _fit_res(ROUND0, [7.0, 7.0]))["w"], fedavg["w"].tolist())
+    with pytest.raises(ValueError, match=r"fednova needs each client's num_steps > 0; client \[a\]"):
+        strategy.aggregate(0, ROUND0)  # plain tuples: no metrics
+
+
+def test_fed_local_steps_takes_that_many_steps_across_epochs(two_markets):
+    """``fed_local_steps``: exactly that many optimizer steps per round, running on into the next
+    epoch of the market's data (reshuffled), reported as ``num_steps``; the same seed gives the
+    same update; with fed_local_epochs set too it is an error."""
+    server = _server({**two_markets, "fed_local_steps": 5, "train_batch_size": 512})
+    client = server.clients["in"]
+    batches = len(client.train_data)
+    assert batches < 5  # so the round runs into a second epoch
+    steps = []
+    step = client.trainer.optimizer.step
+    client.trainer.optimizer.step = lambda *a, **k: steps.append(1) or step(*a, **k)
+    start = server.params_for("in")
+    update, _, metrics = client.fit(start, 0)
+    assert len(steps) == 5 and metrics["num_steps"] == 5.0
+    again = _server({**two_markets, "fed_local_steps": 5, "train_batch_size": 512}).clients["in"]
+    repeated = again.fit(start, 0)[0]
+    assert all(torch.equal(repeated[n], t) for n, t in update.items())
+    plain = _server(two_markets).clients["in"]
+    assert plain.fit(plain.get_parameters(), 0)[2]["num_steps"] == float(len(plain.train_data))
+    with pytest.raises(ValueError, match="fed_local_steps and fed_local_epochs both set"):
+        _server({**two_markets, "fed_local_steps": 5, "fed_local_epochs": 2})

@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from recbole_cmr.federated.strategy import get_strategy, strategy_names
+from recbole_cmr.federated.strategy import FitRes, get_strategy, strategy_names
 
 aten = torch.ops.aten
 DEVICE = torch.device("meta")
@@ -111,9 +111,9 @@ COUNTS = {"in": 3, "jp": 1, "de": 2}
 
 
 def _updates(round_idx, starts):
-    """``[(client_id, update, num_examples)]``: from its start, every client moves every float
-    tensor but the embedding, of which it moves its own row only (the others stay), and counts
-    its steps."""
+    """``[FitRes(client_id, update, num_examples, metrics)]``: from its start, every client moves
+    every float tensor but the embedding, of which it moves its own row only (the others stay),
+    and counts its steps (in the tensor ``steps`` and as ``num_steps``)."""
     generator = torch.Generator().manual_seed(round_idx)
     results = []
     for k, (cid, count) in enumerate(COUNTS.items()):
@@ -125,7 +125,7 @@ def _updates(round_idx, starts):
         update["item_embedding.weight"] = start["item_embedding.weight"] + rows * torch.randn(
             start["item_embedding.weight"].shape, generator=generator)
         update["steps"] = start["steps"] + count
-        results.append((cid, update, count))
+        results.append(FitRes(cid, update, count, {"loss": 0.0, "num_steps": 2.0 * count}))
     return results
 
 
@@ -138,8 +138,8 @@ def _two_rounds(name, rowwise, to):
     personal, returned = {}, []
     for round_idx in range(2):
         starts = {cid: {**current, **personal.get(cid, {})} for cid in COUNTS}
-        results = [(cid, {n: to(t) for n, t in update.items()}, count)
-                   for cid, update, count in _updates(round_idx, starts)]
+        results = [FitRes(cid, {n: to(t) for n, t in update.items()}, count, result.metrics)
+                   for result in _updates(round_idx, starts) for cid, update, count in [result]]
         if getattr(strategy, "personalized", False):
             strategy.configure_round(round_idx, {n: to(t) for n, t in current.items()},
                                      {cid: {n: to(t) for n, t in s.items()} for cid, s in starts.items()})

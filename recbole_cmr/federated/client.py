@@ -14,6 +14,7 @@ messages: ``parameter_shapes``, ``keep_local``, ``end_round`` (``mark_best``, ``
 ``restore_best``, ``export``, ``load_state``), so the same calls run in-process or under Flower.
 """
 
+import itertools
 import zlib
 from pathlib import Path
 
@@ -36,6 +37,36 @@ def _detached(state_dict, names):
     return {name: state_dict[name].detach().clone() for name in names}
 
 
+class LocalSteps:
+    """``steps`` batches of a RecBole training loader, as one "epoch" for ``Trainer._train_epoch``:
+    the loader's epochs one after another (each reshuffled by the loader's own generator), cut
+    after ``steps`` batches; the next round starts a new epoch.
+
+    Args:
+        loader (TrainDataLoader): the market's training loader.
+        steps (int): batches (optimizer steps) per round.
+    """
+
+    def __init__(self, loader, steps):
+        self.loader, self.steps = loader, int(steps)
+        self.shuffle = loader.shuffle
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        def epochs():
+            while True:
+                empty = True
+                for batch in self.loader:
+                    empty = False
+                    yield batch
+                if empty:
+                    raise ValueError("fed_local_steps: the market's training loader is empty.")
+
+        return itertools.islice(epochs(), self.steps)
+
+
 class Client:
     """One market (or scenario) of a federation.
 
@@ -49,13 +80,16 @@ class Client:
         shared (Sequence[str]): patterns of the aggregated parameters (``fed_shared_params``).
         local (Sequence[str]): patterns of the parameters kept on the client (``fed_local_params``).
         local_epochs (int): local epochs per round (``fed_local_epochs``).
+        local_steps (int, optional): instead of ``local_epochs``, this many optimizer steps
+            (batches) per round, cycling the training data (``fed_local_steps``).
         show_progress (bool): RecBole's per-epoch progress bars.
         checkpoint_dir (str, optional): where :meth:`save_state` writes (default: the trainer's
             ``checkpoint_dir``).
     """
 
     def __init__(self, client_id, trainer, train_data, valid_data=None, test_data=None,
-                 shared=("*",), local=(), local_epochs=1, show_progress=False, checkpoint_dir=None):
+                 shared=("*",), local=(), local_epochs=1, show_progress=False, checkpoint_dir=None,
+                 local_steps=None):
         self.client_id = client_id
         self.checkpoint_dir = Path(checkpoint_dir or trainer.config["checkpoint_dir"] or ".")
         self.best_round, self.best_local = None, None
@@ -65,6 +99,7 @@ class Client:
         self.valid_data = valid_data
         self.test_data = test_data
         self.local_epochs = local_epochs
+        self.local_steps = local_steps
         self.show_progress = show_progress
         state = self.model.state_dict()
         self.shared_names = select_shared(state, shared, local)
@@ -101,7 +136,8 @@ class Client:
         self.model.load_state_dict(params, strict=False)
 
     def fit(self, global_params, round, config=None):
-        """Train ``local_epochs`` epochs from the global shared parameters.
+        """Train ``local_epochs`` epochs (or ``local_steps`` steps) from the global shared
+        parameters.
 
         Args:
             global_params (dict[str, Tensor]): the server's shared parameters (not modified).
@@ -111,21 +147,28 @@ class Client:
 
         Returns:
             tuple: ``(update, num_examples, metrics)``: the new *values* (not deltas) of the
-            shared parameters, the number of training interactions (int) and ``{"loss": float}``,
-            the mean over local epochs of RecBole's epoch loss (the sum of the batch losses).
+            shared parameters, the number of training interactions (int) and ``{"loss": float,
+            "num_steps": float}``: the mean over local epochs of RecBole's epoch loss (the sum of
+            the batch losses; with ``local_steps``, of the steps' losses) and the optimizer steps
+            taken (FedNova normalises by them).
         """
         self.set_parameters(global_params)
         self.seed_for(round)
         mu = float((config or {}).get("proximal_mu", 0.0))
         loss_func = self.proximal_loss(global_params, mu) if mu > 0 else None
+        if self.local_steps:
+            epochs = [(LocalSteps(self.train_data, self.local_steps), round)]
+        else:
+            epochs = [(self.train_data, round * self.local_epochs + epoch)
+                      for epoch in range(self.local_epochs)]
         losses = []
-        for epoch in range(self.local_epochs):
-            loss = self.trainer._train_epoch(
-                self.train_data, round * self.local_epochs + epoch, loss_func=loss_func,
-                show_progress=self.show_progress,
-            )
+        for data, epoch_idx in epochs:
+            loss = self.trainer._train_epoch(data, epoch_idx, loss_func=loss_func,
+                                             show_progress=self.show_progress)
             losses.append(sum(loss) if isinstance(loss, tuple) else loss)
-        return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses))}
+        steps = sum(len(data) for data, _ in epochs)
+        return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses)),
+                                                          "num_steps": float(steps)}
 
     def seed_for(self, stage):
         """Seed python, numpy and torch for this client's ``stage`` (a round number or a name such

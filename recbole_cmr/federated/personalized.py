@@ -254,7 +254,7 @@ class PersonalizedConflictAverse(Strategy):
             cids (list[str]): the clients, in ``G``'s row order.
             G (dict[str, Tensor]): per group ``[N, d]`` float64 updates.
         """
-        cosines = {group: _cosines(G[group]) for group in experts}  # each [N, N]
+        cosines = {group: _cosines(G[group]).cpu() for group in experts}  # each [N, N], on the CPU
         pairs = ~torch.eye(len(cids), dtype=torch.bool)
         report = {"clients": list(cids)}
         if cosines:

@@ -4,12 +4,13 @@ Settings (defaults in properties/overall.yaml)::
 
     fed_rounds: 50              # (int) Communication rounds.
     fed_local_epochs: 1         # (int) Local epochs each selected market trains per round.
+    fed_local_steps: ~          # (int) Instead: optimizer steps (batches) per round and market.
     fed_client_fraction: 1.0    # (float) Share of markets trained per round: max(1, round(f * n)),
                                 #   drawn with a generator seeded by `seed` (reproducible).
     fed_min_clients: 0          # (int) Under Flower: a round goes on without the selected markets
                                 #   whose node is lost once this many replied (0: wait for all).
     fed_strategy: fedavg        # (str) fedavg, fedavg_rows, fedavgm, fedadam, fedyogi, fedadagrad,
-                                #   fedprox (recbole_cmr.federated.strategy).
+                                #   fedprox, fednova (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
     fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
     fed_rowwise: False          # (bool) Per-row averaging under any strategy (see strategy.py).
@@ -39,9 +40,9 @@ from tqdm import tqdm
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
-from recbole_cmr.federated.strategy import make_strategy, matching
+from recbole_cmr.federated.strategy import FitRes, make_strategy, matching
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
-from recbole_cmr.utils import as_patterns, save_atomic
+from recbole_cmr.utils import as_patterns, save_atomic, user_set
 
 
 def setting(config, key):
@@ -72,9 +73,10 @@ def drop_non_finite(round_idx, results):
     """``results`` without the updates that hold NaN/Inf, each dropped one with a warning (and
     one more when none is left: the parameters then stay unchanged)."""
     kept = []
-    for client_id, update, num_examples in results:
+    for result in results:
+        client_id, update, _ = result
         if is_finite(update):
-            kept.append((client_id, update, num_examples))
+            kept.append(result)  # as it came: a FitRes keeps its metrics
         else:
             getLogger().warning(set_color(
                 f"Round {round_idx}: the update of market [{client_id}] holds NaN/Inf values; "
@@ -278,7 +280,7 @@ class FederatedServer:
         selected = [cid for cid in selected if cid in replies]
         for client_id in selected:
             client_id, update, num_examples, metrics = self._collect(client_id, *replies[client_id])
-            results.append((client_id, update, num_examples))
+            results.append(FitRes(client_id, update, num_examples, metrics))
             losses.append(metrics.get("loss", np.nan))
             bytes_up += nbytes(update)
         trained = time()
@@ -592,6 +594,16 @@ def build_clients(config, train, valid, test=None, verbose=False):
     return clients
 
 
+def local_steps(config):
+    """``fed_local_steps`` (None: ``fed_local_epochs`` epochs); setting both is an error."""
+    steps = config["fed_local_steps"]
+    if steps is not None and user_set(config, "fed_local_epochs"):
+        raise ValueError("fed_local_steps and fed_local_epochs both set: a round is either "
+                         f"{steps} optimizer steps or {config['fed_local_epochs']} epochs; "
+                         "remove one.")
+    return steps
+
+
 def make_client(config, market, train_data, valid_data=None, test_data=None, verbose=False):
     """One market's :class:`Client`: its own model (built from the run's seed, so every market
     starts from the same weights) and RecBole trainer, at client learning rate ``eta_l``."""
@@ -601,7 +613,8 @@ def make_client(config, market, train_data, valid_data=None, test_data=None, ver
     local = [*setting(config, "fed_local_params"), *getattr(model, "federated_local_params", [])]
     client = Client(market, trainer, train_data, valid_data, test_data,
                     shared=setting(config, "fed_shared_params"), local=local,
-                    local_epochs=setting(config, "fed_local_epochs"))
+                    local_epochs=setting(config, "fed_local_epochs"),
+                    local_steps=local_steps(config))
     if config["eta_l"] is not None:  # Flower's name for the client learning rate
         for group in trainer.optimizer.param_groups:
             group["lr"] = float(config["eta_l"])

@@ -5,7 +5,9 @@ The interface maps one-to-one onto Flower's ``Strategy.aggregate_fit``::
     strategy.aggregate(round, [(client_id, update, num_examples), ...]) -> dict[str, Tensor]
 
 ``update`` is a client's ``{parameter name: tensor}`` of the *shared* parameters (new values, not
-deltas) and ``num_examples`` its number of training interactions. Which parameters are shared is
+deltas) and ``num_examples`` its number of training interactions; each result is a
+:class:`FitRes`, which also carries the reply's ``metrics`` (``loss``, ``num_steps``: the
+optimizer steps the client took, which FedNova reads). Which parameters are shared is
 chosen by name patterns (:func:`select_shared`), never by a strategy. A strategy computes on the
 device of the updates (it creates every tensor there) and returns its values on that device.
 """
@@ -66,6 +68,17 @@ def select_shared(state_dict, shared=("*",), local=()):
     """
     kept_local = set(matching(state_dict, local))
     return [n for n in matching(state_dict, shared) if n not in kept_local]
+
+
+class FitRes(tuple):
+    """One client's reply to a training round: the tuple ``(client_id, update, num_examples)``
+    (what every strategy unpacks) with the reply's float ``metrics`` (``loss``, ``num_steps``)
+    as an attribute."""
+
+    def __new__(cls, client_id, update, num_examples, metrics=None):
+        result = super().__new__(cls, (client_id, update, num_examples))
+        result.metrics = dict(metrics or {})
+        return result
 
 
 class Strategy(abc.ABC):
@@ -203,8 +216,26 @@ def rowwise_mean(tensors, counts, current):
     return cast_like(mean.reshape(base.shape), current.dtype)
 
 
+class NeedsRoundStart(Strategy):
+    """Base of the strategies that read the round's global parameters (``configure_round``)."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.current = None
+
+    def configure_round(self, round, global_params):
+        self.current = global_params
+
+    def round_start(self):
+        """The round's global parameters; an error before :meth:`configure_round`."""
+        if self.current is None:
+            raise RuntimeError(f"{type(self).__name__} needs the round's global parameters: call "
+                               "configure_round first.")
+        return self.current
+
+
 @register_strategy("fedavg_rows")
-class FedAvgRows(Strategy):
+class FedAvgRows(NeedsRoundStart):
     """FedAvg per row: each row (dim 0) of a tensor is averaged, weighted by ``num_examples``,
     over the clients that changed that row only; a row nobody changed keeps its global value.
 
@@ -218,22 +249,12 @@ class FedAvgRows(Strategy):
 
     supports_rowwise = True
 
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.current = None
-
-    def configure_round(self, round, global_params):
-        self.current = global_params
-
     def aggregate(self, round, results):
         names = check_results(round, results)
-        if self.current is None:
-            raise RuntimeError(
-                "fedavg_rows needs the round's global parameters: call configure_round first."
-            )
+        current = self.round_start()
         counts = [n for _, _, n in results]
         return {
-            name: rowwise_mean([update[name] for _, update, _ in results], counts, self.current[name])
+            name: rowwise_mean([update[name] for _, update, _ in results], counts, current[name])
             for name in names
         }
 
@@ -411,6 +432,41 @@ class FedProx(Strategy):
 
     def aggregate(self, round, results):
         return self.average.aggregate(round, results)
+
+
+@register_strategy("fednova")
+class FedNova(NeedsRoundStart):
+    """FedNova (Wang et al., NeurIPS 2020): each client's update normalised by its number of
+    local steps ``tau_i`` (the reply's ``num_steps``), then scaled by the weighted mean step
+    count: ``x += tau_eff * sum_i p_i (y_i - x) / tau_i`` with ``p_i`` the ``num_examples``
+    weights and ``tau_eff = sum_i p_i tau_i``; with equal step counts it is FedAvg. The
+    normalisation is the paper's for plain local SGD (``a_i = tau_i``); with RecBole's default
+    optimizer (Adam) it is the step-count correction the paper motivates, not its exact ``a_i``.
+    Markets of different sizes take different numbers of steps per epoch; ``fed_local_steps``
+    makes them equal instead. Integer tensors (counters) get the plain average."""
+
+    def aggregate(self, round, results):
+        names = check_results(round, results)
+        current = self.round_start()
+        steps = []
+        for result in results:
+            tau = getattr(result, "metrics", {}).get("num_steps")
+            if tau is None or not tau > 0:
+                raise ValueError(f"Round {round}: fednova needs each client's num_steps > 0; "
+                                 f"client [{result[0]}] sent {tau!r}.")
+            steps.append(float(tau))
+        weights = example_weights([n for _, _, n in results])
+        tau_eff = sum(p * tau for p, tau in zip(weights, steps))
+        new = {}
+        for name in names:
+            x, values = current[name], [update[name] for _, update, _ in results]
+            if not x.is_floating_point():
+                new[name] = weighted_mean(values, weights)
+                continue
+            base = x.double()
+            move = sum(p / tau * (v.double() - base) for p, tau, v in zip(weights, steps, values))
+            new[name] = cast_like(base + tau_eff * move, x.dtype)
+        return new
 
 
 STRATEGY_SETTINGS = (*SERVER_SETTINGS, "proximal_mu")
