@@ -382,18 +382,18 @@ def main():
 
 def harness_main(doc, models, folder, is_current, run_one, summarise, choose=None):
     """The command line of a resumable harness: ``--models``, ``--seeds``, ``--summarise-only``;
-    ``choose``: ``(flag, choices, default, use)``, an option choosing the data variant
-    (``use(value)`` makes it the harness's and returns its results folder)."""
+    ``choose``: ``(flag, choices, default, use)``, or a list of them, options choosing a variant
+    of the benchmark (``use(value)`` makes it the harness's and returns its results folder)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--summarise-only", action="store_true")
-    if choose:
-        flag, choices, default, use = choose
+    options = [choose] if isinstance(choose, tuple) else list(choose or [])
+    for flag, choices, default, _ in options:
         parser.add_argument(flag, choices=list(choices), default=default,
-                            help=f"data variant (default: {default})")
+                            help=f"benchmark variant (default: {default})")
     args = parser.parse_args()
-    if choose:
+    for flag, _, _, use in options:
         folder = use(getattr(args, flag.lstrip("-").replace("-", "_")))
     if not args.summarise_only:
         run_grid(args.models, args.seeds, folder, is_current, run_one)

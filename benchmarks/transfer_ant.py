@@ -30,6 +30,11 @@ pretraining included (``saved/ant-pretrain-paper-seed<S>.pth``), into ``results/
 paper``: meant for a GPU machine, e.g. for the headline rows (``--models SASRec-scratch@scientific-mm
 UniSRec-FT@scientific-mm ANT-finetune@scientific-mm ANT-relearn@scientific-mm``).
 
+``--pretraining ml100k`` pretrains on MovieLens-100K alone (a domain unrelated to Scientific: the
+setting where fine-tuning should transfer negatively, the paper's premise) and ``--pretraining
+converged`` pretrains until early stopping (at most 300 epochs) instead of the 30-epoch cap; each
+into ``results/ant-scientific-<pretraining>`` with its own pretrained checkpoints.
+
 Sizing: hidden 64 and FFN 128 (paper: 256 / 256), sequences of at most 20 items (paper: 50),
 at most 30 pretraining epochs (its validation was still rising slowly there) and 150 adaptation
 epochs with early stopping after 5 validations without gain (paper: up to 300 epochs), batches of
@@ -127,13 +132,34 @@ def ensure_datasets():
 # Model sizes (``--sizes``): the CPU-scaled default, or the paper's (hidden 256, FFN 256,
 # sequences of 50) for every model and the pretraining, results apart (issue 40; meant for a GPU).
 SIZES = {"scaled": {}, "paper": {"hidden_size": 256, "inner_size": 256, "MAX_ITEM_LIST_LENGTH": 50}}
-SIZE_SETTINGS, SIZE_SUFFIX = {}, ""  # the chosen sizes (use_sizes)
+# Pretraining (``--pretraining``): on both auxiliary domains with the 30-epoch cap (default); on
+# MovieLens-100K alone, a domain unrelated to Scientific, where fine-tuning may transfer
+# negatively (issue 40); or to convergence (early stopping within 300 epochs).
+PRETRAININGS = {"office+ml100k": {}, "ml100k": {"markets": ["ml100k"]},
+                "converged": {"epochs": 300}}
+CHOSEN = {"sizes": "scaled", "pretraining": "office+ml100k"}  # the variant (use_sizes, ...)
+SIZE_SETTINGS, SIZE_SUFFIX = {}, ""
 
 
 def use_sizes(sizes):
     """Run and summarise with model ``sizes`` (:data:`SIZES`); returns the results folder."""
+    return _use(sizes=sizes)
+
+
+def use_pretraining(pretraining):
+    """Run and summarise with the ``pretraining`` (:data:`PRETRAININGS`); returns the folder."""
+    return _use(pretraining=pretraining)
+
+
+def _use(**chosen):
+    """Make the variant ``chosen`` (with the other choice kept) the harness's: its settings,
+    its results folder ``ant-scientific[-<sizes>][-<pretraining>]`` and pretrained files."""
     global NAME, FOLDER, SIZE_SETTINGS, SIZE_SUFFIX
-    SIZE_SUFFIX = "" if sizes == "scaled" else f"-{sizes}"
+    CHOSEN.update(chosen)
+    sizes, pretraining = CHOSEN["sizes"], CHOSEN["pretraining"]
+    SIZE_SUFFIX = "".join(f"-{value}" for value, default in ((sizes, "scaled"),
+                                                             (pretraining, "office+ml100k"))
+                          if value != default)
     NAME, SIZE_SETTINGS = f"ant-scientific{SIZE_SUFFIX}", dict(SIZES[sizes])
     FOLDER = RESULTS / NAME
     return FOLDER
@@ -145,7 +171,7 @@ def common(seed):
 
 
 def pretrain_settings(seed):
-    return {**common(seed), **PRETRAIN, **SIZE_SETTINGS}
+    return {**common(seed), **PRETRAIN, **PRETRAININGS[CHOSEN["pretraining"]], **SIZE_SETTINGS}
 
 
 def pretrained_file(seed):
@@ -184,9 +210,9 @@ def _pretrain_unless_current(seed):
     if (pretrained_file(seed).exists() and out_file.exists()
             and current_ant(json.loads(out_file.read_text()), settings)):
         return pretrained_file(seed)
-    print(f"== pretraining on {SOURCES}, seed {seed}", flush=True)
+    print(f"== pretraining on {settings['markets']}, seed {seed}", flush=True)
     result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
-    shutil.copyfile(result["per_market"][SOURCES[0]]["checkpoint"], pretrained_file(seed))
+    shutil.copyfile(result["per_market"][settings["markets"][0]]["checkpoint"], pretrained_file(seed))
     write_record({"name": "pretrain", "model": "ANT", "revision": REVISIONS["ANT"], "seed": seed,
             "settings": settings, "wall_s": wall,
             "selected_by": "macro valid ndcg@10 of the auxiliary domains",
@@ -323,7 +349,8 @@ def markdown(summary):
     lines = ["# ANT on Amazon Scientific (negative transfer)", "",
              f"Seeds {summary['seeds']}; model selected by {summary['selected_by']}; test metrics, "
              "full ranking over the target's items, mean ± sample std over seeds. Pretrained "
-             f"variants load one pretraining per seed on {SOURCES} (mixed batches).", ""]
+             f"variants load one pretraining per seed on {pretrain_settings(0)['markets']} "
+             f"(mixed batches; pretraining: {CHOSEN['pretraining']}, sizes: {CHOSEN['sizes']}).", ""]
     for target in TARGETS:
         if not any(target in m["per_market"] for m in models.values()):
             lines += [f"Target `{target}`: no runs yet.", ""]
@@ -371,7 +398,8 @@ def summarise():
 def main():
     ensure_datasets()
     harness_main(__doc__, MODELS, FOLDER, is_current, run_one, summarise,
-                 choose=("--sizes", SIZES, "scaled", use_sizes))
+                 choose=[("--sizes", SIZES, "scaled", use_sizes),
+                         ("--pretraining", PRETRAININGS, "office+ml100k", use_pretraining)])
 
 
 if __name__ == "__main__":

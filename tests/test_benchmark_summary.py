@@ -538,6 +538,7 @@ def test_data_variants_convert_once_and_read_their_base_yaml(entity_harness, ctr
 def test_ant_paper_sizes_reach_every_model_and_the_pretraining_apart(ant_harness, monkeypatch):
     for key in ("NAME", "FOLDER", "SIZE_SETTINGS", "SIZE_SUFFIX"):
         monkeypatch.setattr(ant_harness, key, getattr(ant_harness, key))  # restored after the test
+    monkeypatch.setattr(ant_harness, "CHOSEN", dict(ant_harness.CHOSEN))
     scaled = ant_harness.pretrained_file(2020)
     assert ant_harness.use_sizes("paper").name == "ant-scientific-paper"
     paper = {"hidden_size": 256, "inner_size": 256, "MAX_ITEM_LIST_LENGTH": 50}
@@ -548,3 +549,21 @@ def test_ant_paper_sizes_reach_every_model_and_the_pretraining_apart(ant_harness
     assert ant_harness.pretrained_file(2020) != scaled
     assert ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]["pretrained"] == str(
         ant_harness.pretrained_file(2020))
+
+
+def test_ant_pretraining_variants_change_the_pretraining_only(ant_harness, monkeypatch):
+    for key in ("NAME", "FOLDER", "SIZE_SETTINGS", "SIZE_SUFFIX"):
+        monkeypatch.setattr(ant_harness, key, getattr(ant_harness, key))  # restored after the test
+    monkeypatch.setattr(ant_harness, "CHOSEN", dict(ant_harness.CHOSEN))
+    default = ant_harness.pretrain_settings(2020)
+    adaptation = ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]
+    assert ant_harness.use_pretraining("ml100k").name == "ant-scientific-ml100k"
+    assert ant_harness.pretrain_settings(2020) == {**default, "markets": ["ml100k"]}
+    moved = ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]
+    assert moved == {**adaptation, "pretrained": str(ant_harness.pretrained_file(2020))}
+    assert moved["pretrained"] != adaptation["pretrained"]
+    ant_harness.use_sizes("paper")  # the two choices combine
+    assert ant_harness.FOLDER.name == "ant-scientific-paper-ml100k"
+    ant_harness.use_pretraining("converged")
+    assert ant_harness.pretrain_settings(2020)["epochs"] == 300
+    assert ant_harness.pretrain_settings(2020)["markets"] == ["office", "ml100k"]
