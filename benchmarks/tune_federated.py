@@ -1,5 +1,5 @@
 """Validation-only search over the federated stage: strategy, server learning rate, local epochs
-and proximal term, for FedAvg-SASRec on one seed.
+or steps, proximal term, FedNova and personal layers, for FedAvg-SASRec on one seed.
 
     python benchmarks/tune_federated.py --dataset movielens-markets            # the whole grid
     python benchmarks/tune_federated.py --dataset movielens-markets --only fedavgm-m0.9
@@ -55,6 +55,17 @@ GRID = [
     ("ms-rows-etal0.003-E1", {**MS, "eta_l": 0.003}),
     ("ms-rows-fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "fed_rowwise": True, "market_softmax": True,
                                  "server_momentum": 0.5}),
+    # Issue 41: markets of very different sizes take very different numbers of local steps per
+    # epoch (XMRec ca ~20x in). FedNova normalises each update by its steps; fed_local_steps
+    # gives every market the same steps; personal layers (FedPer) keep the normalisation layers
+    # and the position embedding on each market.
+    ("fednova-etal0.003-E1", {"fed_strategy": "fednova", "eta_l": 0.003}),
+    ("fedavg-etal0.003-steps20", {"fed_strategy": "fedavg", "eta_l": 0.003, "fed_local_steps": 20}),
+    ("fedavg-etal0.003-steps50", {"fed_strategy": "fedavg", "eta_l": 0.003, "fed_local_steps": 50}),
+    ("fedbn-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003,
+                            "fed_local_params": ["*LayerNorm*"]}),
+    ("fedper-norm-pos-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003,
+                                      "fed_local_params": ["*LayerNorm*", "position_embedding.*"]}),
 ]
 
 
