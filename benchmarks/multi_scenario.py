@@ -236,11 +236,16 @@ def conflict_summary(runs, name="PF-MSMTrec"):
 
 def conflict_chart(conflict, path):
     """Per round: the mean pairwise cosine of the clients' expert updates (every seed), and each
-    client's mean ``a_i`` (experts) and ``b_i`` (towers) on the first seed; saved to ``path``."""
-    import matplotlib
+    client's mean ``a_i`` (experts) and ``b_i`` (towers) on the first seed; saved to ``path``
+    (nothing without matplotlib, ``pip install '.[bench]'``)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install '.[bench]'): no conflict chart written")
+        return
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for seed, entry in conflict.items():
