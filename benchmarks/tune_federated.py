@@ -56,10 +56,12 @@ GRID = [
     ("ms-rows-fedavgm-m0.5-E1", {"fed_strategy": "fedavgm", "fed_rowwise": True, "market_softmax": True,
                                  "server_momentum": 0.5}),
     # Issue 41: markets of very different sizes take very different numbers of local steps per
-    # epoch (XMRec ca ~20x in). FedNova normalises each update by its steps; fed_local_steps
+    # epoch (XMRec ca ~20x in). SCAFFOLD corrects client drift with control variates; FedNova
+# normalises each update by its steps; fed_local_steps
     # gives every market the same steps; personal layers (FedPer) keep the normalisation layers
     # and the position embedding on each market.
     ("fednova-etal0.003-E1", {"fed_strategy": "fednova", "eta_l": 0.003}),
+    ("scaffold-etal0.003-E1", {"fed_strategy": "scaffold", "eta_l": 0.003}),
     ("fedavg-etal0.003-steps20", {"fed_strategy": "fedavg", "eta_l": 0.003, "fed_local_steps": 20}),
     ("fedavg-etal0.003-steps50", {"fed_strategy": "fedavg", "eta_l": 0.003, "fed_local_steps": 50}),
     ("fedbn-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003,

@@ -135,7 +135,8 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("extra", [{}, {"fed_strategy": "fednova", "fed_local_steps": 3}])
+@pytest.mark.parametrize("extra", [{}, {"fed_strategy": "fednova", "fed_local_steps": 3},
+                                   {"fed_strategy": "scaffold"}])
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(two_markets, tmp_path, extra):
     settings = {**two_markets, **LOCAL_NORM, "fed_rounds": 3, **extra}
     server = _server(settings, str(tmp_path / "full.pth"))

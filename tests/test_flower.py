@@ -459,7 +459,7 @@ class LoopbackGrid(FakeGrid):
 @pytest.mark.parametrize("strategy, extra", [
     ("fedavg", []), ("fedavg_rows", ["--market_softmax=True"]), ("fedavgm", ["--server_momentum=0.9"]),
     ("fedadam", []), ("fedyogi", []), ("fedadagrad", []), ("fedprox", ["--proximal_mu=0.1"]),
-    ("fednova", ["--fed_local_steps=3"])])
+    ("fednova", ["--fed_local_steps=3"]), ("scaffold", [])])
 def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(strategy, extra, tmp_path,
                                                                                  task_identity):
     import json

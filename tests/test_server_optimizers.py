@@ -206,3 +206,50 @@ def test_fed_local_steps_takes_that_many_steps_across_epochs(two_markets):
     assert plain.fit(plain.get_parameters(), 0)[2]["num_steps"] == float(len(plain.train_data))
     with pytest.raises(ValueError, match="fed_local_steps and fed_local_epochs both set"):
         _server({**two_markets, "fed_local_steps": 5, "fed_local_epochs": 2})
+
+
+def test_scaffold_server_half_by_hand():
+    """FedAvg of the values; c += sum_i (c_i+ - c_i) / N over the N clients of the federation;
+    the clients get c (and ``scaffold``); a reply without a control change is an error; c is
+    the strategy's state (resume)."""
+    from recbole_cmr.federated.strategy import FitRes
+
+    strategy = make_strategy({"fed_strategy": "scaffold"})
+    strategy.set_clients(["a", "b", "c", "d"])
+    assert strategy.client_tensors(0) == {} and strategy.client_config(0) == {"scaffold": 1.0}
+    strategy.configure_round(0, X0)
+    changes = {"a": torch.tensor([4.0, 0.0]), "b": torch.tensor([0.0, -8.0])}
+    results = [FitRes(c, u, n, {"num_steps": 1.0}, {"w": changes[c]}) for c, u, n in ROUND0]
+    x1 = strategy.aggregate(0, results)
+    assert _close(x1["w"], FedAvg().aggregate(0, ROUND0)["w"].tolist())  # [0.5, 3.5]
+    assert _close(strategy.client_tensors(1)["w"], [1.0, -2.0])  # (4 + 0, 0 - 8) / 4 clients
+    again = make_strategy({"fed_strategy": "scaffold"})
+    again.load_state_dict(strategy.state_dict())
+    assert torch.equal(again.client_tensors(1)["w"], strategy.client_tensors(1)["w"])
+    with pytest.raises(ValueError, match=r"scaffold needs each client's control-variate change; "
+                                         r"clients \['a', 'b'\]"):
+        strategy.aggregate(0, _fit_res(ROUND0, [1.0, 1.0]))
+
+
+def test_scaffold_client_half_corrects_each_step_and_keeps_option_two(two_markets):
+    """With c = c_i = 0 a SCAFFOLD round is FedAvg's bit for bit; the client keeps
+    c_i+ = c_i - c + (x - y_i) / (K lr) and replies its change; a non-zero c - c_i changes the
+    training (the correction reaches every step); c_i survives in the private state."""
+    plain = _server(two_markets).clients["in"]
+    start = plain.get_parameters()
+    update, _, metrics = plain.fit(start, 0)
+    client = _server({**two_markets, "fed_strategy": "scaffold"}).clients["in"]
+    *reply, change = client.fit(start, 0, {"scaffold": 1.0}, {})
+    assert all(torch.equal(reply[0][n], t) for n, t in update.items())  # neutral start: FedAvg
+    lr = client.trainer.optimizer.param_groups[0]["lr"]
+    name = "item_embedding.weight"
+    expected = (start[name].double() - reply[0][name].double()) / (metrics["num_steps"] * lr)
+    assert torch.allclose(change[name], expected) and torch.equal(client.control[name], change[name])
+    assert set(change) == set(client.trainable_shared())
+    steered = _server({**two_markets, "fed_strategy": "scaffold"}).clients["in"]
+    control = {name: torch.full_like(start[name], 0.5, dtype=torch.float64)}
+    moved = steered.fit(start, 0, {"scaffold": 1.0}, control)[0]
+    assert not torch.equal(moved[name], reply[0][name])
+    restored = _server({**two_markets, "fed_strategy": "scaffold"}).clients["in"]
+    restored.load_private_state(client.private_state())
+    assert torch.equal(restored.control[name], client.control[name])

@@ -125,7 +125,9 @@ def _updates(round_idx, starts):
         update["item_embedding.weight"] = start["item_embedding.weight"] + rows * torch.randn(
             start["item_embedding.weight"].shape, generator=generator)
         update["steps"] = start["steps"] + count
-        results.append(FitRes(cid, update, count, {"loss": 0.0, "num_steps": 2.0 * count}))
+        change = {n: torch.randn(t.shape, generator=generator) for n, t in start.items()
+                  if t.is_floating_point()}  # SCAFFOLD's control-variate change
+        results.append(FitRes(cid, update, count, {"loss": 0.0, "num_steps": 2.0 * count}, change))
     return results
 
 
@@ -138,7 +140,8 @@ def _two_rounds(name, rowwise, to):
     personal, returned = {}, []
     for round_idx in range(2):
         starts = {cid: {**current, **personal.get(cid, {})} for cid in COUNTS}
-        results = [FitRes(cid, {n: to(t) for n, t in update.items()}, count, result.metrics)
+        results = [FitRes(cid, {n: to(t) for n, t in update.items()}, count, result.metrics,
+                          {n: to(t) for n, t in result.extra.items()})
                    for result in _updates(round_idx, starts) for cid, update, count in [result]]
         if getattr(strategy, "personalized", False):
             strategy.configure_round(round_idx, {n: to(t) for n, t in current.items()},

@@ -2,12 +2,13 @@
 
 The contract maps one-to-one onto Flower's ``NumPyClient``/``ClientApp``::
 
-    client.fit(global_params, round) -> (update, num_examples, metrics)
+    client.fit(global_params, round, config[, control]) -> (update, num_examples, metrics[, change])
     client.evaluate(global_params, phase) -> RecBole result dict
     client.evaluate(global_params, phase, best, per_user=True) -> (result, per-user values)
 
-Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats) and evaluation
-results leave the client; its interactions (train, valid and test loaders), its non-shared
+Only ``update`` (named tensors), ``num_examples`` (an int), ``metrics`` (floats), SCAFFOLD's
+control-variate ``change`` (named tensors) and evaluation results leave the client; its
+interactions (train, valid and test loaders), its non-shared
 parameters, its optimizer state, its best round's local parameters and its exported model stay
 here. The server sends parameters, round numbers, phase names and file *names* only (the other
 messages: ``parameter_shapes``, ``keep_local``, ``end_round`` (``mark_best``, ``save_state``),
@@ -100,6 +101,7 @@ class Client:
         self.test_data = test_data
         self.local_epochs = local_epochs
         self.local_steps = local_steps
+        self.control = {}  # SCAFFOLD's control variate c_i by parameter name (float64)
         self.show_progress = show_progress
         state = self.model.state_dict()
         self.shared_names = select_shared(state, shared, local)
@@ -135,7 +137,7 @@ class Client:
             )
         self.model.load_state_dict(params, strict=False)
 
-    def fit(self, global_params, round, config=None):
+    def fit(self, global_params, round, config=None, control=None):
         """Train ``local_epochs`` epochs (or ``local_steps`` steps) from the global shared
         parameters.
 
@@ -143,19 +145,25 @@ class Client:
             global_params (dict[str, Tensor]): the server's shared parameters (not modified).
             round (int): 0-based round index (epoch ``round * local_epochs + e`` for RecBole).
             config (dict, optional): the strategy's instructions for this round (Flower's fit
-                config); ``proximal_mu > 0`` adds FedProx's proximal term to the loss.
+                config); ``proximal_mu > 0`` adds FedProx's proximal term to the loss;
+                ``scaffold`` turns on SCAFFOLD's correction with the server's ``control``.
+            control (dict[str, Tensor], optional): SCAFFOLD's server control variate ``c`` by
+                parameter name (absent names: 0).
 
         Returns:
             tuple: ``(update, num_examples, metrics)``: the new *values* (not deltas) of the
             shared parameters, the number of training interactions (int) and ``{"loss": float,
             "num_steps": float}``: the mean over local epochs of RecBole's epoch loss (the sum of
             the batch losses; with ``local_steps``, of the steps' losses) and the optimizer steps
-            taken (FedNova normalises by them).
+            taken (FedNova normalises by them). Under SCAFFOLD a fourth element: the change of
+            this client's control variate, ``{name: tensor}``.
         """
         self.set_parameters(global_params)
         self.seed_for(round)
-        mu = float((config or {}).get("proximal_mu", 0.0))
-        loss_func = self.proximal_loss(global_params, mu) if mu > 0 else None
+        config = config or {}
+        mu, scaffold = float(config.get("proximal_mu", 0.0)), bool(config.get("scaffold"))
+        correction = self.control_correction(control or {}) if scaffold else None
+        loss_func = self.local_loss(global_params, mu, correction) if mu > 0 or scaffold else None
         if self.local_steps:
             epochs = [(LocalSteps(self.train_data, self.local_steps), round)]
         else:
@@ -167,8 +175,11 @@ class Client:
                                              show_progress=self.show_progress)
             losses.append(sum(loss) if isinstance(loss, tuple) else loss)
         steps = sum(len(data) for data, _ in epochs)
-        return self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses)),
-                                                          "num_steps": float(steps)}
+        reply = (self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses)),
+                                                            "num_steps": float(steps)})
+        if scaffold:
+            reply += (self.update_control(global_params, control or {}, steps),)
+        return reply
 
     def seed_for(self, stage):
         """Seed python, numpy and torch for this client's ``stage`` (a round number or a name such
@@ -178,19 +189,56 @@ class Client:
         init_seed(client_seed(self.trainer.config["seed"], self.client_id, stage),
                   self.trainer.config["reproducibility"])
 
-    def proximal_loss(self, global_params, mu):
-        """The model's loss plus FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the shared
-        trainable parameters (a model returning a tuple of losses gets it as one more part)."""
+    def trainable_shared(self):
+        """``{name: parameter}`` of the shared parameters the optimizer trains."""
         params = dict(self.model.named_parameters())
-        anchors = [(params[n], global_params[n].detach().clone().to(params[n].device))
-                   for n in self.shared_names if n in params]
+        return {n: params[n] for n in self.shared_names if n in params}
+
+    def local_loss(self, global_params, mu=0.0, correction=None):
+        """The model's loss plus FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the shared
+        trainable parameters and SCAFFOLD's ``sum <c - c_i, w>`` (``correction``: ``{name:
+        c - c_i}``), whose gradient is the control-variate correction of every step; a model
+        returning a tuple of losses gets them as one more part."""
+        params = self.trainable_shared()
+        anchors = [(p, global_params[n].detach().clone().to(p.device)) for n, p in params.items()] \
+            if mu > 0 else []
+        linear = [(params[n], d) for n, d in (correction or {}).items()]
 
         def loss(interaction):
             base = self.model.calculate_loss(interaction)
-            proximal = mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchors)
-            return (*base, proximal) if isinstance(base, tuple) else base + proximal
+            extra = mu / 2 * sum(((p - g) ** 2).sum() for p, g in anchors) + \
+                sum((p * d).sum() for p, d in linear)
+            return (*base, extra) if isinstance(base, tuple) else base + extra
 
         return loss
+
+    # ---- SCAFFOLD's control variate (client half) ----------------------------------------
+    def control_correction(self, control):
+        """``{name: c - c_i}`` for the shared trainable parameters, on their devices and dtypes
+        (``control``: the server's ``c``; a name it lacks is 0, as is this client's ``c_i``
+        before its first SCAFFOLD round)."""
+        out = {}
+        for name, p in self.trainable_shared().items():
+            zero = torch.zeros_like(p, dtype=torch.float64)
+            c = control.get(name, zero).to(p.device, torch.float64)
+            c_i = self.control.get(name, zero).to(p.device, torch.float64)
+            out[name] = (c - c_i).to(p.dtype)
+        return out
+
+    def update_control(self, global_params, control, steps):
+        """SCAFFOLD option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)`` after ``K = steps`` local
+        steps at the optimizer's learning rate, kept as this client's ``c_i``; returns the change
+        ``c_i+ - c_i`` (float64) that the server averages into ``c``."""
+        lr = float(self.trainer.optimizer.param_groups[0]["lr"])
+        change = {}
+        for name, p in self.trainable_shared().items():
+            y = p.detach().to(torch.float64)
+            x = global_params[name].detach().to(p.device, torch.float64)
+            c = control.get(name, torch.zeros_like(y)).to(p.device, torch.float64)
+            c_i = self.control.get(name, torch.zeros_like(y)).to(p.device, torch.float64)
+            new = c_i - c + (x - y) / (steps * lr)
+            change[name], self.control[name] = new - c_i, new
+        return change
 
     def evaluate(self, global_params, phase="valid", best=False, per_user=False):
         """RecBole's result on this client's own ``phase`` loader (``valid`` or ``test``) with the
@@ -296,11 +344,13 @@ class Client:
 
     def private_state(self):
         """Everything a resumed run needs from this client (plain tensors and numbers only):
-        local parameters, optimizer state and the training loader's shuffling RNG."""
+        local parameters, optimizer state, the training loader's shuffling RNG and SCAFFOLD's
+        control variate."""
         return {
             "local": self.local_state(),
             "optimizer": self.trainer.optimizer.state_dict(),
             "train_rng": self.train_data.generator.get_state(),
+            "control": dict(self.control),  # SCAFFOLD's c_i (empty otherwise)
         }
 
     def load_private_state(self, state):
@@ -308,3 +358,4 @@ class Client:
         self.load_local_state(state["local"])
         self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.train_data.generator.set_state(state["train_rng"].to(torch.uint8).cpu())
+        self.control = dict(state.get("control", {}))

@@ -10,7 +10,7 @@ Settings (defaults in properties/overall.yaml)::
     fed_min_clients: 0          # (int) Under Flower: a round goes on without the selected markets
                                 #   whose node is lost once this many replied (0: wait for all).
     fed_strategy: fedavg        # (str) fedavg, fedavg_rows, fedavgm, fedadam, fedyogi, fedadagrad,
-                                #   fedprox, fednova (recbole_cmr.federated.strategy).
+                                #   fedprox, fednova, scaffold (recbole_cmr.federated.strategy).
     fed_shared_params: ["*"]    # (list) fnmatch/regex patterns of the aggregated parameters.
     fed_local_params: []        # (list) Patterns kept on each market (FedBN: ["*LayerNorm*"]).
     fed_rowwise: False          # (bool) Per-row averaging under any strategy (see strategy.py).
@@ -75,7 +75,7 @@ def drop_non_finite(round_idx, results):
     kept = []
     for result in results:
         client_id, update, _ = result
-        if is_finite(update):
+        if is_finite(update) and is_finite(getattr(result, "extra", {})):
             kept.append(result)  # as it came: a FitRes keeps its metrics
         else:
             getLogger().warning(set_color(
@@ -190,8 +190,9 @@ class FederatedServer:
             the best validated round (each client keeps its own local parameters of that round).
         history (list[dict]): one record per round: ``round``, ``markets`` (trained), ``dropped``
             (selected, but their node was lost: see ``fed_min_clients``), ``strategy`` (the
-            strategy's ``round_report``, where it has one), ``train_loss`` (mean over them), ``valid_score``, ``bytes_up``, ``bytes_down``,
-            ``train_time``, ``aggregate_time``, ``valid_time``, ``round_time`` (seconds).
+            strategy's ``round_report``, where it has one), ``train_loss`` (mean over them),
+            ``valid_score``, ``bytes_up``, ``bytes_down``, ``train_time``, ``aggregate_time``,
+            ``valid_time``, ``round_time`` (seconds).
     """
 
     def __init__(self, config, clients, strategy=None, checkpoint_file=None):
@@ -225,6 +226,7 @@ class FederatedServer:
             self.global_params = {n: t for n, t in self.global_params.items() if n not in private}
         self.shared_names = list(self.global_params)
         self.strategy.check_names(self.shared_names)
+        self.strategy.set_clients(list(self.clients))
         self.start_round, self.cur_step, self.stopped = 0, 0, False
         self.best_score = -np.inf if self.bigger else np.inf
         self.best, self.history = None, []
@@ -248,8 +250,9 @@ class FederatedServer:
         return self.best["valid"] if self.best else None
 
     # ---- one round -------------------------------------------------------------------------
-    def _collect(self, client_id, update, num_examples, metrics):
-        """Check what a client sent: named shared tensors, an int count, float metrics."""
+    def _collect(self, client_id, update, num_examples, metrics, extra=None):
+        """Check what a client sent: named shared tensors, an int count, float metrics and, for
+        some strategies (SCAFFOLD), extra named tensors of shared parameters."""
         if not isinstance(update, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in update.items()
         ):
@@ -261,7 +264,11 @@ class FederatedServer:
             raise ValueError(f"Client [{client_id}] sent non-shared parameters {sorted(unknown)}.")
         if not isinstance(num_examples, int) or isinstance(num_examples, bool):
             raise TypeError(f"Client [{client_id}] must send num_examples as int.")
-        return client_id, update, num_examples, {k: float(v) for k, v in metrics.items()}
+        unknown = set(extra or {}) - set(self.shared_names)
+        if unknown:
+            raise ValueError(f"Client [{client_id}] sent extra tensors of non-shared parameters "
+                             f"{sorted(unknown)}.")
+        return client_id, update, num_examples, {k: float(v) for k, v in metrics.items()}, extra
 
     def _train_round(self, round_idx):
         """Select, broadcast, local training, collect, aggregate. Returns the round's record."""
@@ -275,14 +282,17 @@ class FederatedServer:
         else:
             self.strategy.configure_round(round_idx, self.global_params)
         instructions = self.strategy.client_config(round_idx)
-        replies = self.call_each("fit", {cid: (starts[cid], round_idx, instructions) for cid in selected})
+        tensors = self.strategy.client_tensors(round_idx)
+        extra = () if tensors is None else (tensors,)
+        replies = self.call_each("fit", {cid: (starts[cid], round_idx, instructions, *extra)
+                                         for cid in selected})
         dropped = [cid for cid in selected if cid not in replies]  # lost nodes (``fed_min_clients``)
         selected = [cid for cid in selected if cid in replies]
         for client_id in selected:
-            client_id, update, num_examples, metrics = self._collect(client_id, *replies[client_id])
-            results.append(FitRes(client_id, update, num_examples, metrics))
-            losses.append(metrics.get("loss", np.nan))
-            bytes_up += nbytes(update)
+            result = FitRes(*self._collect(client_id, *replies[client_id]))
+            results.append(result)
+            losses.append(result.metrics.get("loss", np.nan))
+            bytes_up += nbytes(result[1]) + nbytes(result.extra)
         trained = time()
         if personalized:
             self.global_params, self.personal = aggregate_personalized(
@@ -298,7 +308,7 @@ class FederatedServer:
             **({"strategy": report} if report else {}),
             "train_loss": float(np.mean(losses)),
             "bytes_up": bytes_up,
-            "bytes_down": sum(nbytes(self.params_for(c)) for c in selected),
+            "bytes_down": sum(nbytes(self.params_for(c)) + nbytes(tensors or {}) for c in selected),
             "train_time": trained - start,
             "aggregate_time": time() - trained,
             "valid_score": None,

@@ -73,11 +73,12 @@ def select_shared(state_dict, shared=("*",), local=()):
 class FitRes(tuple):
     """One client's reply to a training round: the tuple ``(client_id, update, num_examples)``
     (what every strategy unpacks) with the reply's float ``metrics`` (``loss``, ``num_steps``)
-    as an attribute."""
+    and its ``extra`` tensors (SCAFFOLD's control-variate change; ``{}`` otherwise) as
+    attributes."""
 
-    def __new__(cls, client_id, update, num_examples, metrics=None):
+    def __new__(cls, client_id, update, num_examples, metrics=None, extra=None):
         result = super().__new__(cls, (client_id, update, num_examples))
-        result.metrics = dict(metrics or {})
+        result.metrics, result.extra = dict(metrics or {}), dict(extra or {})
         return result
 
 
@@ -109,6 +110,14 @@ class Strategy(abc.ABC):
         """What the clients are told with this round's parameters (Flower's fit ``config``),
         e.g. FedProx's ``proximal_mu``: a ``{str: float}`` dict."""
         return {}
+
+    def client_tensors(self, round):
+        """Tensors every client gets with this round's parameters (SCAFFOLD's server control
+        variate), ``{name: tensor}``, or None (most strategies: the fit message has none)."""
+        return None
+
+    def set_clients(self, client_ids):
+        """Told once by the server: every client of the federation (selected or not)."""
 
     def round_report(self):
         """Plain numbers about the last :meth:`aggregate` for the round's history (e.g.
@@ -467,6 +476,56 @@ class FedNova(NeedsRoundStart):
             move = sum(p / tau * (v.double() - base) for p, tau, v in zip(weights, steps, values))
             new[name] = cast_like(base + tau_eff * move, x.dtype)
         return new
+
+
+@register_strategy("scaffold")
+class Scaffold(NeedsRoundStart):
+    """SCAFFOLD (Karimireddy et al., ICML 2020), option II, with FedAvg's weighting.
+
+    Each round the clients get the server control variate ``c`` (:meth:`client_tensors`) and
+    ``scaffold`` in their instructions; a client adds ``<c - c_i, w>`` to its loss, so every local
+    step's gradient is corrected by ``c - c_i``, and after ``K`` steps at learning rate ``lr``
+    keeps ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (state it saves with its private state) and
+    replies the change ``c_i+ - c_i``. The server takes FedAvg of the values (global learning
+    rate 1) and ``c += sum_i (c_i+ - c_i) / N`` over the ``N`` clients of the federation (all
+    replying clients when not told). With RecBole's default optimizer (Adam) the correction goes
+    through Adam's scaling, as in SCAFFOLD implementations that hook the gradient."""
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self.control, self.n_clients = {}, None
+
+    def set_clients(self, client_ids):
+        self.n_clients = len(client_ids)
+
+    def client_config(self, round):
+        return {"scaffold": 1.0}
+
+    def client_tensors(self, round):
+        return dict(self.control)
+
+    def aggregate(self, round, results):
+        names = check_results(round, results)
+        self.round_start()
+        weights = example_weights([n for _, _, n in results])
+        new = {name: weighted_mean([update[name] for _, update, _ in results], weights)
+               for name in names}
+        changes = [getattr(result, "extra", {}) for result in results]
+        if not all(changes):
+            missing = [result[0] for result, change in zip(results, changes) if not change]
+            raise ValueError(f"Round {round}: scaffold needs each client's control-variate change; "
+                             f"clients {missing} sent none.")
+        clients = self.n_clients or len(results)
+        for name in changes[0]:
+            total = sum(change[name].double() for change in changes)  # on the updates' device
+            self.control[name] = self.control.get(name, torch.zeros_like(total)).to(total) + total / clients
+        return new
+
+    def state_dict(self):
+        return {"control": self.control}
+
+    def load_state_dict(self, state):
+        self.control = dict(state.get("control", {}))
 
 
 STRATEGY_SETTINGS = (*SERVER_SETTINGS, "proximal_mu")
