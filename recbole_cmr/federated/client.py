@@ -227,8 +227,8 @@ class Client:
 
     def update_control(self, global_params, control, steps):
         """SCAFFOLD option II: ``c_i+ = c_i - c + (x - y_i) / (K lr)`` after ``K = steps`` local
-        steps at the optimizer's learning rate, kept as this client's ``c_i``; returns the change
-        ``c_i+ - c_i`` (float64) that the server averages into ``c``."""
+        steps at the optimizer's learning rate, kept as this client's ``c_i`` (float64); returns the
+        change ``c_i+ - c_i`` in the parameter's dtype, which the server averages into ``c``."""
         lr = float(self.trainer.optimizer.param_groups[0]["lr"])
         change = {}
         for name, p in self.trainable_shared().items():
@@ -237,7 +237,7 @@ class Client:
             c = control.get(name, torch.zeros_like(y)).to(p.device, torch.float64)
             c_i = self.control.get(name, torch.zeros_like(y)).to(p.device, torch.float64)
             new = c_i - c + (x - y) / (steps * lr)
-            change[name], self.control[name] = new - c_i, new
+            change[name], self.control[name] = (new - c_i).to(p.dtype), new  # sent as p's dtype
         return change
 
     def evaluate(self, global_params, phase="valid", best=False, per_user=False):

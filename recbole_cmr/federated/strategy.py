@@ -502,7 +502,7 @@ class Scaffold(NeedsRoundStart):
         return {"scaffold": 1.0}
 
     def client_tensors(self, round):
-        return dict(self.control)
+        return {name: c.float() for name, c in self.control.items()}  # sent as float32
 
     def aggregate(self, round, results):
         names = check_results(round, results)
