@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 from cross_market import MS, RESULTS, ensure_dataset, run_settings
 
@@ -68,6 +67,10 @@ GRID = [
                             "fed_local_params": ["*LayerNorm*"]}),
     ("fedper-norm-pos-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003,
                                       "fed_local_params": ["*LayerNorm*", "position_embedding.*"]}),
+    # FedRep's schedule on the same personal layers: the head alone for an epoch, then the body
+    ("fedrep-norm-pos-etal0.003-E1", {"fed_strategy": "fedavg", "eta_l": 0.003,
+                                      "fed_local_params": ["*LayerNorm*", "position_embedding.*"],
+                                      "fed_rep_head_epochs": 1}),
 ]
 
 

@@ -143,7 +143,7 @@ def check_model_settings(model, settings):
 
 # Server-side settings of the federated strategies (Flower's names); every ``fed_*`` key too.
 FEDERATED_SETTINGS = ("server_learning_rate", "server_momentum", "eta", "beta_1", "beta_2", "tau",
-                      "eta_l", "proximal_mu")
+                      "eta_l", "proximal_mu", "scenario_experts")
 # Settings of a fine-tuning stage (train_mode transfer; pooled or federated with finetune: True).
 FINETUNE_SETTINGS = ("finetune_params", "finetune_lr_scale", "finetune_keep_pretrained",
                      "pretrain_learning_rate_decay")

@@ -8,16 +8,16 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from recbole.data.interaction import Interaction
+from recbole.data.interaction import Interaction, cat_interactions
 from recbole.evaluator import Collector as RecBoleCollector
-from recbole.model.sequential_recommender import CORE, SHAN, GRU4RecCPR, SASRecCPR
-from recbole.utils import (EvaluatorType, ModelType, calculate_valid_score, get_local_time,
+from recbole.utils import (EvaluatorType, calculate_valid_score, get_local_time,
                            init_seed, set_color)
 
 from recbole_cmr import __version__
 from recbole_cmr.evaluator import Evaluator  # also registers the plugin's metrics
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint, other_parameter_state
-from recbole_cmr.data.dataloader import ScoreMask
+from recbole_cmr.data.dataloader import (SampledBatch, ScoreMask, first_rows, scores_from_one_encoding,
+                                         shares_sequence)
 from recbole_cmr.utils import matching, pattern_setting, save_atomic
 
 
@@ -72,46 +72,6 @@ def row_users(interaction, n_rows, uid_field):
     if len(users) != n_rows:
         users = torch.unique_consecutive(users)
     return users if len(users) == n_rows else None
-
-
-# Sequential models whose ``full_sort_predict`` does not give an item the score ``predict`` gives
-# it, so sampled evaluation keeps RecBole's ``predict`` path for them (RecBole 1.2.1): CORE
-# (``predict`` scores un-normalised item embeddings, ``full_sort_predict`` normalised ones), SHAN
-# (``predict`` encodes the inverse sequence, ``full_sort_predict`` the sequence itself), and
-# GRU4RecCPR / SASRecCPR (``predict`` is unsupported: RecBole's own error stays).
-PREDICT_ONLY = (CORE, SHAN, GRU4RecCPR, SASRecCPR)
-
-
-def first_rows(row_idx, n_users):
-    """The first row of each user in a sampled-evaluation batch.
-
-    Args:
-        row_idx (torch.LongTensor): ``[n_rows]``, each row's user (``0 .. n_users - 1``).
-        n_users (int): the users in the batch.
-
-    Returns:
-        torch.LongTensor: ``[n_users]``, on ``row_idx``'s device.
-    """
-    rows = torch.arange(len(row_idx), device=row_idx.device)
-    first = torch.full((n_users,), len(row_idx), dtype=torch.long, device=row_idx.device)
-    return first.scatter_reduce_(0, row_idx, rows, "amin")
-
-
-def shares_sequence(interaction, row_idx, first, config):
-    """True when every row has its user's first row's sequence: the same user id, sequence
-    length and list fields (``item_id_list``, ...; one row per user in a leave-one-out split,
-    several positives per user in others, whose sequences may differ).
-
-    Args:
-        interaction (Interaction): the batch, ``[n_rows]`` rows.
-        row_idx (torch.LongTensor): ``[n_rows]``, each row's user.
-        first (torch.LongTensor): ``[n_users]``, each user's first row.
-    """
-    suffix = config["LIST_SUFFIX"]
-    own = (config["USER_ID_FIELD"], config["ITEM_LIST_LENGTH_FIELD"])
-    representative = first[row_idx]  # [n_rows]
-    return all(torch.equal(interaction[field], interaction[field][representative])
-               for field in interaction.columns if field.endswith(suffix) or field in own)
 
 
 def macro_average(results):
@@ -253,12 +213,28 @@ class MultiMarketTrainerMixin:
 
     def _neg_sample_batch_eval(self, batched_data):
         """RecBole's; a sequential model ranking sampled candidates (``uni99``, ``pop100``)
-        scores them from one encoding per user: :meth:`_sampled_from_full_sort`."""
+        scores them from one encoding per user: :meth:`_sampled_from_full_sort`. Otherwise a
+        :class:`~recbole_cmr.data.dataloader.SampledBatch` of ``eval_batch_size`` users goes
+        through RecBole's ``predict`` path in parts of ``eval_batch_size`` rows, as RecBole's
+        own batches hold."""
         scores = self._sampled_from_full_sort(batched_data)
-        if scores is None:
+        if scores is not None:
+            if isinstance(batched_data, SampledBatch):
+                return (batched_data.user_rows(), scores, batched_data.positive_u(),
+                        batched_data.positive_i())
+            interaction, _, positive_u, positive_i = batched_data
+            return interaction, scores, positive_u, positive_i
+        if not isinstance(batched_data, SampledBatch):
             return super()._neg_sample_batch_eval(batched_data)
-        interaction, _, positive_u, positive_i = batched_data
-        return interaction, scores, positive_u, positive_i
+        times = batched_data.loader.times * int(batched_data.counts.max())
+        parts = [super(MultiMarketTrainerMixin, self)._neg_sample_batch_eval(part.expand())
+                 for part in batched_data.parts(max(1, self.config["eval_batch_size"] // times))]
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [len(scores) for _, scores, _, _ in parts])[:-1]
+        return (cat_interactions([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                torch.cat([p[2] + int(o) for p, o in zip(parts, offsets)]),
+                torch.cat([p[3] for p in parts]))
 
     def _sampled_from_full_sort(self, batched_data):
         """RecBole's score matrix of a sampled-evaluation batch with the candidates' scores
@@ -268,33 +244,42 @@ class MultiMarketTrainerMixin:
         gives them (to float rounding).
 
         Args:
-            batched_data (tuple): a ``NegSampleEvalDataLoader`` batch, ``(interaction [n_rows],
-                row_idx [n_rows], positive_u, positive_i)``.
+            batched_data (SampledBatch | tuple): a market loader's batch, or a
+                ``NegSampleEvalDataLoader`` batch ``(interaction [n_rows], row_idx [n_rows],
+                positive_u, positive_i)``.
 
         Returns:
             torch.Tensor | None: ``[n_users, n_items]``: the candidates' scores at ``(row_idx,
-            item_id)``, ``-inf`` elsewhere, on the model's device; None (RecBole's path) for a
-            non-sequential model, value metrics, a model in :data:`PREDICT_ONLY` or without
-            ``full_sort_predict``, or a user whose rows hold different sequences.
+            item_id)``, ``-inf`` elsewhere, on the model's device; None (RecBole's path) for value
+            metrics, a model that :func:`scores_from_one_encoding` rules out, a
+            ``full_sort_predict`` that raises ``NotImplementedError``, or a user whose rows hold
+            different sequences.
         """
-        interaction, row_idx, positive_u, _ = batched_data
-        if (row_idx is None or self.model.type != ModelType.SEQUENTIAL
-                or self.config["eval_type"] != EvaluatorType.RANKING
-                or isinstance(self.model, PREDICT_ONLY)):
+        if (self.config["eval_type"] != EvaluatorType.RANKING
+                or not scores_from_one_encoding(type(self.model))):
             return None
-        n_users = int(positive_u[-1]) + 1
-        first = first_rows(row_idx, n_users)
-        if not shares_sequence(interaction, row_idx, first, self.config):
-            return None
+        if isinstance(batched_data, SampledBatch):
+            if not batched_data.one_sequence_per_user():
+                return None
+            n_users, users = batched_data.n_users, batched_data.user_rows()
+            row_idx, items = batched_data.candidates()
+        else:
+            interaction, row_idx, positive_u, _ = batched_data
+            if row_idx is None:
+                return None
+            n_users = int(positive_u[-1]) + 1
+            first = first_rows(row_idx, n_users)
+            if not shares_sequence(interaction, row_idx, first, self.config):
+                return None
+            users, items = interaction[first], interaction[self.config["ITEM_ID_FIELD"]]
         try:
-            full = self.model.full_sort_predict(interaction[first].to(self.device))
+            full = self.model.full_sort_predict(users.to(self.device))
         except NotImplementedError:
             return None
         full = full.view(n_users, -1)
         if full.shape[1] != self.tot_item_num:
             return None
-        rows = row_idx.to(full.device)
-        items = interaction[self.config["ITEM_ID_FIELD"]].to(full.device)
+        rows, items = row_idx.to(full.device), items.to(full.device)
         scores = torch.full((n_users, self.tot_item_num), float("-inf"), device=full.device)
         scores[rows, items] = full[rows, items]
         return scores

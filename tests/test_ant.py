@@ -217,10 +217,18 @@ def test_finetune_adaptation_keeps_the_adaptors(domains):
 
 
 def test_two_stages_with_two_sources_and_stage_two_alone(domains):
-    settings = _for("ANT", domains)
+    """Pretraining on two pooled sources, then the target (here with target text from a file,
+    whose adaptor the target checkpoint holds at the file's width and whose role a reload
+    restores with the stage); the adaptation alone from the source checkpoint."""
+    settings = _for("ANT", _with_target_text(domains))
     result = run_recbole_cmr(model="ANT", dataset="mlant", config_dict=settings)
     south = result["per_market"]["south"]
     assert set(south["test"]) == {"hit@10", "ndcg@10", "mrr@10"}
+    state = load_checkpoint(south["checkpoint"])["state_dict"]
+    assert state["item_embedding.adaptors.target_text.w_gate"].shape[0] == 6
+    from recbole_cmr.quick_start import load_data_and_model
+
+    assert load_data_and_model(south["checkpoint"])[1].item_embedding.text_source == "target_text"
     source_checkpoint = result["per_market"]["ml100k"]["checkpoint"]
     assert source_checkpoint == result["per_market"]["east"]["checkpoint"]  # one pooled pretraining
     assert set(result["per_market"]["east"]["after_transfer"]) == {"south"}
@@ -262,3 +270,67 @@ def test_text_only_without_moe_trains_and_evaluates(domains):
     assert set(south["test"]) == {"hit@10", "ndcg@10", "mrr@10"}
     with pytest.raises(ValueError, match="ANT represents items by their modalities"):
         _model(settings, text_modality=False)
+
+
+# ---------------------------------------------------------------- target text from a file
+def _with_target_text(domains, rows_every=3, dim=6):
+    """``domains`` plus a synthetic target text file (``dim``-wide rows for every
+    ``rows_every``-th movie) as ``target_text_feature_*``."""
+    folder = Path(domains["data_path"]) / "mlant"
+    items = pd.read_csv(folder / "mlant.item", sep="\t", dtype=str, keep_default_na=False)
+    with_text = items["item_id:token"].iloc[::rows_every].tolist()
+    (folder / "mlant.txt2index").write_text("".join(f"{t}\t{i}\n" for i, t in enumerate(with_text)))
+    np.random.default_rng(1).standard_normal((len(with_text), dim)).astype(np.float32).tofile(
+        folder / "mlant.txt")
+    return {**domains, "target_text_feature_file": "mlant.txt",
+            "target_text_feature_index": "mlant.txt2index", "target_text_feature_dim": dim}
+
+
+def _table_moves(model, adaptor):
+    """Whether the item table changes when ``adaptor``'s parameters are perturbed."""
+    model.eval()
+    before = model.item_embedding.weight.detach().clone()
+    with torch.no_grad():
+        saved = [p.clone() for p in model.item_embedding.adaptors[adaptor].parameters()]
+        for p in model.item_embedding.adaptors[adaptor].parameters():
+            p.add_(0.5)
+        moved = not torch.equal(model.item_embedding.weight, before)
+        for p, s in zip(model.item_embedding.adaptors[adaptor].parameters(), saved):
+            p.copy_(s)
+    return moved
+
+
+@pytest.mark.parametrize("adaptation", ["relearn", "finetune"])
+def test_target_text_takes_the_text_role_on_the_target(domains, adaptation):
+    """With ``target_text_feature_file``: pretraining's table uses the sentence encoder's text and
+    not the file's; from the finetune stage on, the file's vectors (their own adaptor, of their
+    width) take the text role: in the table, in the image-text fusion, and the encoder text is
+    out; the other pretrained adaptors stay under ``finetune``."""
+    settings = _for("ANT", _with_target_text(domains))
+    _, model, _ = _model(settings, adaptation=adaptation)
+    encoder = model.item_embedding
+    assert encoder.names == ["image", "price", "target_text", "text"]
+    assert encoder.adaptors["target_text"].w_gate.shape[0] == 6
+    assert encoder.features("target_text")[1].float().mean().item() == pytest.approx(1 / 3, abs=0.05)
+    assert _table_moves(model, "text") and not _table_moves(model, "target_text")
+    image_before = {k: v.clone() for k, v in encoder.adaptors["image"].state_dict().items()}
+    model.set_stage("finetune")
+    assert _table_moves(model, "target_text") and not _table_moves(model, "text")
+    parts = {n: encoder.modality(n) for n in ("image", "price", "target_text")}
+    expected = sum(parts.values()) + model.item_embedding.beta * parts["image"] * parts["target_text"]
+    assert torch.allclose(encoder.weight, expected)
+    kept = all(torch.equal(v, image_before[k]) for k, v in encoder.adaptors["image"].state_dict().items())
+    assert kept == (adaptation == "finetune")
+    model.set_stage("pretrain")
+    assert encoder.text_source == "text"
+
+
+def test_target_text_settings_that_would_go_unread_are_errors(domains):
+    settings = _for("ANT", _with_target_text(domains))
+    local = {k: v for k, v in settings.items() if k != "source_market"}
+    with pytest.raises(ValueError, match="train_mode local without finetune never reaches"):
+        _model(local, train_mode="local")
+    with pytest.raises(ValueError, match="target_text_feature_file is read only with text_modality: True"):
+        _model(settings, text_modality=False)
+    with pytest.raises(ValueError, match=r"mlant\.txt: .* of target_text_feature_dim 4"):
+        _model(settings, target_text_feature_dim=4)

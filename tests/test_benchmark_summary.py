@@ -570,3 +570,39 @@ def test_ant_pretraining_variants_change_the_pretraining_only(ant_harness, monke
     ant_harness.use_pretraining("converged")
     assert ant_harness.pretrain_settings(2020)["epochs"] == 300
     assert ant_harness.pretrain_settings(2020)["markets"] == ["office", "ml100k"]
+
+
+def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harness, tmp_path,
+                                                                          monkeypatch):
+    """``tune_fecosr.py``: FedAvg's budget of 11 points, each one FeCoSR setting off its yaml
+    default; a fine-tuning point fine-tunes from the default point's federated stage (and refuses
+    to run without it); a point's record holds validation and no test metric."""
+    import recbole_cmr
+    from recbole_cmr import Config
+
+    tune = _load_harness("tune_fecosr")
+    assert len(tune.GRID) == 11 and tune.GRID[0][0] == tune.DEFAULT
+    defaults = Config(model="FeCoSR", dataset="xmrec-mini", argv=[])
+    for name, kind, change in tune.GRID[1:]:
+        [(key, value)] = change.items()
+        assert defaults[key] != value, name
+        assert (kind == "stage") == key.startswith("s2ce_")
+    calls = []
+    result = _fake_run_result(["ca", "de"])
+    result.update(best_valid_score=0.11, federated_rounds={"best_round": 3, "rounds": 9})
+    monkeypatch.setattr(recbole_cmr, "run_recbole_cmr",
+                        lambda **kwargs: calls.append(kwargs["config_dict"]) or result)
+    monkeypatch.setattr(tune, "round_checkpoint", lambda *args, **kwargs: (None, None))
+    with pytest.raises(RuntimeError, match="run --only default first"):
+        tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
+    monkeypatch.setattr(tune, "round_checkpoint", lambda model, dataset, settings, finished:
+                        (str(tmp_path / "FeCoSR-stage.pth"), {}) if "adapter_rank" not in settings
+                        and finished else (None, None))  # the default point's finished stage
+    tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
+    assert calls[-1]["adapter_rank"] == 4 and calls[-1]["fed_pretrained"].endswith("FeCoSR-stage.pth")
+    tune.run_point("xmrec", "s2ce-tau0.1", tmp_path / "b.json")
+    assert "fed_pretrained" not in calls[-1] and calls[-1]["s2ce_tau"] == 0.1
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["best_valid_ndcg@10"] == 0.11 and record["stage_valid_ndcg@10"] == 0.1
+    assert record["federated_stage"] == "FeCoSR-stage.pth"
+    assert "test" not in json.dumps({k: v for k, v in record.items() if k != "settings"})

@@ -136,7 +136,7 @@ class _Interrupt(Exception):
 
 
 @pytest.mark.parametrize("extra", [{}, {"fed_strategy": "fednova", "fed_local_steps": 3},
-                                   {"fed_strategy": "scaffold"}])
+                                   {"fed_strategy": "scaffold"}, {"fed_rep_head_epochs": 1}])
 def test_resumed_run_ends_exactly_like_an_uninterrupted_one(two_markets, tmp_path, extra):
     settings = {**two_markets, **LOCAL_NORM, "fed_rounds": 3, **extra}
     server = _server(settings, str(tmp_path / "full.pth"))

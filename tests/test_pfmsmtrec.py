@@ -469,3 +469,47 @@ def test_scenario_field_splits_one_file_like_one_file_per_scenario(scenarios, tm
     with pytest.raises(ValueError, match=r"markets \['south'\] .* not values of scenario_field"):
         run_recbole_cmr(model="MMoE", dataset="mlone", saved=False,
                         config_dict={**one_file, "markets": ["south"]})
+
+
+def test_scenario_experts_shared_with_personalized_weights(scenarios):
+    """``scenario_experts: personalized``: the scenario-specific experts go to the server (BN
+    stays), and each client gets back its own trained experts plus ``a_i · Δ_ca``: after round 0
+    (``a_i`` = ``pf_weight_init``, every client started from the same values) the server's value
+    minus the client's update is one and the same non-zero tensor for every client, and the
+    clients' experts stay apart (not averaged)."""
+    config = Config(model="PFMSMTrec", dataset="mlsc", config_dict={
+        **scenarios, "fed_rounds": 1, "scenario_experts": "personalized"})
+    train, valid, test = data_preparation(config, create_dataset(config))
+    server = Wire(config, build_clients(config, train, valid, test))
+    model = next(iter(server.clients.values())).model
+    bn = {f"{m}.{n}" for m, module in model.named_modules()
+          if isinstance(module, torch.nn.BatchNorm1d) for n in module.state_dict()}
+    scenario = {f"experts.scenario.{n}" for n in model.experts["scenario"].state_dict()} - bn
+    server.fit(verbose=False)
+    received = set().union(*(_tensor_names(r) for _, replies in server.received
+                             for r in replies.values()))
+    assert scenario <= received and not received & bn
+    updates = {cid: reply[0] for method, replies in server.received if method == "fit"
+               for cid, reply in replies.items()}
+    for name in sorted(scenario):
+        moves = [server.personal[cid][name].double() - updates[cid][name].double() for cid in updates]
+        assert moves[0].abs().max() > 0
+        assert all(torch.allclose(m, moves[0], atol=1e-7) for m in moves[1:])
+        values = [server.personal[cid][name] for cid in updates]
+        assert not torch.equal(values[0], values[1])
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"scenario_experts": "shared"}, r"scenario_experts \[shared\] must be one of"),
+    ({"scenario_experts": "personalized", "fed_strategy": "fedavg"},
+     r"needs|only fed_strategy: pfmsmtrec with personalized_experts: True"),
+    ({"scenario_experts": "personalized", "personalized_experts": False},
+     r"personalized_experts: False would average them"),
+    ({"scenario_experts": "personalized", "template_scenario_params": ["experts.scenario.*"]},
+     r"template_scenario_params is read only with scenario_experts: local"),
+    ({"scenario_experts": "personalized", "train_mode": "pooled"},
+     r"scenario_experts is not read by train_mode pooled"),
+])
+def test_scenario_sharing_needs_the_personalized_rule(scenarios, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _one_client(scenarios, **extra)

@@ -2,13 +2,16 @@
 trainer gathers each user's candidates from ``full_sort_predict`` (issue 39); the scores and the
 metrics must be RecBole's own ``predict`` path's, model by model."""
 
+import numpy as np
 import pytest
 import torch
 from recbole.trainer import Trainer
 from recbole.utils import init_seed
 
 from recbole_cmr import Config, create_dataset, data_preparation
-from recbole_cmr.trainer import PREDICT_ONLY, MultiMarketTrainerMixin
+from recbole_cmr.data.dataloader import PREDICT_ONLY
+from recbole_cmr.data.sampler import MarketRepeatableSampler, MarketSampler, negatives_by_user
+from recbole_cmr.trainer import MultiMarketTrainerMixin
 from recbole_cmr.utils import get_model, get_trainer
 
 from test_ant import _for, domains, text_cache  # noqa: F401  (fixtures)
@@ -162,3 +165,89 @@ def test_a_batch_is_collated_as_recboles_per_user_collation(two_markets, model, 
         several += int((ours[2].bincount() > 1).sum())
         assert (ours[0][config["LABEL_FIELD"]] == 0).sum() == 99 * len(ours[3])
     assert (several > 0) == (model == "BPR")
+
+
+class _OwnSampler(MarketRepeatableSampler):
+    """A sampler with its own ``sample_by_user_ids``: the loader must call it, not reproduce it."""
+
+    def sample_by_user_ids(self, user_ids, item_ids, num):
+        return super().sample_by_user_ids(user_ids, item_ids, num) % 7 + 1
+
+
+@pytest.mark.parametrize("kind", [MarketRepeatableSampler, MarketSampler, _OwnSampler])
+@pytest.mark.parametrize("distribution", ["uniform", "popularity"])
+@pytest.mark.parametrize("per_user", [1, 3])
+def test_negatives_are_recboles_draws(two_markets, kind, distribution, per_user):
+    """``negatives_by_user`` gives exactly the values of one ``sample_by_user_ids`` call per user
+    from the same numpy state, for RecBole's repeatable and non-repeatable samplers, uniform and
+    popularity draws, one and several positives per user; over a 12-item catalogue most first
+    draws are rejected, so the rejection loop runs for most users."""
+    config = Config(model="BPR", dataset="xm2", config_dict={**two_markets, "eval_args": UNI99})
+    loaders = data_preparation(config, create_dataset(config))
+    built = [phase["in"]._dataset for phase in loaders]
+    split = built[2]
+    catalogue = np.arange(1, 13) if distribution == "uniform" else None
+    if kind is MarketSampler:  # negatives exclude every item of the user's
+        sampler = kind(["train", "valid", "test"], built, distribution, 1.0, catalogue=None)
+    else:
+        sampler = kind(["train", "valid", "test"], split, distribution, 1.0,
+                       catalogue=catalogue)
+    sampler = sampler.set_phase("test")
+    users = np.repeat(split.inter_feat["user_id"].numpy()[:40], per_user)
+    items = np.repeat(split.inter_feat["item_id"].numpy()[:40], per_user)
+    items[1::per_user] = np.roll(items, 5)[1::per_user]  # distinct positives when per_user > 1
+    if catalogue is not None:
+        items[::2] = catalogue[np.arange(len(items))[::2] % 12]  # positives inside the catalogue
+    counts = np.full(40, per_user)
+    np.random.seed(SEED)
+    ours = negatives_by_user(sampler, users, items, counts, 99)
+    np.random.seed(SEED)
+    bounds = np.cumsum(np.r_[0, counts])
+    theirs = torch.cat([torch.as_tensor(sampler.sample_by_user_ids(users[a:b], items[a:b], 99))
+                        for a, b in zip(bounds[:-1], bounds[1:])])
+    assert torch.equal(ours, theirs.long())
+    assert np.random.randint(1 << 30) == (np.random.seed(SEED) or  # the same state after
+                                          [sampler.sample_by_user_ids(users[a:b], items[a:b], 99)
+                                           for a, b in zip(bounds[:-1], bounds[1:])]
+                                          and np.random.randint(1 << 30))
+    if kind is MarketRepeatableSampler and catalogue is not None:
+        positives = torch.as_tensor(items).repeat_interleave(99)  # RecBole's order per user
+        assert not (ours.view(40, -1) == torch.as_tensor(items).view(40, per_user).repeat(
+            1, 99)).any()
+        assert positives.numel() == ours.numel()
+
+
+def test_a_batch_holds_eval_batch_size_users_when_scored_per_user(two_markets):
+    """uni99 of a model scored from one encoding per user (SASRec, one positive per user) puts
+    ``eval_batch_size`` users in a batch, as its full ranking does; a model scored by
+    ``predict`` (CORE), a general model (BPR) and loading in worker processes keep RecBole's
+    ``eval_batch_size`` rows."""
+    steps = {}
+    for model, extra in (("SASRec", {}), ("CORE", {}), ("BPR", {}), ("SASRec-workers", {"worker": 1})):
+        config = Config(model=model.split("-")[0], dataset="xm2", config_dict={
+            **two_markets, "eval_args": UNI99, "eval_batch_size": 1000, **extra})
+        _, _, test = data_preparation(config, create_dataset(config))
+        steps[model] = test["in"].step
+    assert steps == {"SASRec": 1000, "CORE": 10, "BPR": 10, "SASRec-workers": 10}
+    assert type(next(iter(test["in"]))) is tuple  # a worker process sends RecBole's rows
+
+
+def test_a_batch_of_users_falls_back_to_predict_in_parts(two_markets, monkeypatch):
+    """When ``full_sort_predict`` turns out unusable at run time, a batch of
+    ``eval_batch_size`` users is scored by RecBole's ``predict`` in parts of at most
+    ``eval_batch_size`` rows, with RecBole's scores and metrics."""
+    trainer, test = _trainer(two_markets, "SASRec", "xm2", "in")
+    trainer.config["eval_batch_size"] = 500  # 5 users (500 rows) per part
+    assert test.step == 2000 and test.sample_size > 5
+    rows = []
+
+    def unusable(interaction):
+        raise NotImplementedError
+
+    monkeypatch.setattr(trainer.model, "full_sort_predict", unusable)
+    predict = trainer.model.predict
+    monkeypatch.setattr(trainer.model, "predict",
+                        lambda inter: rows.append(len(inter)) or predict(inter))
+    _evaluate(trainer, test, monkeypatch, recbole=False)
+    assert max(rows) <= 500 and len(rows) >= test.sample_size // 5
+    _assert_recboles_numbers(trainer, test, monkeypatch, fast=False)

@@ -254,3 +254,35 @@ def test_scaffold_client_half_corrects_each_step_and_keeps_option_two(two_market
     restored = _server({**two_markets, "fed_strategy": "scaffold"}).clients["in"]
     restored.load_private_state(client.private_state())
     assert torch.equal(restored.control[name], client.control[name])
+
+
+def test_fedrep_trains_the_head_alone_then_the_body_alone(two_markets):
+    """``fed_rep_head_epochs``: each round first trains only the local parameters (here the
+    LayerNorms) that many epochs, then only the shared ones; ``requires_grad`` is restored, the
+    body's steps are ``num_steps``, the head's values stay on the client; without local
+    parameters it is an error."""
+    settings = {**two_markets, "fed_local_params": ["*LayerNorm*"], "fed_rep_head_epochs": 2}
+    client = _server(settings).clients["in"]
+    local, shared = set(client.trainable_local()), set(client.trainable_shared())
+    assert local and shared and all("LayerNorm" in n for n in local)
+    phases = []
+    train_epoch = client.trainer._train_epoch
+
+    def recording(*args, **kwargs):
+        phases.append({n for n, p in client.model.named_parameters() if p.requires_grad})
+        return train_epoch(*args, **kwargs)
+
+    client.trainer._train_epoch = recording
+    before = {n: p.detach().clone() for n, p in client.model.named_parameters()}
+    start = client.get_parameters()
+    update, _, metrics = client.fit(start, 0)
+    assert phases == [local, local, shared]
+    assert all(p.requires_grad for p in client.model.parameters())
+    assert metrics["num_steps"] == float(len(client.train_data))
+    after = dict(client.model.named_parameters())
+    assert all(not torch.equal(after[n], before[n]) for n in local)  # the head trained
+    plain = _server({**settings, "fed_rep_head_epochs": 0}).clients["in"]
+    plain_update = plain.fit(start, 0)[0]
+    assert any(not torch.equal(update[n], plain_update[n]) for n in shared)
+    with pytest.raises(ValueError, match=r"fed_rep_head_epochs: 1 .* market \[in\] keeps no trainable"):
+        _server({**two_markets, "fed_rep_head_epochs": 1})

@@ -17,6 +17,7 @@ messages: ``parameter_shapes``, ``keep_local``, ``end_round`` (``mark_best``, ``
 
 import itertools
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,9 @@ class Client:
         local_epochs (int): local epochs per round (``fed_local_epochs``).
         local_steps (int, optional): instead of ``local_epochs``, this many optimizer steps
             (batches) per round, cycling the training data (``fed_local_steps``).
+        head_epochs (int): FedRep's schedule (``fed_rep_head_epochs``): each round first trains
+            only the local parameters (the "head") this many epochs, then only the shared ones
+            (the "body") its ``local_epochs`` / ``local_steps``; 0 trains all together.
         show_progress (bool): RecBole's per-epoch progress bars.
         checkpoint_dir (str, optional): where :meth:`save_state` writes (default: the trainer's
             ``checkpoint_dir``).
@@ -90,7 +94,7 @@ class Client:
 
     def __init__(self, client_id, trainer, train_data, valid_data=None, test_data=None,
                  shared=("*",), local=(), local_epochs=1, show_progress=False, checkpoint_dir=None,
-                 local_steps=None):
+                 local_steps=None, head_epochs=0):
         self.client_id = client_id
         self.checkpoint_dir = Path(checkpoint_dir or trainer.config["checkpoint_dir"] or ".")
         self.best_round, self.best_local = None, None
@@ -101,12 +105,18 @@ class Client:
         self.test_data = test_data
         self.local_epochs = local_epochs
         self.local_steps = local_steps
+        self.head_epochs = head_epochs
         self.control = {}  # SCAFFOLD's control variate c_i by parameter name (float64)
         self.show_progress = show_progress
         state = self.model.state_dict()
         self.shared_names = select_shared(state, shared, local)
         self.local_names = [n for n in state if n not in set(self.shared_names)]
         self.num_examples = int(train_data._dataset.inter_num)
+        if head_epochs and not self.trainable_local():
+            raise ValueError(
+                f"fed_rep_head_epochs: {head_epochs} trains the local parameters first, but "
+                f"market [{client_id}] keeps no trainable parameter local: name them in "
+                "fed_local_params, or set fed_rep_head_epochs: 0.")
         # What RecBole's Trainer.fit does before its first epoch.
         trainer.eval_collector.data_collect(train_data)
         if (trainer.config["train_neg_sample_args"] or {}).get("dynamic", False):
@@ -155,8 +165,8 @@ class Client:
             shared parameters, the number of training interactions (int) and ``{"loss": float,
             "num_steps": float}``: the mean over local epochs of RecBole's epoch loss (the sum of
             the batch losses; with ``local_steps``, of the steps' losses) and the optimizer steps
-            taken (FedNova normalises by them). Under SCAFFOLD a fourth element: the change of
-            this client's control variate, ``{name: tensor}``.
+            taken (FedNova normalises by them; with ``head_epochs``, the body's). Under SCAFFOLD a
+            fourth element: the change of this client's control variate, ``{name: tensor}``.
         """
         self.set_parameters(global_params)
         self.seed_for(round)
@@ -169,11 +179,17 @@ class Client:
         else:
             epochs = [(self.train_data, round * self.local_epochs + epoch)
                       for epoch in range(self.local_epochs)]
+        if self.head_epochs:  # FedRep: the head alone first, from the round's body
+            with self.training_only(self.trainable_local()):
+                for epoch in range(self.head_epochs):
+                    self.trainer._train_epoch(self.train_data, round * self.head_epochs + epoch,
+                                              show_progress=self.show_progress)
         losses = []
-        for data, epoch_idx in epochs:
-            loss = self.trainer._train_epoch(data, epoch_idx, loss_func=loss_func,
-                                             show_progress=self.show_progress)
-            losses.append(sum(loss) if isinstance(loss, tuple) else loss)
+        with self.training_only(self.trainable_shared() if self.head_epochs else None):
+            for data, epoch_idx in epochs:
+                loss = self.trainer._train_epoch(data, epoch_idx, loss_func=loss_func,
+                                                 show_progress=self.show_progress)
+                losses.append(sum(loss) if isinstance(loss, tuple) else loss)
         steps = sum(len(data) for data, _ in epochs)
         reply = (self.get_parameters(), self.num_examples, {"loss": float(np.mean(losses)),
                                                             "num_steps": float(steps)})
@@ -193,6 +209,29 @@ class Client:
         """``{name: parameter}`` of the shared parameters the optimizer trains."""
         params = dict(self.model.named_parameters())
         return {n: params[n] for n in self.shared_names if n in params}
+
+    def trainable_local(self):
+        """``{name: parameter}`` of the local parameters the optimizer trains."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self.local_names if n in params and params[n].requires_grad}
+
+    @contextmanager
+    def training_only(self, params):
+        """Inside the block only ``params`` (``{name: parameter}``; None: no change) get
+        gradients, so the optimizer steps only them (it skips a parameter without one); every
+        ``requires_grad`` is restored after."""
+        if params is None:
+            yield
+            return
+        keep = {id(p) for p in params.values()}
+        saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            for p, _ in saved:
+                p.requires_grad_(p.requires_grad and id(p) in keep)
+            yield
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
 
     def local_loss(self, global_params, mu=0.0, correction=None):
         """The model's loss plus FedProx's ``mu / 2 * sum ||w - w_global||^2`` over the shared

@@ -624,7 +624,8 @@ def make_client(config, market, train_data, valid_data=None, test_data=None, ver
     client = Client(market, trainer, train_data, valid_data, test_data,
                     shared=setting(config, "fed_shared_params"), local=local,
                     local_epochs=setting(config, "fed_local_epochs"),
-                    local_steps=local_steps(config))
+                    local_steps=local_steps(config),
+                    head_epochs=setting(config, "fed_rep_head_epochs") or 0)
     if config["eta_l"] is not None:  # Flower's name for the client learning rate
         for group in trainer.optimizer.param_groups:
             group["lr"] = float(config["eta_l"])

@@ -21,6 +21,13 @@ The learning rate decays per epoch (``learning_rate_decay`` 0.99 on the target,
 
 Switches for the ablations: ``text_modality``, ``image_modality``, ``price_modality``, ``fusion``,
 ``moe`` (False: one linear layer per modality).
+
+Target text from a file (``target_text_feature_file``, e.g. the CLIP-sized ``feat1CLS`` that comes
+with the image vectors): pretraining keeps the sentence encoder's text (the auxiliary domains have
+no rows there), and from ``set_stage("finetune")`` the text role (the table's text term, the
+fusion and the image-text loss) is taken by these vectors through their own adaptor, which
+pretraining never trains: ``relearn`` re-initialises it with the rest, ``finetune`` starts it
+from its initialisation while keeping the other pretrained adaptors.
 """
 
 from contextlib import contextmanager
@@ -96,7 +103,11 @@ class ModalityItemEncoder(nn.Module):
 
     Only the rows of ``active`` items (the markets the model serves; ``set_active``) that have a
     modality go through its adaptor, the others are zero: a target's table costs its own items,
-    not the whole multi-domain vocabulary."""
+    not the whole multi-domain vocabulary.
+
+    The text role is ``text`` (the sentence encoder's vectors) or, once ``use_target_text`` is
+    on, ``target_text`` (the target's precomputed vectors, with their own adaptor); the other
+    source is left out of the table."""
 
     def __init__(self, modalities, hidden, config):
         super().__init__()
@@ -116,7 +127,17 @@ class ModalityItemEncoder(nn.Module):
             else:
                 self.adaptors[name] = nn.Linear(in_dim, hidden)
         self.beta = config["fusion_beta"] if config["fusion"] else 0.0
+        self.text_source = "text"
         self._fixed = None
+
+    def use_target_text(self, on):
+        """Take the text role from ``target_text`` (True, when the model has it) or ``text``."""
+        self.text_source = "target_text" if on and "target_text" in self.names else "text"
+
+    def in_table(self):
+        """The modalities the table sums: all but the text source not in use."""
+        unused = {"text", "target_text"} - {self.text_source}
+        return [name for name in self.names if name not in unused]
 
     def features(self, name):
         return getattr(self, f"{name}_features"), getattr(self, f"{name}_present")
@@ -149,10 +170,10 @@ class ModalityItemEncoder(nn.Module):
         """The fused item table ``[n_items, H]``."""
         if self._fixed is not None:
             return self._fixed
-        parts = {name: self.modality(name) for name in self.names}
+        parts = {name: self.modality(name) for name in self.in_table()}
         table = sum(parts.values())
-        if self.beta and "image" in parts and "text" in parts:
-            table = table + self.beta * parts["image"] * parts["text"]
+        if self.beta and "image" in parts and self.text_source in parts:
+            table = table + self.beta * parts["image"] * parts[self.text_source]
         return table
 
     def forward(self, item_ids):
@@ -172,6 +193,12 @@ class ANT(MarketSoftmax, SASRec):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
+        if config["target_text_feature_file"] and config["text_modality"] and not (
+                config["train_mode"] == "transfer" or config["finetune"]):
+            raise ValueError(
+                "target_text_feature_file replaces the text on the target's adaptation stage, "
+                f"which train_mode {config['train_mode']} without finetune never reaches: use "
+                "train_mode transfer (or finetune: True), or drop target_text_feature_file.")
         modalities = item_modalities(config, dataset)
         if not modalities:
             raise ValueError(
@@ -239,6 +266,7 @@ class ANT(MarketSoftmax, SASRec):
         if stage == "finetune" and self.stage == "pretrain" and self.adaptation == "relearn":
             nn.init.normal_(self.position_embedding.weight, 0.0, self.initializer_range)
             self.item_embedding.reset()
+        self.item_embedding.use_target_text(stage == "finetune")
         self.stage = stage
         frozen = stage == "finetune" and self.freeze_encoder
         for param in self.trm_encoder.parameters():
@@ -275,20 +303,23 @@ class ANT(MarketSoftmax, SASRec):
                                                                         device=pos.device)
         loss = F.cross_entropy(logits.masked_fill(duplicate, float("-inf")),
                                torch.arange(len(pos), device=pos.device))
-        if self.image_text_weight and {"image", "text"} <= set(self.item_embedding.names):
+        text = self.item_embedding.text_source
+        if self.image_text_weight and {"image", text} <= set(self.item_embedding.names):
             loss = loss + self.image_text_weight * self.image_text_loss(pos)
         return loss
 
     def image_text_loss(self, items):
-        """InfoNCE of each batch item's image vector against the text vectors of the batch's
-        distinct items that have both (a scalar; 0 when fewer than two have)."""
+        """InfoNCE of each batch item's image vector against the text vectors (the text source in
+        use) of the batch's distinct items that have both (a scalar; 0 when fewer than two
+        have)."""
+        text = self.item_embedding.text_source
         items = torch.unique(items)
-        both = self.item_embedding.features("image")[1][items] & self.item_embedding.features("text")[1][items]
+        both = self.item_embedding.features("image")[1][items] & self.item_embedding.features(text)[1][items]
         items = items[both]
         if len(items) < 2:
             return torch.zeros((), device=items.device)
         image = F.normalize(self.item_embedding.modality("image")[items], dim=-1)
-        text = F.normalize(self.item_embedding.modality("text")[items], dim=-1)
+        text = F.normalize(self.item_embedding.modality(text)[items], dim=-1)
         return F.cross_entropy(image @ text.T / self.temperature, torch.arange(len(items), device=items.device))
 
     def predict(self, interaction):
