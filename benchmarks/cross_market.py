@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import paired
-from per_user import write_record
+from per_user import lacks_per_user, write_record
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -654,6 +654,8 @@ def main():
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--with-per-user", action="store_true",
+                        help="also rerun current runs whose records have no per-user sidecar")
     args = parser.parse_args()
     if not args.summarise_only:
         ensure_dataset(args.dataset)
@@ -664,9 +666,11 @@ def main():
                     continue
                 if out_file.exists():
                     changed = stale_keys(json.loads(out_file.read_text()))
+                    if not changed and args.with_per_user and lacks_per_user(out_file):
+                        changed = ["no per-user sidecar"]
                     if not changed:
                         continue
-                    print(f"settings changed since {out_file.name} ran ({', '.join(changed)}): "
+                    print(f"{out_file.name} is out of date ({', '.join(changed)}): "
                           "running it again", flush=True)
                 print(f"== {name} on {args.dataset}, seed {seed}", flush=True)
                 run_one(args.dataset, name, seed, out_file)

@@ -37,7 +37,7 @@ import numpy as np
 
 from cross_market import RESULTS, _cell, _mean_std, seed_table
 import paired
-from per_user import write_record
+from per_user import lacks_per_user, write_record
 
 DATASET = "ml100k-scenarios"
 NAME = "pfmsmtrec-ml100k"
@@ -162,12 +162,14 @@ def write_run(model, dataset, settings, name, seed, selected_by, out_file):
                                     for m, r in result["per_market"].items()})
 
 
-def run_grid(models, seeds, folder, is_current, run_one):
-    """Run every (model, seed) whose result file in ``folder`` is missing or stale."""
+def run_grid(models, seeds, folder, is_current, run_one, with_per_user=False):
+    """Run every (model, seed) whose result file in ``folder`` is missing or stale (and, with
+    ``with_per_user``, one whose record has no per-user sidecar)."""
     for seed in seeds:
         for name in models:
             out_file = folder / f"{name}-seed{seed}.json"
-            if out_file.exists() and is_current(json.loads(out_file.read_text())):
+            if out_file.exists() and is_current(json.loads(out_file.read_text())) and not (
+                    with_per_user and lacks_per_user(out_file)):
                 continue
             print(f"== {name}, seed {seed}", flush=True)
             run_one(name, seed, out_file)
@@ -403,6 +405,8 @@ def harness_main(doc, models, folder, is_current, run_one, summarise, choose=Non
     parser.add_argument("--models", nargs="+", default=list(models), choices=list(models))
     parser.add_argument("--seeds", nargs="+", type=int, default=[2020, 2021, 2022])
     parser.add_argument("--summarise-only", action="store_true")
+    parser.add_argument("--with-per-user", action="store_true",
+                        help="also rerun current runs whose records have no per-user sidecar")
     options = [choose] if isinstance(choose, tuple) else list(choose or [])
     for flag, choices, default, _ in options:
         parser.add_argument(flag, choices=list(choices), default=default,
@@ -411,7 +415,7 @@ def harness_main(doc, models, folder, is_current, run_one, summarise, choose=Non
     for flag, _, _, use in options:
         folder = use(getattr(args, flag.lstrip("-").replace("-", "_")))
     if not args.summarise_only:
-        run_grid(args.models, args.seeds, folder, is_current, run_one)
+        run_grid(args.models, args.seeds, folder, is_current, run_one, args.with_per_user)
     summarise()
 
 

@@ -100,6 +100,13 @@ def write_per_user(values, record_file):
     return describe(record_file, arrays)
 
 
+def lacks_per_user(record_file):
+    """True when the record in ``record_file`` names no per-user sidecar, or its sidecar file is
+    missing (a run from before the sidecars, which a paired comparison cannot use)."""
+    record = json.loads(Path(record_file).read_text())
+    return "per_user" not in record or not sidecar_path(record_file).exists()
+
+
 def read_per_user(record_file):
     """``{market: {stage: {protocol: {field: array (n,)}}}}`` of the record's sidecar (``user``:
     unicode tokens; values float32), or None when the record has none."""

@@ -606,3 +606,23 @@ def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harnes
     assert record["best_valid_ndcg@10"] == 0.11 and record["stage_valid_ndcg@10"] == 0.1
     assert record["federated_stage"] == "FeCoSR-stage.pth"
     assert "test" not in json.dumps({k: v for k, v in record.items() if k != "settings"})
+
+
+def test_with_per_user_reruns_only_current_runs_without_a_sidecar(ctr_harness, per_user, tmp_path):
+    """``--with-per-user``: a current record without a per-user sidecar (or whose sidecar file
+    is gone) runs again; one with its sidecar, and without the flag any current one, is skipped."""
+    values = {"s1": {"final": {"labeled": {"user": ["u1", "u2"], "auc": [0.5, 0.7]}}}}
+    per_user.write_record({"name": "A", "seed": 1}, tmp_path / "A-seed1.json", values)
+    per_user.write_record({"name": "B", "seed": 1}, tmp_path / "B-seed1.json")
+    per_user.write_record({"name": "C", "seed": 1}, tmp_path / "C-seed1.json", values)
+    per_user.sidecar_path(tmp_path / "C-seed1.json").unlink()
+    ran = []
+
+    def run(flag):
+        ran.clear()
+        ctr_harness.run_grid(["A", "B", "C"], [1], tmp_path, lambda record: True,
+                             lambda name, seed, out: ran.append(name), with_per_user=flag)
+        return list(ran)
+
+    assert run(False) == []
+    assert run(True) == ["B", "C"]
