@@ -235,16 +235,14 @@ class SampledBatch:
         """RecBole's batch ``(interaction [n_rows], row_idx [n_rows], positive_u [n_pos],
         positive_i [n_pos])``, identical to ``NegSampleEvalDataLoader``'s per-user collation."""
         if self._expanded is None:
-            block, user, is_positive = self._layout()
+            block, _, is_positive = self._layout()
+            row_idx, items = self.candidates()
             data = self.positives[torch.from_numpy(block)]
-            items = data[self.loader.iid_field].clone()
-            items[torch.from_numpy(~is_positive)] = self.negatives
             data.update(Interaction({self.loader.iid_field: items}))
             data = self.loader._dataset.join(data)
             data.update(Interaction({self.loader.label_field:
                                      torch.from_numpy(is_positive.astype(np.float32))}))
-            self._expanded = (data, torch.from_numpy(user).long(), self.positive_u(),
-                              self.positive_i())
+            self._expanded = (data, row_idx, self.positive_u(), self.positive_i())
         return self._expanded
 
     def parts(self, n_users):
