@@ -348,10 +348,10 @@ def test_a_cut_checkpoint_write_keeps_the_last_whole_round(tmp_path, monkeypatch
 
 
 def test_the_best_round_is_tested_and_exported_in_one_message_each(two_markets, tmp_path, monkeypatch):
-    """After the rounds, ``evaluate("test")`` and ``export_best`` each send one message per
-    client (no separate ``restore_best``: on Flower every message costs a ClientApp process),
-    and each loads the best round itself, its local parameters too, from wherever the clients'
-    models are."""
+    """After the rounds, ``finish`` tests and exports the best round in one message per client
+    (``evaluate`` then ``export``: on Flower every message costs a ClientApp process), as
+    ``evaluate("test")`` and ``export_best`` do alone, and each loads the best round itself,
+    its local parameters too, from wherever the clients' models are."""
     server = _server({**two_markets, **LOCAL_NORM, "fed_rounds": 3, "checkpoint_dir": str(tmp_path)})
     server.fit(verbose=False)
     expected = server.evaluate("test")
@@ -362,14 +362,74 @@ def test_the_best_round_is_tested_and_exported_in_one_message_each(two_markets, 
             client.model.load_state_dict({n: t + 0.5 for n, t in client.model.state_dict().items()
                                           if t.is_floating_point()}, strict=False)
 
-    methods = []
-    call_each = FederatedServer.call_each
-    monkeypatch.setattr(FederatedServer, "call_each",
-                        lambda self, method, args: methods.append(method) or call_each(self, method, args))
+    messages = []
+    deliver = FederatedServer.deliver
+    monkeypatch.setattr(FederatedServer, "deliver", lambda self, batches: messages.append(
+        {cid: [m for m, _ in calls] for cid, calls in batches.items()}) or deliver(self, batches))
     move_away()
     assert server.evaluate("test") == expected
     move_away()
     server.export_best(verbose=False)
-    assert methods == ["evaluate", "export"]
+    move_away()
+    tests, paths, then = server.finish(export=True, verbose=False, then={"in": [("get_parameters", ())]})
+    assert {m: entry["test"] for m, entry in tests.items()} == expected
+    assert all(Path(path).exists() for path in paths.values()) and set(paths) == set(expected)
+    assert then["jp"] == [] and set(then["in"][0]) == set(server.shared_names)
+    assert messages == [{"in": ["evaluate"], "jp": ["evaluate"]}, {"in": ["export"], "jp": ["export"]},
+                        {"in": ["evaluate", "export", "get_parameters"], "jp": ["evaluate", "export"]}]
     for cid, client in server.clients.items():
         assert all(torch.equal(t, best_local[cid][n]) for n, t in client.local_state().items())
+
+
+class _Deferring(FederatedServer):
+    """A transport that holds posted calls for the client's next message (as Flower's does) and
+    loses market ``lost`` in the next training message when ``lose`` is set."""
+
+    DEFER_POSTED = True
+    lose = None
+
+    def deliver(self, batches):
+        self.__dict__.setdefault("messages", []).append(
+            {cid: [m for m, _ in calls] for cid, calls in batches.items()})
+        if self.lose and any(m == "fit" for calls in batches.values() for m, _ in calls):
+            lost, self.lose = self.lose, None
+            return super().deliver({cid: calls for cid, calls in batches.items() if cid != lost})
+        return super().deliver(batches)
+
+
+def test_posted_calls_travel_first_with_the_next_message_and_wait_for_a_lost_node(two_markets):
+    """With a transport that defers them, posted calls (no reply needed) go first, in order, in
+    the client's next message, and the run's results equal the in-process server's; a market
+    whose node was lost in a training round (the round went on without it) keeps them for its
+    next message; ``flush`` sends what is left."""
+    settings = {**two_markets, **LOCAL_NORM, "fed_rounds": 2, "fed_min_clients": 1}
+
+    def server(kind):
+        config, train, valid, test = _data(settings)
+        return kind(config, build_clients(config, train, valid, test))
+
+    plain = server(FederatedServer)
+    plain.fit(verbose=False)
+    deferring = server(_Deferring)
+    deferring.post("keep_local", {cid: ([],) for cid in deferring.clients})
+    deferring.fit(verbose=False)
+    tests, _, _ = deferring.finish(export=False)
+    assert tests == plain.test_entries()
+    assert deferring.messages[:2] == [{"in": ["get_parameters", "parameter_shapes"], "jp": ["parameter_shapes"]},
+                                      {cid: ["keep_local", "fit"] for cid in deferring.clients}]
+    assert deferring.messages[-1] == {cid: ["restore_best", "evaluate"] for cid in deferring.clients}
+    assert not any(deferring._posted.values())
+
+    losing = server(_Deferring)
+    losing.post("keep_local", {cid: ([],) for cid in losing.clients})
+    losing.lose = "jp"
+    losing.fit(verbose=False)
+    assert losing.history[0]["dropped"] == ["jp"]
+    assert losing.messages[2] == {"in": ["evaluate"], "jp": ["keep_local", "evaluate"]}  # kept for jp
+    assert {cid: [m for m, _ in calls] for cid, calls in losing._posted.items()} == \
+        {cid: ["restore_best"] for cid in losing.clients}
+    losing.flush()
+    assert losing.messages[-1] == {cid: ["restore_best"] for cid in losing.clients}
+    assert not any(losing._posted.values())
+
+

@@ -79,12 +79,19 @@ def test_the_serverapp_has_no_data_to_read():
 
 def test_plain_data_crosses_the_wire_unchanged():
     update = {"w": torch.randn(3, 2), "b": torch.arange(4)}
+    control = {"w": torch.zeros(3, 2)}
     reply = (update, 17, {"loss": 1.5})
-    back = flower.decode_reply(flower.encode_reply(reply))
+    back = flower.decode(flower.encode(reply))
     assert isinstance(back, tuple) and back[1:] == (17, {"loss": 1.5})
     assert all(torch.equal(back[0][k], v) for k, v in update.items())
-    assert flower.decode_reply(flower.encode_reply(None)) is None
-    assert flower.decode_reply(flower.encode_reply({})) == {}
+    assert flower.decode(flower.encode(None)) is None
+    assert flower.decode(flower.encode({})) == {}
+    calls = {"calls": [("keep_local", (["w"],)), ("fit", (update, 0, {"mu": 0.1}, control))]}
+    back = flower.decode(flower.encode(calls))  # tensors at any depth, tuples stay tuples
+    assert [m for m, _ in back["calls"]] == ["keep_local", "fit"] and back["calls"][0] == ("keep_local", (["w"],))
+    args = back["calls"][1][1]
+    assert isinstance(args, tuple) and args[1:3] == (0, {"mu": 0.1}) and torch.equal(args[3]["w"], control["w"])
+    assert all(torch.equal(args[0][k], v) for k, v in update.items())
 
 
 def test_a_node_of_an_unknown_market_and_a_busy_port_are_clear_errors(tmp_path):
@@ -136,16 +143,16 @@ class FakeGrid:
         for i, message in enumerate(messages):
             message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             node = message.metadata.dst_node_id
-            args, plain = flower.decode(message.content)
-            self.sent.append((self.markets[node], plain["method"]))
+            [(method, _)] = flower.decode(message.content)["calls"]
+            self.sent.append((self.markets[node], method))
             if node in self.lost:
                 reply = Message(Error(code=5, reason="Node Unavailable"), reply_to=message)
                 self.markets.update(self.arrive)  # the restarted node registers
-            elif plain["method"] == "describe":
-                reply = Message(flower.encode_reply({"market": self.markets[node], "vocabulary": "v"}),
+            elif method == "describe":
+                reply = Message(flower.encode([{"market": self.markets[node], "vocabulary": "v"}]),
                                 reply_to=message)
             else:
-                reply = Message(flower.encode_reply([self.markets[node], node]), reply_to=message)
+                reply = Message(flower.encode([[self.markets[node], node]]), reply_to=message)
             self.outbox.append(reply)
             ids.append(message.metadata.message_id)
         return ids
@@ -167,7 +174,7 @@ def task_identity(monkeypatch):
 def _flower_server(grid, nodes, min_clients=0):
     server = object.__new__(flower._flower_server_class())
     server.grid, server.nodes, server.timeout, server.vocabulary = grid, dict(nodes), 30, "v"
-    server.wire, server.min_clients = {}, min_clients
+    server.wire, server.min_clients, server._posted = {}, min_clients, {}
     import logging
 
     server.logger = logging.getLogger("test")
@@ -282,10 +289,14 @@ def forward(message, context):  # test: market fr sends NaN parameters in round 
     from flwr.app import Array, ArrayRecord
 
     reply = _forward(message, context)
-    if (context.node_config["market"] == "fr" and message.metadata.message_type == "train"
-            and json.loads(message.content["plain"]["json"])["values"][1] == 0):
-        update = reply.content["a0"]
-        reply.content["a0"] = ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in update.items()})
+    calls = json.loads(message.content["plain"]["json"])["calls"]
+    fit = [i for i, call in enumerate(calls) if call["__tuple__"][0] == "fit"]
+    if (context.node_config["market"] == "fr" and fit
+            and calls[fit[0]]["__tuple__"][1]["__tuple__"][1] == 0):  # fit(params, round 0, ...)
+        replies = json.loads(reply.content["plain"]["json"])
+        key = replies[fit[0]]["__tuple__"][0]["__tensors__"]  # (update, count, metrics)
+        update = reply.content[key]
+        reply.content[key] = ArrayRecord({k: Array(np.full_like(v.numpy(), np.nan)) for k, v in update.items()})
     return reply
 """
 
@@ -470,8 +481,12 @@ def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(
     settings, markets, data_root, _ = launcher.run_settings(argv, tmp_path)
     settings["result_file"] = str(tmp_path / "result.json")
     run_config = {"settings": json.dumps(settings), "node-timeout": 60}
-    flower.server_main(LoopbackGrid(run_config, markets, data_root), SimpleNamespace(run_config=run_config))
+    grid = LoopbackGrid(run_config, markets, data_root)
+    flower.server_main(grid, SimpleNamespace(run_config=run_config))
     remote = json.loads((tmp_path / "result.json").read_text())
+    # per node: describe, parameters with shapes, 2 rounds of fit, validation and end_round, and
+    # one last message (restore the best round, test, export, close)
+    assert len(grid.sent) == len(markets) * (2 + 2 * 3 + 1)
     local = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
         **_settings(SMALL[3:] + extra), "markets": ["de", "fr"], "fed_rounds": 2, "fed_strategy": strategy,
         "checkpoint_dir": str(tmp_path / "in-process")})

@@ -100,8 +100,8 @@ def test_per_user_values_cross_a_flower_message():
     """A client's ``evaluate(..., per_user=True)`` reply, encoded as a Flower message and
     decoded, keeps every token and value."""
     pytest.importorskip("flwr")
-    from recbole_cmr.federated.flower import decode_reply, encode_reply
+    from recbole_cmr.federated.flower import decode, encode
 
     values = {"user": ["u1", "u2", "u3"], "ndcg@10": np.float32([0.5, 0.0, 1 / 3]).tolist()}
     reply = ({"ndcg@10": 0.2778}, values)
-    assert decode_reply(encode_reply(reply)) == reply
+    assert decode(encode(reply)) == reply

@@ -233,11 +233,13 @@ def test_pattern_settings_that_would_leak_or_do_nothing_are_errors(scenarios, ca
 
 
 class Wire(FederatedServer):
-    """Records every reply a client sends the server: ``[(message, {client_id: reply})]``."""
+    """Records every reply a client sends the server: ``[(method, {client_id: reply})]``."""
 
-    def call_each(self, method, args):
-        replies = super().call_each(method, args)
-        self.__dict__.setdefault("received", []).append((method, replies))
+    def deliver(self, batches):
+        replies = super().deliver(batches)
+        for cid, calls in batches.items():
+            self.__dict__.setdefault("received", []).extend(
+                (method, {cid: reply}) for (method, _), reply in zip(calls, replies[cid]))
         return replies
 
 
@@ -259,10 +261,11 @@ def test_no_scenario_expert_or_bn_parameter_reaches_the_server(scenarios):
     train, valid, test = data_preparation(config, create_dataset(config))
     server = Wire(config, build_clients(config, train, valid, test))
     server.fit(verbose=False)
+    server.finish(export=False)
     private = _private_names(next(iter(server.clients.values())).model)
     received = set().union(*(_tensor_names(r) for method, replies in server.received
                              for r in replies.values()))
-    assert {method for method, _ in server.received} >= {"get_parameters", "fit"}
+    assert {method for method, _ in server.received} >= {"get_parameters", "fit", "evaluate"}
     assert private and not received & private
     assert received == set(server.shared_names)
 
@@ -346,15 +349,16 @@ def test_every_client_starts_and_validates_from_the_current_global_state(scenari
     with one value to every client, selected or not: the starts of every round's fits and the
     parameters every client is validated with agree, and they moved after round 0."""
     sent = []
-    call_each = FederatedServer.call_each
+    deliver = FederatedServer.deliver
 
-    def spy(self, method, args):
-        if method in ("fit", "evaluate"):
-            sent.append((method, {cid: {n: t.clone() for n, t in a[0].items()}
-                                  for cid, a in args.items()}))
-        return call_each(self, method, args)
+    def spy(self, batches):
+        for method in ("fit", "evaluate"):
+            args = {cid: a for cid, calls in batches.items() for m, a in calls if m == method}
+            if args:
+                sent.append((method, {cid: {n: t.clone() for n, t in a[0].items()} for cid, a in args.items()}))
+        return deliver(self, batches)
 
-    monkeypatch.setattr(FederatedServer, "call_each", spy)
+    monkeypatch.setattr(FederatedServer, "deliver", spy)
     server = _federation(scenarios, fed_rounds=2, fed_client_fraction=0.5, eval_step=1)
     initial = dict(server.global_params)
     server.fit(verbose=False)

@@ -3,8 +3,10 @@
 A Flower App around the package's own objects, with no second copy of the round logic:
 
 * the **ServerApp** runs :class:`~recbole_cmr.federated.server.FederatedServer` itself; only its
-  ``call_each`` (every server -> client call) is replaced by Flower messages to the SuperNodes
-  (:class:`FlowerServer`). It loads no interaction file: it holds parameters, counts and metrics.
+  ``deliver`` (every server -> client call) is replaced by Flower messages to the SuperNodes
+  (:class:`FlowerServer`): one message per node carries all the calls the server makes of it at
+  that point (e.g. the test evaluation, the export, the fine-tuning and ``close`` at the end), and
+  calls without a reply the server needs wait for the node's next message. It loads no interaction file: it holds parameters, counts and metrics.
 * the **ClientApp** (:mod:`recbole_cmr.federated.flower_node`, copied into the App folder) hands
   each message to the node's worker process, which keeps a :class:`NodeSession`: a
   :class:`~recbole_cmr.federated.client.Client` of the node's own market, built once from that
@@ -14,9 +16,11 @@ A Flower App around the package's own objects, with no second copy of the round 
   ``<checkpoint_dir>/flower-<run id>.clients/<market>.pth`` on the node, so a restarted node
   continues where it stopped.
 
-Messages: ``train`` (``Client.fit``), ``evaluate`` (``Client.evaluate``) and ``query.call`` (any
-other client message, e.g. ``end_round``, ``export``, ``finetune``, ``close``); arguments and replies are
-named tensors (``ArrayRecord``) and JSON (``ConfigRecord``).
+Messages: each carries a list of calls (``(method, args)``, made in order) and its reply the list
+of their replies; its type is ``train`` when it holds ``Client.fit``, ``evaluate`` when it holds
+``Client.evaluate``, else ``query.call`` (e.g. ``end_round``, or ``export``, ``finetune`` and
+``close``). Arguments and replies are JSON (``ConfigRecord``) with named tensors (``ArrayRecord``)
+at any depth.
 
 Run it with ``python -m recbole_cmr.flower`` (one machine) or by hand (README).
 """
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 
 TENSORS = "__tensors__"
+TUPLE = "__tuple__"
 
 
 # ---- codec: plain data <-> RecordDict --------------------------------------------------------
@@ -55,38 +60,48 @@ def _is_tensors(value):
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def encode(values, **plain):
-    """A ``RecordDict`` of the list ``values`` (each a ``{name: tensor}`` dict, sent as an
-    ``ArrayRecord``, or JSON-able data) and the JSON-able keywords ``plain``."""
-    records, items = {}, []
-    for i, value in enumerate(values):
-        if _is_tensors(value):
-            records[f"a{i}"] = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in value.items()})
-            items.append({TENSORS: f"a{i}"})
-        else:
-            items.append(_jsonable(value))
-    records["plain"] = ConfigRecord({"json": json.dumps({"values": items, **_jsonable(plain)})})
+def _pack(value, records):
+    """``value`` as JSON-able data: each ``{name: tensor}`` dict inside it (at any depth) goes to
+    ``records`` as an ``ArrayRecord`` and is replaced by ``{TENSORS: key}``; a tuple becomes
+    ``{TUPLE: [...]}`` so that it comes back a tuple."""
+    if _is_tensors(value):
+        key = f"a{len(records)}"
+        records[key] = ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in value.items()})
+        return {TENSORS: key}
+    if isinstance(value, tuple):
+        return {TUPLE: [_pack(v, records) for v in value]}
+    if isinstance(value, list):
+        return [_pack(v, records) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _pack(v, records) for k, v in value.items()}
+    return _jsonable(value)
+
+
+def _unpack(value, content):
+    """The inverse of :func:`_pack` (tensors read from the ``RecordDict`` ``content``)."""
+    if isinstance(value, dict):
+        if TENSORS in value:
+            return content[value[TENSORS]].to_torch_state_dict()
+        if TUPLE in value:
+            return tuple(_unpack(v, content) for v in value[TUPLE])
+        return {k: _unpack(v, content) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v, content) for v in value]
+    return value
+
+
+def encode(value):
+    """A ``RecordDict`` of ``value``: plain data (JSON-able, with tuples) holding named-tensor
+    dicts at any depth, each sent as an ``ArrayRecord``."""
+    records = {}
+    plain = _pack(value, records)
+    records["plain"] = ConfigRecord({"json": json.dumps(plain)})
     return RecordDict(records)
 
 
 def decode(content):
-    """``(values, plain)`` of an :func:`encode` ``RecordDict``."""
-    plain = json.loads(content["plain"]["json"])
-    values = [content[v[TENSORS]].to_torch_state_dict() if isinstance(v, dict) and TENSORS in v else v
-              for v in plain.pop("values")]
-    return values, plain
-
-
-def encode_reply(reply):
-    """A client method's reply as a ``RecordDict`` (a tuple stays a tuple)."""
-    if isinstance(reply, tuple):
-        return encode(list(reply), tuple=True)
-    return encode([reply], tuple=False)
-
-
-def decode_reply(content):
-    values, plain = decode(content)
-    return tuple(values) if plain["tuple"] else values[0]
+    """The value of an :func:`encode` ``RecordDict``."""
+    return _unpack(json.loads(content["plain"]["json"]), content)
 
 
 MESSAGE_TYPES = {"fit": "train", "evaluate": "evaluate"}
@@ -111,15 +126,23 @@ LOST_NODE_CODES = (3, 4, 5)  # flwr ErrorCode MESSAGE_UNAVAILABLE, REPLY_MESSAGE
 POLL_S = 0.2  # reply polling interval (Flower's send_and_receive polls every 3 s)
 
 
-def call_nodes(grid, nodes, method, args, timeout=None, wire=None):
-    """``({market: reply}, {market: why lost})`` of ``Client.<method>(*args[market])`` on each
-    market's node (``nodes``: ``{market: node id}``), the messages sent at once. A market whose
+def message_type(calls):
+    """Flower's message type of a list of calls: ``train`` with a ``fit``, ``evaluate`` with an
+    ``evaluate``, else ``query.call``."""
+    methods = {method for method, _ in calls}
+    return next((kind for method, kind in MESSAGE_TYPES.items() if method in methods), "query.call")
+
+
+def call_nodes(grid, nodes, batches, timeout=None, wire=None):
+    """``({market: [reply, ...]}, {market: why lost})`` of the calls ``batches[market]`` (a list of
+    ``(method, args)``, made in order by ``Client.<method>(*args)``) on each market's node
+    (``nodes``: ``{market: node id}``): one message per market, all sent at once. A market whose
     node the SuperLink reports unavailable, or that does not reply within ``timeout`` seconds, is
     *lost* (its node may come back); an error raised by a ClientApp is raised naming its market.
     ``wire`` (a dict), when given, adds the bytes sent (``down``: to nodes) and received."""
-    messages = {cid: Message(encode(list(a), method=method), dst_node_id=nodes[cid],
-                             message_type=MESSAGE_TYPES.get(method, "query.call"))
-                for cid, a in args.items()}
+    messages = {cid: Message(encode({"calls": [tuple(c) for c in calls]}), dst_node_id=nodes[cid],
+                             message_type=message_type(calls))
+                for cid, calls in batches.items()}
     if wire is not None:
         wire["down"] = wire.get("down", 0) + sum(content_bytes(m.content) for m in messages.values())
     ids = list(grid.push_messages(list(messages.values())))
@@ -135,29 +158,32 @@ def call_nodes(grid, nodes, method, args, timeout=None, wire=None):
             if reply.has_error() and reply.error.code in LOST_NODE_CODES:
                 lost[market] = f"node {nodes[market]} lost: {reply.error.reason}"
             elif reply.has_error():
-                raise RuntimeError(f"market [{market}] (node {nodes[market]}) failed in {method}: "
+                methods = ", ".join(method for method, _ in batches[market])
+                raise RuntimeError(f"market [{market}] (node {nodes[market]}) failed in {methods}: "
                                    f"{reply.error.reason}")
             else:
                 if wire is not None:
                     wire["up"] = wire.get("up", 0) + content_bytes(reply.content)
-                replies[market] = decode_reply(reply.content)
+                replies[market] = decode(reply.content)
         if by_id:
             time.sleep(POLL_S)
     lost.update({cid: f"no reply within {timeout:.0f} s" for cid in by_id.values()})
-    return {cid: replies[cid] for cid in args if cid in replies}, lost
+    return {cid: replies[cid] for cid in batches if cid in replies}, lost
 
 
 def describe_nodes(grid, node_ids, timeout):
     """``{node id: {"market", "vocabulary"}}`` of the nodes that answer ``describe``."""
-    described, _ = call_nodes(grid, {n: n for n in node_ids}, "describe", {n: () for n in node_ids}, timeout)
-    return described
+    described, _ = call_nodes(grid, {n: n for n in node_ids}, {n: [("describe", ())] for n in node_ids}, timeout)
+    return {n: replies[0] for n, replies in described.items()}
 
 
 def _flower_server_class():
     from recbole_cmr.federated.server import FederatedServer
 
     class FlowerServer(FederatedServer):
-        """:class:`FederatedServer` whose clients are SuperNodes: ``call_each`` sends messages.
+        """:class:`FederatedServer` whose clients are SuperNodes: ``deliver`` sends messages, one
+        per market with all its calls; posted calls (``keep_local``, ``restore_best``, ...) wait
+        for the market's next message.
 
         A lost node (killed, disconnected, silent for ``timeout`` s) is waited for: the server
         logs which markets it waits for and resends once a node of that market reconnects (a
@@ -171,14 +197,19 @@ def _flower_server_class():
             self.wire = {"up": 0, "down": 0}  # message bytes so far
             super().__init__(config, [RemoteClient(m, n) for m, n in nodes.items()], **kwargs)
 
-        def call_each(self, method, args):
+        DEFER_POSTED = True  # posted calls travel with the client's next message
+
+        def deliver(self, batches):
+            """One message per market with its calls; lost nodes are waited for (see above)."""
             deadline = time.time() + (self.timeout or float("inf"))
-            need = len(args)
-            if method == "fit" and self.min_clients:
-                need = min(self.min_clients, len(args))
-            replies, pending = {}, dict(args)
+            need = len(batches)
+            training = any(method == "fit" for calls in batches.values() for method, _ in calls)
+            if training and self.min_clients:
+                need = min(self.min_clients, len(batches))
+            method = next((calls[-1][0] for calls in batches.values() if calls), "")  # for the logs
+            replies, pending = {}, dict(batches)
             while pending:
-                got, lost = call_nodes(self.grid, self.nodes, method, pending,
+                got, lost = call_nodes(self.grid, self.nodes, pending,
                                        max(1.0, deadline - time.time()), self.wire)
                 replies.update(got)
                 pending = {cid: a for cid, a in pending.items() if cid in lost}
@@ -280,15 +311,16 @@ def server_main(grid: Grid, context: Context) -> None:
     if config["fed_resume"]:
         server.resume_checkpoint(config["fed_resume"])
     server.fit(verbose=True)
-    tests = server.test_entries()
-    checkpoints = server.export_best(verbose=True)
+    # one last message per node: test, export, the node's fine-tuning, close (its worker ends)
+    then = {m: [("close", ())] for m in markets}
+    if config["finetune"]:
+        then = {m: [("finetune", (server.best_params_for(m),)), *calls] for m, calls in then.items()}
+    tests, checkpoints, last = server.finish(export=True, verbose=True, then=then)
     best_valid = server.best_valid or {}
     per_market = {m: {"valid": best_valid.get(m), **tests[m], "checkpoint": checkpoints[m]}
                   for m in markets}
     if config["finetune"]:
-        tuned = server.call_each("finetune", {m: (server.best_params_for(m),) for m in markets})
-        per_market = {m: {**tuned[m], "federated": per_market[m]} for m in markets}
-    server.call_each("close", {m: () for m in markets})  # the nodes' workers end
+        per_market = {m: {**last[m][0], "federated": per_market[m]} for m in markets}
     result = {**summarise(config, per_market), "federated_rounds": round_summary(server)}
     report(config, result, log_path)
     out = json.loads(context.run_config["settings"]).get("result_file")
@@ -369,19 +401,23 @@ class NodeSession:
         """The reply ``RecordDict`` to a message's ``content`` (``Client.<method>(*args)``)."""
         from recbole_cmr.utils import save_atomic
 
-        args, plain = decode(content)
-        method, client = plain["method"], self.client
-        if method == "describe":
-            reply = {"market": client.client_id, "vocabulary": self.dataset.vocabulary_digest()}
-        elif method == "finetune":
-            reply = node_finetune(self.config, client, *args)
-        elif method == "close":  # the run is over: the worker ends
-            reply, self.closed = None, True
-        else:
-            reply = getattr(client, method)(*args)
+        replies = [self.call(method, args) for method, args in decode(content)["calls"]]
         os.makedirs(os.path.dirname(self.file), exist_ok=True)
-        save_atomic(client.session_state(), self.file)
-        return encode_reply(reply)
+        save_atomic(self.client.session_state(), self.file)
+        return encode(replies)
+
+    def call(self, method, args):
+        """The reply to one call: ``Client.<method>(*args)``, or the node's own ``describe``,
+        ``finetune`` and ``close`` (the run is over: the worker ends after this message)."""
+        client = self.client
+        if method == "describe":
+            return {"market": client.client_id, "vocabulary": self.dataset.vocabulary_digest()}
+        if method == "finetune":
+            return node_finetune(self.config, client, *args)
+        if method == "close":
+            self.closed = True
+            return None
+        return getattr(client, method)(*args)
 
 
 def node_finetune(config, client, best_params):

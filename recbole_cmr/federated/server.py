@@ -216,13 +216,15 @@ class FederatedServer:
         self.checkpoint_file = checkpoint_file
         self.rng = random.Random(config["seed"])
         self.logger = getLogger()
+        self._posted = {}  # {client_id: [(method, args)]}: posted calls not made yet (:meth:`post`)
         first = clients[0].client_id
-        self.global_params = self.call_each("get_parameters", {first: ()})[first]
+        replies = self.call_many({cid: [("get_parameters", ())] * (cid == first) + [("parameter_shapes", ())]
+                                  for cid in self.clients})
+        self.global_params = replies[first][0]
         self.personal = {}  # {client_id: params} once a personalized strategy has aggregated
-        private = market_dependent_local(config, self.call_each(
-            "parameter_shapes", {cid: () for cid in self.clients}))
+        private = market_dependent_local(config, {cid: r[-1] for cid, r in replies.items()})
         if private:  # clients that build_clients did not set up (e.g. remote ones)
-            self.call_each("keep_local", {cid: (private,) for cid in self.clients})
+            self.post("keep_local", {cid: (private,) for cid in self.clients})
             self.global_params = {n: t for n, t in self.global_params.items() if n not in private}
         self.shared_names = list(self.global_params)
         self.strategy.check_names(self.shared_names)
@@ -231,11 +233,50 @@ class FederatedServer:
         self.best_score = -np.inf if self.bigger else np.inf
         self.best, self.history = None, []
 
+    # ---- talking to the clients ----------------------------------------------------------------
+    # Transports: in-process, ``deliver`` makes the calls in turn and a posted call is made at
+    # once; Flower's server (``recbole_cmr.federated.flower``) sends each client's calls as one
+    # message and holds posted calls for the client's next message (``DEFER_POSTED``), since every
+    # Flower message costs a ClientApp process and a SuperNode poll.
+    DEFER_POSTED = False
+
     def call_each(self, method, args):
-        """``{client_id: client.<method>(*args[client_id])}``: the one place the server talks to
-        its clients, with plain data both ways (in-process: in turn; a transport such as
-        Flower's overrides it to send the messages at once and gather the replies)."""
-        return {cid: getattr(self.clients[cid], method)(*a) for cid, a in args.items()}
+        """``{client_id: client.<method>(*args[client_id])}`` (:meth:`call_many` of one call)."""
+        return {cid: replies[-1] for cid, replies in
+                self.call_many({cid: [(method, a)] for cid, a in args.items()}).items()}
+
+    def call_many(self, calls):
+        """``{client_id: [reply, ...]}`` of each client's calls ``calls[client_id]`` (a list of
+        ``(method, args)``), made in order after the client's posted ones (:meth:`post`): the one
+        place the server talks to its clients, plain data both ways. A client missing from the
+        replies (a lost node a training round went on without, ``fed_min_clients``) keeps its
+        posted calls for its next message."""
+        posted = {cid: self._posted.pop(cid, []) for cid in calls}
+        replies = self.deliver({cid: [*posted[cid], *batch] for cid, batch in calls.items()})
+        for cid in calls:
+            if cid not in replies and posted[cid]:
+                self._posted[cid] = posted[cid] + self._posted.get(cid, [])
+        return {cid: list(r[len(posted[cid]):]) for cid, r in replies.items()}
+
+    def post(self, method, args):
+        """Make the calls ``client.<method>(*args[client_id])`` whose replies are not needed
+        (``keep_local``, ``restore_best``, ``set_parameters``, ``close``), at the latest before the
+        client's next call (:attr:`DEFER_POSTED`) or :meth:`flush`."""
+        for cid, a in args.items():
+            self._posted.setdefault(cid, []).append((method, a))
+        if not self.DEFER_POSTED:
+            self.flush()
+
+    def flush(self):
+        """Make every posted call now."""
+        if any(self._posted.values()):
+            self.call_many({cid: [] for cid, calls in self._posted.items() if calls})
+
+    def deliver(self, batches):
+        """``{client_id: [reply, ...]}`` of each client's calls ``batches[client_id]``, made in
+        turn on the in-process clients (a transport overrides this)."""
+        return {cid: [getattr(self.clients[cid], method)(*a) for method, a in batch]
+                for cid, batch in batches.items()}
 
     def params_for(self, client_id, personal=None, global_params=None):
         """The shared parameters client ``client_id`` starts from: the global ones, with its own
@@ -320,9 +361,13 @@ class FederatedServer:
         + its own local parameters on its own ``phase`` data (the server never holds a loader);
         ``best``: the parameters are the best round's, which each client loads first;
         ``per_user``: ``{market: (result, per-user values)}`` (``Client.evaluate``)."""
+        return self.call_each("evaluate", {cid: self._evaluate_args(cid, phase, personal, global_params, best,
+                                                                    per_user) for cid in self.clients})
+
+    def _evaluate_args(self, client_id, phase, personal=None, global_params=None, best=False, per_user=False):
+        """The arguments of client ``client_id``'s ``evaluate`` (see :meth:`_evaluate`)."""
         extra = (per_user,) if per_user else ()
-        return self.call_each("evaluate", {cid: (self.params_for(cid, personal, global_params), phase, best,
-                                                 *extra) for cid in self.clients})
+        return (self.params_for(client_id, personal, global_params), phase, best, *extra)
 
     def _validate_round(self, record):
         """Validate every market, update early stopping and the best states; True to stop."""
@@ -409,14 +454,17 @@ class FederatedServer:
         """Every client loads the best round (the shared parameters sent, its own local ones)."""
         if self.best is None:
             return
-        self.call_each("restore_best", {cid: (self.best_params_for(cid),) for cid in self.clients})
+        self.post("restore_best", {cid: (self.best_params_for(cid),) for cid in self.clients})
 
     def export_best(self, verbose=True):
         """Each client saves its best model as a plugin checkpoint (``export`` loads the best
         round itself); ``{market: path}``."""
-        return self.call_each("export", {
-            cid: (self.best_params_for(cid) if self.best else self.params_for(cid),
-                  float(self.best_score), verbose) for cid in self.clients})
+        return self.call_each("export", {cid: self._export_args(cid, verbose) for cid in self.clients})
+
+    def _export_args(self, client_id, verbose):
+        """The arguments of client ``client_id``'s ``export`` (see :meth:`export_best`)."""
+        return (self.best_params_for(client_id) if self.best else self.params_for(client_id),
+                float(self.best_score), verbose)
 
     def evaluate(self, phase="test", load_best=True, per_user=False):
         """``{market: RecBole result}`` of every client on its own ``phase`` data; with
@@ -435,6 +483,25 @@ class FederatedServer:
         as each market's run result records it."""
         return {m: {"test": result, "per_user": values}
                 for m, (result, values) in self.evaluate("test", per_user=True).items()}
+
+    def finish(self, export=True, verbose=True, then=None):
+        """The run's end in one message per client: :meth:`test_entries`, then with ``export``
+        :meth:`export_best`, then the client's calls ``then[client_id]`` (a list of ``(method,
+        args)``, e.g. Flower's fine-tuning and ``close``).
+
+        Returns:
+            tuple: ``(test entries, {market: checkpoint path} (empty without export), {market:
+            [reply of each call in then]})``.
+        """
+        best = self.best is not None
+        personal, global_params = (self.best.get("personal") or {}, self.best["global"]) if best else (None, None)
+        calls = {cid: [("evaluate", self._evaluate_args(cid, "test", personal, global_params, best, True)),
+                       *([("export", self._export_args(cid, verbose))] if export else []),
+                       *(then or {}).get(cid, [])] for cid in self.clients}
+        replies = self.call_many(calls)
+        tests = {m: {"test": r[0][0], "per_user": r[0][1]} for m, r in replies.items()}
+        checkpoints = {m: r[1] for m, r in replies.items()} if export else {}
+        return tests, checkpoints, {m: r[1 + export:] for m, r in replies.items()}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def client_files_name(self):
@@ -542,7 +609,7 @@ class FederatedServer:
         self.global_params = checkpoint["global"]
         self.personal = checkpoint.get("personal") or {}
         self._load_client_states(checkpoint)
-        self.call_each("set_parameters", {cid: (self.params_for(cid),) for cid in self.clients})
+        self.post("set_parameters", {cid: (self.params_for(cid),) for cid in self.clients})
         self.strategy.load_state_dict(checkpoint.get("strategy") or {"state": {}})
         set_rng_states(checkpoint["rng"], self.rng)
         self.logger.info(
@@ -691,12 +758,11 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     if pretrained_file:
         server.load_pretrained(pretrained_file)
     server.fit(verbose=verbose)
-    tests = server.test_entries()
+    tests, checkpoints, _ = server.finish(export=saved, verbose=verbose)
     if saved and verbose:
         getLogger().info(
             set_color("Federated round checkpoint", "blue") + f": {server.checkpoint_file}"
         )
-    checkpoints = export_best(server, verbose) if saved else {}
     best_valid = server.best_valid or {}
     if models_out is not None:
         models_out.update({cid: client.model for cid, client in server.clients.items()})
