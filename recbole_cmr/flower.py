@@ -8,7 +8,7 @@ SuperNode loads only its market's files; the markets' item ids come from the dat
 ``item_vocabulary`` file (written over the run's markets first when the dataset has none). The
 ServerApp writes the same results files as ``run_recbole_cmr`` (log/, saved/ under the working
 folder). The deployment's own folder (``/tmp/recbole_cmr_flower_*``: the processes' logs, the
-SuperLink's state.db, the App, a written vocabulary) is removed when the run ends, unless
+App, a written vocabulary) is removed when the run ends, unless
 ``--keep_work`` is given (then its path is printed at the end). The run's streamed log goes to
 stderr, without colour codes when stderr is not a terminal; the result JSON to stdout. Needs
 ``pip install ".[flower]"``. For separate machines see README ("Federation on Flower").
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-KEEP_FLAG = "--keep_work"  # keep the deployment's folder (logs, state.db, App) after the run
+KEEP_FLAG = "--keep_work"  # keep the deployment's folder (logs, App) after the run
 ANSI_CODE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes
 LAST_RUN = {}  # the last deploy()'s work folder, process ids and SuperNode pid per market (tests)
 APP_TOML = """[build-system]
@@ -269,8 +269,10 @@ def _deploy(argv, work, keep):
     print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
           + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
     with Deployment(work, lambda: stop_workers(settings)) as deployment, _sigterm_interrupts():
+        # the SuperLink keeps its state in memory (Flower's default; a database file costs it
+        # about twice the CPU) and lives exactly as long as the run
         deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                       "--port", str(link), "--database", str(work / "state.db")])
+                                       "--port", str(link)])
         wait_listening(link, deployment, "superlink")
         for market, port in zip(markets, nodes):
             LAST_RUN.setdefault("nodes", {})[market] = deployment.start(f"supernode-{market}", [

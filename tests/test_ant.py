@@ -41,11 +41,15 @@ def domains(tmp_path, text_cache):
     root = tmp_path / "data"
     target = root / "mlant"
     target.mkdir(parents=True)
+    rated = set()
     for market in MARKETS:
         frame = pd.read_csv(SHIPPED / f"{market}.inter", sep="\t", dtype=str)
         users = sorted(frame["user_id:token"].unique())[:N_USERS]
-        frame[frame["user_id:token"].isin(users)].to_csv(target / f"{market}.inter", sep="\t", index=False)
+        frame = frame[frame["user_id:token"].isin(users)]
+        frame.to_csv(target / f"{market}.inter", sep="\t", index=False)
+        rated.update(frame["item_id:token"])
     items = pd.read_csv(SHIPPED / "movielens-markets.item", sep="\t", dtype=str, keep_default_na=False)
+    items = items[items["item_id:token"].isin(rated)].reset_index(drop=True)  # text encoded: these only
     rng = np.random.default_rng(0)
     items["price:float"] = np.where(rng.random(len(items)) < 0.7,
                                     np.round(rng.lognormal(2, 1, len(items)), 2).astype(str), "")
