@@ -109,8 +109,14 @@ def test_federated_sasrec_round_loop(two_markets, tmp_path):
     assert state["round"] == 1 and "clients" not in state and "local" not in state["best"]
     assert set(state["global"]) == set(server.shared_names)  # the server file: parameters only
     own = torch.load(str(tmp_path / "fed.clients" / "in.pth"), weights_only=True)  # each client its own
-    assert own["round"] == 1 and own["market"] == "in" and own["best_round"] == server.best["round"]
+    # written when round 1 closed (its validation message), before it was known to be the best
+    assert own["round"] == 1 and own["market"] == "in" and own["best_round"] == 0
     assert set(own["private"]["local"]) == set(own["best_local"]) == set(clients[0].local_names)
+    # the run checkpoint's best round completes it: a fresh client restores the same best round
+    fresh = build_clients(config, train, valid, test)[0]
+    fresh.load_state(str(tmp_path / "fed"), 1, best_round=state["best"]["round"])
+    assert fresh.best_round == clients[0].best_round == state["best"]["round"]
+    assert all(torch.equal(fresh.best_local[n], t) for n, t in clients[0].best_local.items())
 
 
 def test_train_federated_returns_the_local_mode_shape(two_markets):
@@ -415,9 +421,12 @@ def test_posted_calls_travel_first_with_the_next_message_and_wait_for_a_lost_nod
     deferring.fit(verbose=False)
     tests, _, _ = deferring.finish(export=False)
     assert tests == plain.test_entries()
-    assert deferring.messages[:2] == [{"in": ["get_parameters", "parameter_shapes"], "jp": ["parameter_shapes"]},
-                                      {cid: ["keep_local", "fit"] for cid in deferring.clients}]
-    assert deferring.messages[-1] == {cid: ["restore_best", "evaluate"] for cid in deferring.clients}
+    last_best = ["mark_best"] * (deferring.best["round"] == 1)  # round 0 is the first best
+    assert deferring.messages == [
+        {"in": ["get_parameters", "parameter_shapes"], "jp": ["parameter_shapes"]},
+        *[{cid: calls for cid in deferring.clients} for calls in (
+            ["keep_local", "fit"], ["evaluate"], ["mark_best", "fit"], ["evaluate"],
+            [*last_best, "restore_best", "evaluate"])]]
     assert not any(deferring._posted.values())
 
     losing = server(_Deferring)
@@ -426,10 +435,11 @@ def test_posted_calls_travel_first_with_the_next_message_and_wait_for_a_lost_nod
     losing.fit(verbose=False)
     assert losing.history[0]["dropped"] == ["jp"]
     assert losing.messages[2] == {"in": ["evaluate"], "jp": ["keep_local", "evaluate"]}  # kept for jp
+    last_best = ["mark_best"] * (losing.best["round"] == 1)
     assert {cid: [m for m, _ in calls] for cid, calls in losing._posted.items()} == \
-        {cid: ["restore_best"] for cid in losing.clients}
+        {cid: [*last_best, "restore_best"] for cid in losing.clients}
     losing.flush()
-    assert losing.messages[-1] == {cid: ["restore_best"] for cid in losing.clients}
+    assert losing.messages[-1] == {cid: [*last_best, "restore_best"] for cid in losing.clients}
     assert not any(losing._posted.values())
 
 

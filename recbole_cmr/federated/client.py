@@ -356,9 +356,12 @@ class Client:
         self.load_private_state(state["private"])
         self.best_round, self.best_local = state["best_round"], state["best_local"]
 
-    def load_state(self, name, round_idx, best_only=False):
+    def load_state(self, name, round_idx, best_only=False, best_round=None):
         """Restore :meth:`save_state` output of round ``round_idx`` (``best_only``: just the best
-        round's local parameters, to reuse a finished run's federated stage)."""
+        round's local parameters, to reuse a finished run's federated stage). ``best_round`` is
+        the run's best round: when it is ``round_idx`` itself, whose state was written before
+        the round was known to be the best (its validation message closed it), the best local
+        parameters are that round's."""
         path = self.state_file(name)
         if not path.exists():
             raise FileNotFoundError(f"market [{self.client_id}]: no client checkpoint {path} "
@@ -372,6 +375,8 @@ class Client:
         if not best_only:
             self.load_private_state(state["private"])
         self.best_round, self.best_local = state["best_round"], state["best_local"]
+        if best_round == round_idx != state["best_round"]:
+            self.best_round, self.best_local = round_idx, dict(state["private"]["local"])
 
     def local_state(self):
         """The parameters that never leave the client, ``{name: tensor}`` (detached copies)."""

@@ -217,6 +217,7 @@ class FederatedServer:
         self.rng = random.Random(config["seed"])
         self.logger = getLogger()
         self._posted = {}  # {client_id: [(method, args)]}: posted calls not made yet (:meth:`post`)
+        self._best_to_mark = self._closed = None  # the round to mark as best / closed on the clients
         first = clients[0].client_id
         replies = self.call_many({cid: [("get_parameters", ())] * (cid == first) + [("parameter_shapes", ())]
                                   for cid in self.clients})
@@ -370,9 +371,15 @@ class FederatedServer:
         return (self.params_for(client_id, personal, global_params), phase, best, *extra)
 
     def _validate_round(self, record):
-        """Validate every market, update early stopping and the best states; True to stop."""
+        """Validate every market, update early stopping and the best states; True to stop. The
+        validation message also closes the round on each client (:meth:`end_round`)."""
         start = time()
-        per_market = self._evaluate("valid")
+        round_idx = record["round"]
+        closing = self._closing_calls(round_idx, mark=False)
+        replies = self.call_many({cid: [("evaluate", self._evaluate_args(cid, "valid")), *closing]
+                                  for cid in self.clients})
+        per_market = {cid: r[0] for cid, r in replies.items()}
+        self._closed = round_idx
         score = calculate_valid_score(macro_average(per_market), self.valid_metric)
         self.best_score, self.cur_step, stop, improved = early_stopping(
             score, self.best_score, self.cur_step, max_step=self.stopping_step, bigger=self.bigger
@@ -389,7 +396,7 @@ class FederatedServer:
             "personal": {cid: {n: t.clone() for n, t in p.items()} for cid, p in self.personal.items()},
             "valid": per_market,
         }
-        self._best_to_mark = round_idx  # the clients mark it in the round's end_round message
+        self._best_to_mark = round_idx  # the clients mark it when the round ends (end_round)
 
     def _log_round(self, record):
         valid = "-" if record["valid_score"] is None else f"{record['valid_score']:.6f}"
@@ -509,13 +516,27 @@ class FederatedServer:
         return str(self.checkpoint_file)[:-4] if str(self.checkpoint_file).endswith(".pth") \
             else str(self.checkpoint_file)
 
-    def end_round(self, round_idx):
-        """One message closes the round on every client: it marks the round as its best when it
-        is (its local parameters now) and writes its round state when the run checkpoints."""
-        mark = getattr(self, "_best_to_mark", None) == round_idx
+    def _closing_calls(self, round_idx, mark):
+        """The client call that closes round ``round_idx`` (``Client.end_round``: mark the round
+        as the best when ``mark``, write the round state when the run checkpoints), or none."""
         name = self.client_files_name() if self.checkpoint_file else None
-        if mark or name:
-            self.call_each("end_round", {cid: (round_idx, mark, name) for cid in self.clients})
+        return [("end_round", (round_idx, mark, name))] if mark or name else []
+
+    def end_round(self, round_idx):
+        """Close the round on every client: each marks the round as its best when it is (its
+        local parameters now) and writes its round state when the run checkpoints. A validated
+        round was closed by its validation message, before the best round was known: the mark
+        (``mark_best``) then travels with the clients' next message (posted), and a resumed
+        client learns it from the run checkpoint (:meth:`_load_client_states`). Otherwise one
+        message closes the round."""
+        mark = self._best_to_mark == round_idx
+        if self._closed == round_idx:
+            if mark:
+                self.post("mark_best", {cid: (round_idx,) for cid in self.clients})
+        else:
+            closing = self._closing_calls(round_idx, mark)
+            if closing:
+                self.call_many({cid: closing for cid in self.clients})
         self._best_to_mark = None
 
     def save_checkpoint(self, round_idx):
@@ -591,7 +612,8 @@ class FederatedServer:
 
     def _load_client_states(self, checkpoint, best_only=False):
         """Every client restores its state of the checkpoint's round from its own file."""
-        self.call_each("load_state", {cid: (self.client_files_name(), checkpoint["round"], best_only)
+        best_round = (checkpoint.get("best") or {}).get("round")
+        self.call_each("load_state", {cid: (self.client_files_name(), checkpoint["round"], best_only, best_round)
                                       for cid in self.clients})
 
     def resume_checkpoint(self, resume_file):
