@@ -387,6 +387,25 @@ def test_the_best_round_is_tested_and_exported_in_one_message_each(two_markets, 
         assert all(torch.equal(t, best_local[cid][n]) for n, t in client.local_state().items())
 
 
+def test_a_late_best_mark_takes_the_local_parameters_of_the_round_it_marks(two_markets):
+    """``mark_best(r)`` arriving after the client moved on (a posted mark travels with the next
+    Flower message; a restarted node may have run that message before) keeps round ``r``'s
+    local parameters as ``end_round(r)`` closed them, also across a session file; a round that
+    was never closed takes the current ones."""
+    server = _server({**two_markets, **LOCAL_NORM})
+    client = server.clients["in"]
+    client.end_round(0, False)
+    closed = client.local_state()
+    client.model.load_state_dict({n: t + 1.0 for n, t in closed.items()}, strict=False)  # moved on
+    again = build_clients(server.config, {"in": client.train_data}, {"in": client.valid_data})[0]
+    again.load_session_state(client.session_state())
+    for marked in (client, again):
+        marked.mark_best(0)
+        assert marked.best_round == 0 and all(torch.equal(marked.best_local[n], t) for n, t in closed.items())
+    client.mark_best(1)  # not closed: the parameters now
+    assert all(torch.equal(client.best_local[n], t + 1.0) for n, t in closed.items())
+
+
 class _Deferring(FederatedServer):
     """A transport that holds posted calls for the client's next message (as Flower's does) and
     loses market ``lost`` in the next training message when ``lose`` is set."""

@@ -98,6 +98,7 @@ class Client:
         self.client_id = client_id
         self.checkpoint_dir = Path(checkpoint_dir or trainer.config["checkpoint_dir"] or ".")
         self.best_round, self.best_local = None, None
+        self.closed = None  # (round, its local parameters) of the last round closed (end_round)
         self.trainer = trainer
         self.model = trainer.model
         self.train_data = train_data
@@ -299,13 +300,17 @@ class Client:
 
     # ---- the best round and the exported model ------------------------------------------------
     def mark_best(self, round_idx):
-        """Remember round ``round_idx`` as the best: this client's local parameters now (the shared
-        ones are the server's)."""
-        self.best_round, self.best_local = round_idx, self.local_state()
+        """Remember round ``round_idx`` as the best: its local parameters (the shared ones are the
+        server's), as :meth:`end_round` closed it, or the current ones when it did not (the mark
+        may arrive with a later message)."""
+        closed = self.closed if self.closed is not None and self.closed[0] == round_idx else None
+        self.best_round, self.best_local = round_idx, dict(closed[1]) if closed else self.local_state()
 
     def end_round(self, round_idx, mark_best, name=None):
-        """Close round ``round_idx``: :meth:`mark_best` when ``mark_best``, then :meth:`save_state`
-        when ``name`` is given (one message instead of two)."""
+        """Close round ``round_idx``: keep its local parameters (for a later :meth:`mark_best`),
+        :meth:`mark_best` when ``mark_best``, then :meth:`save_state` when ``name`` is given (one
+        message instead of two)."""
+        self.closed = (round_idx, self.local_state())
         if mark_best:
             self.mark_best(round_idx)
         if name:
@@ -345,9 +350,11 @@ class Client:
 
     def session_state(self):
         """What this client must keep between two messages when each runs in a fresh process
-        (Flower's ClientApp): :meth:`private_state`, the best round and the shared names."""
+        (Flower's ClientApp): :meth:`private_state`, the best round, the shared names and the last
+        closed round's local parameters (``closed``)."""
         return {"private": self.private_state(), "best_round": self.best_round,
-                "best_local": self.best_local, "shared_names": list(self.shared_names)}
+                "best_local": self.best_local, "shared_names": list(self.shared_names),
+                "closed": self.closed}
 
     def load_session_state(self, state):
         """Restore :meth:`session_state` output into a freshly built client of this market."""
@@ -355,6 +362,7 @@ class Client:
         self.keep_local([n for n in self.shared_names if n not in shared])
         self.load_private_state(state["private"])
         self.best_round, self.best_local = state["best_round"], state["best_local"]
+        self.closed = state.get("closed")
 
     def load_state(self, name, round_idx, best_only=False, best_round=None):
         """Restore :meth:`save_state` output of round ``round_idx`` (``best_only``: just the best
