@@ -261,8 +261,8 @@ class FederatedServer:
 
     def post(self, method, args):
         """Make the calls ``client.<method>(*args[client_id])`` whose replies are not needed
-        (``keep_local``, ``restore_best``, ``set_parameters``, ``close``), at the latest before the
-        client's next call (:attr:`DEFER_POSTED`) or :meth:`flush`."""
+        (``keep_local``, ``mark_best``, ``restore_best``, ``set_parameters``), at the latest before
+        the client's next call (:attr:`DEFER_POSTED`) or :meth:`flush`."""
         for cid, a in args.items():
             self._posted.setdefault(cid, []).append((method, a))
         if not self.DEFER_POSTED:
