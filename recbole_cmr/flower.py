@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+EXECUTORS = ("fork", "subprocess")  # how SuperNodes run ClientApps (``--executor``), the default first
 KEEP_FLAG = "--keep_work"  # keep the deployment's folder (logs, App) after the run
 ANSI_CODE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes
 LAST_RUN = {}  # the last deploy()'s work folder, process ids and SuperNode pid per market (tests)
@@ -71,9 +72,9 @@ def check_port(port):
 
 
 def run_settings(argv, workdir=None):
-    """``(settings for the App, markets, data folder, node timeout)`` from the command line; a
-    vocabulary the dataset lacks is written into ``workdir`` (default: a new temporary folder,
-    the caller's to remove)."""
+    """``(settings for the App, markets, data folder, launch options)`` from the command line
+    (launch options: ``timeout``, ``executor``); a vocabulary the dataset lacks is written into
+    ``workdir`` (default: a new temporary folder, the caller's to remove)."""
     from recbole_cmr.compat import checkpoint_safe
     from recbole_cmr.config import Config
     from recbole_cmr.data.dataset import resolve_markets
@@ -85,6 +86,9 @@ def run_settings(argv, workdir=None):
     parser.add_argument("--markets", nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a node")
+    parser.add_argument("--executor", choices=EXECUTORS, default=EXECUTORS[0] if hasattr(os, "fork") else "subprocess",
+                        help="how a SuperNode runs a message's ClientApp: forked from one loaded process "
+                             "per node (fork), or a fresh flwr-clientapp each (subprocess, Flower's SuperExec)")
     parser.add_argument("--config_files", default=None, help="yaml files, space separated")
     args, rest = parser.parse_known_args(argv)
     extra = {"train_mode": "federated", **({"markets": args.markets} if args.markets else {}),
@@ -106,7 +110,7 @@ def run_settings(argv, workdir=None):
         config_dict["item_vocabulary"] = os.path.abspath(vocabulary_path(config))
     settings = {"model": config["model"], "dataset": args.dataset, "markets": markets,
                 "config_dict": config_dict, "run": time.strftime("%Y%m%d-%H%M%S")}
-    return settings, markets, data_root, args.timeout
+    return settings, markets, data_root, args
 
 
 class Deployment:
@@ -255,7 +259,7 @@ def deploy(argv=None):
 
 
 def _deploy(argv, work, keep):
-    settings, markets, data_root, timeout = run_settings(argv, work)
+    settings, markets, data_root, launch = run_settings(argv, work)
     result_file = work / "result.json"
     settings["result_file"] = str(result_file)
     link, nodes = free_port(), [free_port() for _ in markets]
@@ -264,7 +268,8 @@ def _deploy(argv, work, keep):
     (work / "flwr-home").mkdir()
     (work / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    write_app(work / "app", settings, timeout)
+    write_app(work / "app", settings, launch.timeout)
+    shutil.copyfile(Path(__file__).parent / "federated" / "flower_exec.py", work / "recbole_cmr_exec.py")
     LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[], nodes={})
     print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
           + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
@@ -275,9 +280,7 @@ def _deploy(argv, work, keep):
                                        "--port", str(link)])
         wait_listening(link, deployment, "superlink")
         for market, port in zip(markets, nodes):
-            LAST_RUN.setdefault("nodes", {})[market] = deployment.start(f"supernode-{market}", [
-                "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
-                "--node-config", f"market='{market}' data-path='{data_root}'"]).pid
+            start_supernode(deployment, market, f"127.0.0.1:{link}", port, data_root, launch.executor)
         run = deployment.start("flwr-run", ["flwr", "run", str(work / "app"), "local", "--stream"], log=False)
         while run.poll() is None and not result_file.exists():
             time.sleep(1)
@@ -291,6 +294,23 @@ def _deploy(argv, work, keep):
         where = f"logs in {work}" if keep else f"rerun with {KEEP_FLAG} to keep the deployment's logs"
         raise RuntimeError(f"the Flower run ended without results; {where}")
     return json.loads(result_file.read_text())
+
+
+def start_supernode(deployment, market, link, port, data_root, executor):
+    """Start the SuperNode of ``market`` (Runtime API on ``port``) and, with the ``fork``
+    executor, its SuperExec (:mod:`recbole_cmr.federated.flower_exec`), which lives as long as
+    this process: a SuperNode restarted on the same port is served again. Returns the SuperNode."""
+    fork = executor == "fork"
+    node = deployment.start(f"supernode-{market}", [
+        "flower-supernode", "--insecure", "--superlink", link, "--port", str(port),
+        *(["--isolation", "process"] if fork else []),
+        "--node-config", f"market='{market}' data-path='{data_root}'"])
+    LAST_RUN.setdefault("nodes", {})[market] = node.pid
+    if fork:
+        deployment.start(f"superexec-{market}", [
+            sys.executable, str(deployment.workdir / "recbole_cmr_exec.py"), "--insecure",
+            "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())])
+    return node
 
 
 class _sigterm_interrupts:

@@ -22,7 +22,7 @@ from recbole_cmr.data.convert import (
 )
 from recbole_cmr.data.convert.__main__ import main
 from conftest import shared_data
-from test_convert import folder_bytes, header, leftovers, read, run_cli  # the same file helpers
+from test_convert import call_cli, folder_bytes, header, leftovers, read  # the same file helpers
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.path.dirname(recbole.__file__)) / "dataset_example" / "ml-100k"
@@ -218,7 +218,7 @@ def test_ml100k_too_few_unrated_movies(tmp_path):
 
 
 def test_ml100k_cli(tmp_path):
-    done = run_cli("ml100k-scenarios", ML100K, "--out", tmp_path, "--name", "mls", "--seed", "3",
+    done = call_cli("ml100k-scenarios", ML100K, "--out", tmp_path, "--name", "mls", "--seed", "3",
                    "--negatives", "1", "-q")
     assert done.returncode == 0, done.stderr
     df = read(tmp_path / "mls" / "45plus.inter")
@@ -234,7 +234,7 @@ def test_ml100k_scenarios_by_gender_or_occupation_hold_each_user_once(tmp_path, 
     its README states; an occupation no group holds is an error naming it."""
     from recbole_cmr.data.convert.ml100k_scenarios import OCCUPATIONS
 
-    done = run_cli("ml100k-scenarios", ML100K, "--out", tmp_path, "--name", "mlg", "--split",
+    done = call_cli("ml100k-scenarios", ML100K, "--out", tmp_path, "--name", "mlg", "--split",
                    "gender", "--negatives", "1", "-q")
     assert done.returncode == 0, done.stderr
     seen = {}
@@ -251,7 +251,7 @@ def test_ml100k_scenarios_by_gender_or_occupation_hold_each_user_once(tmp_path, 
     odd = ml100k_copy(tmp_path)
     text = (odd / "ml-100k.user").read_text().replace("\tstudent\t", "\tastronaut\t", 1)
     (odd / "ml-100k.user").write_text(text)
-    done = run_cli("ml100k-scenarios", odd, "--out", tmp_path, "--name", "mlo", "--split",
+    done = call_cli("ml100k-scenarios", odd, "--out", tmp_path, "--name", "mlo", "--split",
                    "occupation", "-q")
     assert done.returncode == 2 and "occupation ['astronaut'] belongs to no scenario" in done.stderr
     assert not (tmp_path / "mlo").exists()
@@ -340,12 +340,12 @@ def test_aliccp_bad_labels_and_values(aliccp_csv, tmp_path):
 def test_aliccp_cli(aliccp_csv, tmp_path):
     args = ["ali-ccp", "--train", aliccp_csv["train"], "--valid", aliccp_csv["valid"],
             "--test", aliccp_csv["test"], "--out", tmp_path, "--name", "ccp"]
-    done = run_cli(*args, "-q")
+    done = call_cli(*args, "-q")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(tmp_path / "ccp")
     assert "python -m recbole_cmr.data.convert ali-ccp --train" in (
         tmp_path / "ccp" / "README.md").read_text()
-    missing = run_cli("ali-ccp", "--train", tmp_path / "nope.csv", "--valid", aliccp_csv["valid"],
+    missing = call_cli("ali-ccp", "--train", tmp_path / "nope.csv", "--valid", aliccp_csv["valid"],
                       "--test", aliccp_csv["test"], "--out", tmp_path, "-q")
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "nope.csv" in missing.stderr

@@ -11,7 +11,7 @@ import recbole
 
 from recbole_cmr.data.convert import build_ml100k_entities, convert_ml100k_entities
 from recbole_cmr.data.convert.ml100k_entities import TARGET_GENRES
-from test_convert import folder_bytes, read, run_cli
+from test_convert import call_cli, folder_bytes, read
 
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.path.dirname(recbole.__file__)) / "dataset_example" / "ml-100k"
@@ -82,7 +82,7 @@ def test_other_seed_other_negatives_and_cli(out, tmp_path):
     assert (other.markets["target"]["item_id"].to_numpy() != mine["item_id"].to_numpy()).mean() > 0.3
     with pytest.raises(ValueError, match="negatives"):
         build_ml100k_entities(negatives=0)
-    done = run_cli("ml100k-entities", ML100K, "--out", tmp_path, "--name", "mle", "--negatives",
+    done = call_cli("ml100k-entities", ML100K, "--out", tmp_path, "--name", "mle", "--negatives",
                    "1", "--clusters", "8", "-q")
     assert done.returncode == 0, done.stderr
     rows, full = read(tmp_path / "mle" / "target.inter"), read(out / "target.inter")

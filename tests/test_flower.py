@@ -3,6 +3,7 @@ and one SuperNode per market give exactly the in-process numbers; nothing is lef
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,8 +218,11 @@ def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
 
 
 @pytest.mark.deployment(cost=1)
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
+@pytest.mark.parametrize("stop, executor", [("SIGINT", "fork"), ("SIGTERM", "subprocess")])
+def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, executor, tmp_path):
+    """Either executor (ClientApps forked by recbole_cmr's SuperExec, or Flower's own SuperExec
+    starting ``flwr-clientapp``) delivers the first message (the node's worker serves), and a
+    signal to the launcher stops every process, the worker included."""
     import json
     import signal
     import subprocess
@@ -229,7 +233,7 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
 
     launch = subprocess.Popen(
         [sys.executable, "-m", "recbole_cmr.flower", "--model=FedAvgSASRec", "--dataset=xmrec-mini",
-         "--markets", "de", "--rounds", "50", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
+         "--markets", "de", "--rounds", "50", f"--executor={executor}", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         preexec_fn=as_from_a_terminal)
     first = launch.stdout.readline()
@@ -256,6 +260,52 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, tmp_path):
     assert f"recbole_cmr.flower: stopped ({stop})" in output.splitlines()[-1]
     assert not [c for c in _command_lines() if workdir in c or link in c]
     assert not _running(worker)  # the node's worker, in a session of its own
+
+
+def test_the_fork_executor_runs_each_clientapp_task_in_a_clean_child_and_reaps_it(monkeypatch, tmp_path):
+    """recbole_cmr's SuperExec forks a child per ClientApp task that runs Flower's run_clientapp
+    with the task's address and token, without the SuperExec's exit and signal handlers (a
+    handler of the parent must not run in the child); ended children are reaped."""
+    import json
+    import signal
+
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.exit import ExitCode, exit_handler, flwr_exit
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResultStatus
+    from recbole_cmr.federated import flower_exec
+
+    def run_clientapp(**task):
+        (tmp_path / f"{task['token']}.json").write_text(json.dumps({
+            "pid": os.getpid(), "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            **{k: task[k] for k in ("runtime_api_address", "insecure", "parent_pid")}}))
+        flwr_exit(ExitCode.SUCCESS)  # as run_clientapp ends: runs the registered exit handlers
+
+    monkeypatch.setattr(flower_exec, "run_clientapp", run_clientapp)
+    monkeypatch.setattr(exit_handler, "registered_exit_handlers", [])
+    exit_handler.add_exit_handler(lambda: (tmp_path / "parent-handler-ran").touch())
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # the SuperExec's graceful handler
+    try:
+        executor = flower_exec.ForkExecutor()
+        specs = [ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token=token,
+                               insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+                               parent_pid=os.getpid(), suppress_output=False, task_id=i + 1)
+                 for i, token in enumerate(["a1", "b2"])]
+        assert all(executor.launch(spec).status == LaunchResultStatus.ACCEPTED for spec in specs)
+        children = set(executor.children)
+        assert len(children) == 2 and os.getpid() not in children
+        deadline = time.time() + 60
+        while executor.children and time.time() < deadline:
+            executor.reconcile()
+            time.sleep(0.05)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not executor.children and not any(_running(pid) for pid in children)  # reaped, no zombie
+    for spec in specs:
+        task = json.loads((tmp_path / f"{spec.token}.json").read_text())
+        assert task["pid"] in children and task["sigterm_default"]
+        assert (task["runtime_api_address"], task["insecure"], task["parent_pid"]) == ("127.0.0.1:9094", True, os.getpid())
+    assert not (tmp_path / "parent-handler-ran").exists()
+    assert len(exit_handler.registered_exit_handlers) == 1  # the parent's list is untouched
 
 
 def test_bad_input_is_a_one_line_error(capsys):
