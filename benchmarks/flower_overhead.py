@@ -32,6 +32,7 @@ def main():
     parser.add_argument("--dataset", default="movielens-markets")
     parser.add_argument("--markets", nargs="+", default=None)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--executor", default="fork", help="the launcher's --executor (fork, subprocess)")
     args, rest = parser.parse_known_args()
 
     import torch
@@ -44,7 +45,8 @@ def main():
     argv = [f"--{k}={v}" for k, v in common.items()] + rest
     start = time.time()
     remote = flower.deploy(["--model=FedAvgSASRec", f"--dataset={args.dataset}",
-                            *(["--markets", *args.markets] if args.markets else []), *argv,
+                            *(["--markets", *args.markets] if args.markets else []),
+                            f"--executor={args.executor}", *argv,
                             f"--checkpoint_dir={os.path.join(work, 'flower')}"])
     flower_wall = time.time() - start
     start = time.time()
@@ -57,6 +59,7 @@ def main():
     last = history[-1]
     out = {
         "dataset": args.dataset, "markets": sorted(remote["per_market"]), "rounds": args.rounds,
+        "executor": args.executor,
         "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "load_average_at_start": load,
         "flower_median_round_s": flower_round, "in_process_median_round_s": local_round,

@@ -32,7 +32,7 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 EXECUTORS = ("fork", "subprocess")  # how SuperNodes run ClientApps (``--executor``), the default first
 KEEP_FLAG = "--keep_work"  # keep the deployment's folder (logs, App) after the run
 ANSI_CODE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")  # colour and cursor codes
-LAST_RUN = {}  # the last deploy()'s work folder, process ids and SuperNode pid per market (tests)
+LAST_RUN = {}  # the last deploy()'s work folder, process ids, SuperNode (and SuperExec) pid per market
 APP_TOML = """[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -200,11 +200,10 @@ def descendants(pid):
 
 
 def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+    """Whether process ``pid`` runs (not a zombie): the node workers' own check."""
+    from recbole_cmr.federated.flower_node import _alive as running
+
+    return running(pid)
 
 
 def _signal(pid, sig):
@@ -270,7 +269,7 @@ def _deploy(argv, work, keep):
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     write_app(work / "app", settings, launch.timeout)
     shutil.copyfile(Path(__file__).parent / "federated" / "flower_exec.py", work / "recbole_cmr_exec.py")
-    LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[], nodes={})
+    LAST_RUN.update(workdir=str(work), ports=[link, *nodes], pids=[], nodes={}, execs={})
     print(f"Flower deployment in {work} (logs): SuperLink 127.0.0.1:{link}, SuperNodes "
           + ", ".join(f"{m} 127.0.0.1:{port}" for m, port in zip(markets, nodes)), flush=True)
     with Deployment(work, lambda: stop_workers(settings)) as deployment, _sigterm_interrupts():
@@ -298,8 +297,8 @@ def _deploy(argv, work, keep):
 
 def start_supernode(deployment, market, link, port, data_root, executor):
     """Start the SuperNode of ``market`` (Runtime API on ``port``) and, with the ``fork``
-    executor, its SuperExec (:mod:`recbole_cmr.federated.flower_exec`), which lives as long as
-    this process: a SuperNode restarted on the same port is served again. Returns the SuperNode."""
+    executor, its SuperExec (:mod:`recbole_cmr.federated.flower_exec`), which ends with the
+    SuperNode as Flower's own does. Returns the SuperNode's process."""
     fork = executor == "fork"
     node = deployment.start(f"supernode-{market}", [
         "flower-supernode", "--insecure", "--superlink", link, "--port", str(port),
@@ -307,9 +306,9 @@ def start_supernode(deployment, market, link, port, data_root, executor):
         "--node-config", f"market='{market}' data-path='{data_root}'"])
     LAST_RUN.setdefault("nodes", {})[market] = node.pid
     if fork:
-        deployment.start(f"superexec-{market}", [
+        LAST_RUN.setdefault("execs", {})[market] = deployment.start(f"superexec-{market}", [
             sys.executable, str(deployment.workdir / "recbole_cmr_exec.py"), "--insecure",
-            "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(os.getpid())])
+            "--runtime-api-address", f"127.0.0.1:{port}", "--parent-pid", str(node.pid)]).pid
     return node
 
 

@@ -217,25 +217,52 @@ def test_without_flower_the_launcher_says_how_to_install_it(monkeypatch):
         launcher.deploy(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_kill_inside_a_deployment_stops_its_processes_with_a_one_line_message(stop, tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) and ``kill`` (SIGTERM, turned into the same KeyboardInterrupt) during a
+    deployment: every process it started is stopped, then its node workers, its folder is
+    removed, and the launcher ends with one line naming the signal. (A real deployment stopped
+    by a signal: the next test.)"""
+    import signal
+
+    started, stopped = [], []
+
+    def deploy_until_signalled(argv, work, keep):
+        with launcher.Deployment(work, lambda: stopped.append("node workers")) as deployment, \
+                launcher._sigterm_interrupts():
+            started.append((work, deployment.start("sleeper", ["sleep", "120"])))
+            os.kill(os.getpid(), getattr(signal, stop))
+            time.sleep(60)  # the signal interrupts this
+        pytest.fail(f"{stop} did not interrupt the deployment")
+
+    monkeypatch.setattr(launcher, "_deploy", deploy_until_signalled)
+    terminal = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(SystemExit, match=rf"^recbole_cmr.flower: stopped \({stop}\); every process"):
+            launcher.main(["--model=FedAvgSASRec", "--dataset=xmrec-mini"])
+    finally:
+        signal.signal(signal.SIGINT, terminal)
+    [(work, sleeper)] = started
+    assert sleeper.returncode == -signal.SIGTERM and not _running(sleeper.pid)  # stopped and reaped
+    assert stopped == ["node workers"] and not work.exists()
+
+
 @pytest.mark.deployment(cost=1)
-@pytest.mark.parametrize("stop, executor", [("SIGINT", "fork"), ("SIGTERM", "subprocess")])
-def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, executor, tmp_path):
-    """Either executor (ClientApps forked by recbole_cmr's SuperExec, or Flower's own SuperExec
-    starting ``flwr-clientapp``) delivers the first message (the node's worker serves), and a
-    signal to the launcher stops every process, the worker included."""
+def test_kill_stops_every_process_of_a_real_deployment(tmp_path):
+    """Flower's own SuperExec (``--executor=subprocess``: a fresh ``flwr-clientapp`` per message,
+    the path of SuperNodes that organisations run themselves) delivers the first message (the
+    node's worker serves); then ``kill`` (SIGTERM) to the launcher stops every process of the
+    deployment, the node's worker (in a session of its own) included. The forked ClientApps of
+    the default executor: the killed-ServerApp test below leaves nothing running either."""
     import json
     import signal
     import subprocess
-    import time
 
-    def as_from_a_terminal():  # a shell running pytest in the background ignores SIGINT
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
+    stop, executor = "SIGTERM", "subprocess"
     launch = subprocess.Popen(
         [sys.executable, "-m", "recbole_cmr.flower", "--model=FedAvgSASRec", "--dataset=xmrec-mini",
          "--markets", "de", "--rounds", "50", f"--executor={executor}", *SMALL[3:], f"--checkpoint_dir={tmp_path}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-        preexec_fn=as_from_a_terminal)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     first = launch.stdout.readline()
     while not first.startswith("Flower deployment in "):
         first = launch.stdout.readline()
@@ -260,6 +287,26 @@ def test_ctrl_c_or_kill_stops_every_process_of_the_deployment(stop, executor, tm
     assert f"recbole_cmr.flower: stopped ({stop})" in output.splitlines()[-1]
     assert not [c for c in _command_lines() if workdir in c or link in c]
     assert not _running(worker)  # the node's worker, in a session of its own
+
+
+def test_a_node_process_that_ended_unreaped_counts_as_gone():
+    """A killed SuperNode or SuperExec stays a zombie until its parent (the launcher) reaps it:
+    the node's worker must take it for gone (it ends with them) and must not serve a new node."""
+    import subprocess
+
+    from recbole_cmr.federated.flower_node import _alive
+
+    ended, running = subprocess.Popen(["true"]), subprocess.Popen(["sleep", "30"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and Path(f"/proc/{ended.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.05)  # ended, not reaped: a zombie
+        assert not _alive(ended.pid) and _alive(running.pid) and _alive(os.getpid())
+    finally:
+        running.kill()
+        running.wait()
+        ended.wait()
+    assert not _alive(ended.pid) and not _alive(running.pid)
 
 
 def test_the_fork_executor_runs_each_clientapp_task_in_a_clean_child_and_reaps_it(monkeypatch, tmp_path):
@@ -313,18 +360,28 @@ def test_bad_input_is_a_one_line_error(capsys):
         launcher.main(["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "xx"])
 
 
-def _restart_like(pid):
-    """Kill process ``pid`` and start its command line again (same environment and folder)."""
+def _restart_like(*pids):
+    """Kill the processes ``pids`` (a SuperNode, then its SuperExec if it has its own) and start
+    their command lines again (same environment and folder), the SuperExec tied to the new
+    SuperNode (``--parent-pid``): an operator restarting a node. Returns the new processes."""
     import signal
     import subprocess
 
-    proc = Path(f"/proc/{pid}")
-    command = proc.joinpath("cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    env = dict(line.split(b"=", 1) for line in proc.joinpath("environ").read_bytes().split(b"\0") if b"=" in line)
-    cwd = os.readlink(proc / "cwd")
-    os.kill(pid, signal.SIGKILL)
-    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    def command_of(pid):
+        proc = Path(f"/proc/{pid}")
+        env = dict(line.split(b"=", 1) for line in proc.joinpath("environ").read_bytes().split(b"\0") if b"=" in line)
+        return proc.joinpath("cmdline").read_bytes().rstrip(b"\0").split(b"\0"), env, os.readlink(proc / "cwd")
+
+    commands = [command_of(pid) for pid in pids]
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    started = []
+    for command, env, cwd in commands:
+        if started and b"--parent-pid" in command:
+            command[command.index(b"--parent-pid") + 1] = str(started[0].pid).encode()
+        started.append(subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True))
+    return started
 
 
 POISON = """
@@ -354,9 +411,11 @@ def forward(message, context):  # test: market fr sends NaN parameters in round 
 @pytest.mark.deployment(cost=3)
 def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeypatch):
     """Round 0: `fr` sends NaN parameters, which the server leaves out of the aggregate (as
-    in-process). Then `fr`'s SuperNode is killed and restarted: with fed_min_clients=1 round 1
-    aggregates `de` alone; validation waits for `fr`, whose new node (a new node id) takes over
-    from its own session file."""
+    in-process). Then `fr`'s SuperNode is killed and restarted (with its SuperExec, which ends
+    with it, and so does its worker): with fed_min_clients=1 round 1 aggregates `de` alone;
+    validation waits for `fr`, whose new node (a new node id) starts a new worker that takes over
+    from fr's session file."""
+    import json
     import signal
     import threading
     import time
@@ -385,13 +444,22 @@ def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeyp
     while time.time() < deadline and not list(tmp_path.glob("FedAvgSASRec-xmrec-mini-federated-*.pth")):
         time.sleep(0.5)  # round 0 closed
     assert thread.is_alive(), out
-    restarted = _restart_like(launcher.LAST_RUN["nodes"]["fr"])
+    [info] = tmp_path.glob("flower-*.clients/fr.worker")
+    workers = {json.loads(info.read_text())["pid"]}  # fr's worker, which ends with its node
+    restarted = _restart_like(launcher.LAST_RUN["nodes"]["fr"], launcher.LAST_RUN["execs"]["fr"])
     try:
-        thread.join(timeout=900)
+        deadline = time.time() + 900
+        while thread.is_alive() and time.time() < deadline:
+            try:
+                workers.add(json.loads(info.read_text())["pid"])
+            except (OSError, ValueError):
+                pass
+            thread.join(0.5)
     finally:
-        for pid in (restarted.pid, *launcher.descendants(restarted.pid)):
-            launcher._signal(pid, signal.SIGKILL)
-        restarted.wait()
+        for process in restarted:
+            for pid in (process.pid, *launcher.descendants(process.pid)):
+                launcher._signal(pid, signal.SIGKILL)
+            process.wait()
     assert "error" not in out, out.get("error")
     history = out["run"]["federated_rounds"]["history"]
     assert [r["round"] for r in history] == [0, 1, 2]
@@ -400,6 +468,7 @@ def test_nan_and_killed_supernodes_are_left_out_of_their_round(tmp_path, monkeyp
     text = log.read_text()
     assert "Round 0: the update of market [fr] holds NaN/Inf values" in text
     assert "fit: markets ['fr'] did not reply" in text and "is back on node" in text
+    assert len(workers) == 2  # the new node's own worker, from fr's session file
     assert set(out["run"]["per_market"]) == {"de", "fr"}
     assert all(out["run"]["per_market"][m]["test"]["ndcg@10"] >= 0 for m in ("de", "fr"))
 
@@ -471,19 +540,20 @@ def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing
 SCENARIO_PAIR = ["under25", "45plus"]  # two of the four scenarios: a node each
 
 
-@pytest.mark.deployment(cost=2)
-def test_pf_msmtrec_on_flower_gives_the_in_process_numbers(scenarios, tmp_path):
+def test_pf_msmtrec_through_the_flower_app_gives_the_in_process_numbers(scenarios, tmp_path, task_identity):
     """Two scenarios share users, items and features through the vocabulary file the launcher
-    writes: the personalized federation gives exactly the in-process numbers."""
+    writes: the personalized federation, through the Flower App's whole message path (Flower's
+    wire format included), gives exactly the in-process numbers. (The same path between real
+    SuperLink and SuperNode processes: the FeCoSR and FedAvgSASRec deployments above.)"""
     settings = {**scenarios, "fed_rounds": 2, "state": "INFO"}
     argv = [f"--{k}={v}" for k, v in settings.items()
             if k not in ("checkpoint_dir", "load_col", "eval_args")] + ["--markets", *SCENARIO_PAIR]
     argv += ["--config_files", str(_yaml(tmp_path, {k: scenarios[k] for k in ("load_col", "eval_args")}))]
-    remote = launcher.deploy(["--model=PFMSMTrec", "--dataset=mlsc", *argv,
-                              f"--checkpoint_dir={tmp_path / 'flower'}"])
+    remote, _ = _run_on_loopback(["--model=PFMSMTrec", "--dataset=mlsc", *argv,
+                                  f"--checkpoint_dir={tmp_path / 'flower'}"], tmp_path)
     local = run_recbole_cmr(model="PFMSMTrec", dataset="mlsc", config_dict={
         **settings, "markets": SCENARIO_PAIR, "checkpoint_dir": str(tmp_path / "in-process")})
-    assert sorted(local["per_market"]) == sorted(SCENARIO_PAIR)
+    assert sorted(local["per_market"]) == sorted(SCENARIO_PAIR) == sorted(remote["per_market"])
     _assert_same_results(remote, local, "bytes_up")  # bytes_up: the same parameters shared
 
 
@@ -495,9 +565,20 @@ def _yaml(folder, values):
     return path
 
 
+def over_the_wire(content):
+    """``content`` (a RecordDict) as its receiver gets it: deflated into Flower's objects (what the
+    SuperLink and SuperNodes store and send) and inflated again."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    objects = get_all_nested_objects(content)
+    return inflate_object_from_contents(content.object_id, {i: o.deflate() for i, o in objects.items()})
+
+
 class LoopbackGrid(FakeGrid):
     """A SuperLink whose nodes are :class:`flower.NodeSession` objects in this process: the
-    Flower App's whole message path (codec, server, node sessions) without processes."""
+    Flower App's whole message path (codec, Flower's wire format both ways, server, node
+    sessions) without processes."""
 
     def __init__(self, run_config, markets, data_path):
         super().__init__({i + 1: m for i, m in enumerate(markets)})
@@ -511,10 +592,24 @@ class LoopbackGrid(FakeGrid):
         for message in messages:
             message.metadata.__dict__["_message_id"] = f"m{len(self.sent)}"
             self.sent.append(message.metadata.message_id)
-            reply = self.sessions[message.metadata.dst_node_id].handle(message.content)
-            self.outbox.append(Message(reply, reply_to=message))
+            reply = self.sessions[message.metadata.dst_node_id].handle(over_the_wire(message.content))
+            self.outbox.append(Message(over_the_wire(reply), reply_to=message))
             ids.append(message.metadata.message_id)
         return ids
+
+
+def _run_on_loopback(argv, tmp_path):
+    """``(result dict, grid)`` of the Flower App's run of the launcher command line ``argv`` on a
+    :class:`LoopbackGrid` (the launcher's settings, vocabulary file included)."""
+    import json
+    from types import SimpleNamespace
+
+    settings, markets, data_root, _ = launcher.run_settings(argv, tmp_path)
+    settings["result_file"] = str(tmp_path / "result.json")
+    run_config = {"settings": json.dumps(settings), "node-timeout": 60}
+    grid = LoopbackGrid(run_config, markets, data_root)
+    flower.server_main(grid, SimpleNamespace(run_config=run_config))
+    return json.loads((tmp_path / "result.json").read_text()), grid
 
 
 @pytest.mark.parametrize("strategy, extra", [
@@ -523,21 +618,13 @@ class LoopbackGrid(FakeGrid):
     ("fednova", ["--fed_local_steps=3"]), ("scaffold", [])])
 def test_every_strategy_runs_through_the_flower_app_with_the_in_process_numbers(strategy, extra, tmp_path,
                                                                                  task_identity):
-    import json
-    from types import SimpleNamespace
-
     argv = ["--model=FedAvgSASRec", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "2",
             f"--fed_strategy={strategy}", *extra, *SMALL[3:], f"--checkpoint_dir={tmp_path / 'app'}"]
-    settings, markets, data_root, _ = launcher.run_settings(argv, tmp_path)
-    settings["result_file"] = str(tmp_path / "result.json")
-    run_config = {"settings": json.dumps(settings), "node-timeout": 60}
-    grid = LoopbackGrid(run_config, markets, data_root)
-    flower.server_main(grid, SimpleNamespace(run_config=run_config))
-    remote = json.loads((tmp_path / "result.json").read_text())
+    remote, grid = _run_on_loopback(argv, tmp_path)
     # per node: describe, parameters with shapes, 2 rounds of fit and validation (which closes
     # the round; the best round's mark waits for the next message), and one last message
     # (restore the best round, test, export, close)
-    assert len(grid.sent) == len(markets) * (2 + 2 * 2 + 1)
+    assert len(grid.sent) == len(grid.sessions) * (2 + 2 * 2 + 1)
     local = run_recbole_cmr(model="FedAvgSASRec", dataset="xmrec-mini", config_dict={
         **_settings(SMALL[3:] + extra), "markets": ["de", "fr"], "fed_rounds": 2, "fed_strategy": strategy,
         "checkpoint_dir": str(tmp_path / "in-process")})

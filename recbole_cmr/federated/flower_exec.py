@@ -8,7 +8,7 @@ starts each SuperNode with ``--isolation process`` and, beside it, this file:
 
     python recbole_cmr_exec.py --insecure --runtime-api-address 127.0.0.1:PORT --parent-pid PID
 
-(``PID``: the launcher; a SuperNode restarted on the same port is served again). It runs Flower's ``run_superexec`` (task polling, launch results, shutdown with its SuperNode)
+(``PID``: its SuperNode, with which it ends, as Flower's own SuperExec does). It runs Flower's ``run_superexec`` (task polling, launch results, shutdown with its SuperNode)
 with :class:`ForkExecutor`: a ClientApp task is run by a forked child calling Flower's own
 ``run_clientapp`` with the task's token, exactly what ``flwr-clientapp`` runs, so the message
 path is Flower's; the fork costs a few hundredths of a second. Other task types go to Flower's

@@ -40,7 +40,15 @@ def node_files(run_config, node_config):
 
 
 def _alive(pid):
-    try:
+    """Whether process ``pid`` runs. A zombie (ended, not yet reaped by its parent: a SuperNode or
+    SuperExec killed under the launcher) does not, so a worker ends with its node's processes."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    try:  # no /proc (macOS): signal 0
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
