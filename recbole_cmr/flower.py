@@ -275,15 +275,16 @@ def _deploy(argv, work, keep):
     with Deployment(work, lambda: stop_workers(settings)) as deployment, _sigterm_interrupts():
         # the SuperLink keeps its state in memory (Flower's default; a database file costs it
         # about twice the CPU) and lives exactly as long as the run
-        deployment.start("superlink", ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                                       "--port", str(link)])
+        superlink = deployment.start("superlink", [
+            "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(link)])
         wait_listening(link, deployment, "superlink")
         for market, port in zip(markets, nodes):
             start_supernode(deployment, market, f"127.0.0.1:{link}", port, data_root, launch.executor)
         run = deployment.start("flwr-run", ["flwr", "run", str(work / "app"), "local", "--stream"], log=False)
-        while run.poll() is None and not result_file.exists():
+        serverapp = ServerAppWatch(superlink.pid)
+        while run.poll() is None and not result_file.exists() and not serverapp.ended():
             time.sleep(1)
-        if not result_file.exists():
+        if not result_file.exists() and not serverapp.ended():
             run.wait()
             for _ in range(30):  # the ServerApp may still be writing
                 if result_file.exists():
@@ -293,6 +294,32 @@ def _deploy(argv, work, keep):
         where = f"logs in {work}" if keep else f"rerun with {KEEP_FLAG} to keep the deployment's logs"
         raise RuntimeError(f"the Flower run ended without results; {where}")
     return json.loads(result_file.read_text())
+
+
+class ServerAppWatch:
+    """Whether the run's ServerApp process (a ``flwr-serverapp`` below the SuperLink) has come and
+    gone. A ServerApp that crashed or was killed ends the run at once, instead of after the
+    SuperLink's missed heartbeats (about a minute); where there is no ``/proc``, never."""
+
+    def __init__(self, superlink_pid):
+        self.superlink_pid, self.seen, self.gone = superlink_pid, False, False
+
+    def ended(self):
+        if not self.gone:
+            try:
+                running = any(_is_serverapp(pid) for pid in descendants(self.superlink_pid))
+            except OSError:  # no /proc
+                return False
+            self.seen |= running
+            self.gone = self.seen and not running
+        return self.gone
+
+
+def _is_serverapp(pid):
+    try:
+        return _alive(pid) and b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def start_supernode(deployment, market, link, port, data_root, executor):

@@ -510,8 +510,10 @@ def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing
     assert serverapps, "no ServerApp process found"
     for pid in serverapps:
         os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
     thread.join(timeout=600)
     assert "the Flower run ended without results" in out.get("error", ""), out
+    assert time.time() - killed_at < 45  # seen at once, not after the SuperLink's missed heartbeats (60 s)
     killed = dict(launcher.LAST_RUN)
     assert not _left_running(killed)
     [checkpoint] = (tmp_path / "flower").glob("FeCoSR-*-federated-*.pth")
