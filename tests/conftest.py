@@ -73,6 +73,57 @@ def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", sys.argv[:1])
 
 
+@pytest.fixture(scope="session")
+def _text_memo_dir(tmp_path_factory):
+    """A folder shared by every pytest-xdist worker of this run (their temp folders' parent)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "minilm-memo"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_text_embeddings(_text_memo_dir):
+    """Encode each item text with the default MiniLM once per test run, not once per test.
+
+    Wraps ``recbole_cmr.data.text._compute_embeddings`` for the module: texts some worker of this
+    run already encoded come from a memo shared by the workers (under a file lock, so two workers
+    never encode the same texts at once); the others go to the real encoder, in one call, and join
+    the memo. Every vector is MiniLM's real output. The modules that use it encode the same
+    MovieLens titles in several tests; ``tests/test_text.py``, which tests the encoding itself,
+    does not use it. Other encoders pass straight through.
+    """
+    import fcntl
+
+    import numpy as np
+
+    from recbole_cmr.data import text
+
+    original = text._compute_embeddings
+    memo_file = _text_memo_dir / "all-MiniLM-L6-v2.pt"
+
+    def memoised(pairs, encoder, batch_size, show_progress, device):
+        if not pairs or text._encoder_cache_name(encoder) != text._encoder_cache_name(None):
+            return original(pairs, encoder, batch_size, show_progress, device)
+        with open(_text_memo_dir / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            memo = torch.load(memo_file, weights_only=True) if memo_file.exists() else {}
+            asked = [(token, t) for token, t in pairs if t not in memo]
+            if asked:
+                vectors = original(asked, encoder, batch_size, show_progress, device)
+                memo.update(zip((t for _, t in asked), torch.from_numpy(vectors)))
+                torch.save(memo, memo_file)
+                if len(asked) == len(pairs):  # all new: exactly what the product computes
+                    return vectors
+        return np.stack([memo[t].numpy() for _, t in pairs])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(text, "_compute_embeddings", memoised)
+        yield
+
+
 @pytest.fixture
 def two_markets(tmp_path):
     """A copy of two real markets of the shipped xmrec-mini (``in``, ``jp``) as dataset ``xm2``."""

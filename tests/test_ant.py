@@ -20,6 +20,8 @@ from recbole_cmr.utils import get_model, resource_path
 
 from conftest import shared_data
 
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 SHIPPED = Path(resource_path("dataset", "movielens-markets"))
 MARKETS = ("ml100k", "east", "south")
 N_USERS = 30

@@ -392,7 +392,7 @@ def test_cli_subprocess(tmp_path):
     assert done.stdout.strip() == str(tmp_path / "xm-in")
     readme = (tmp_path / "xm-in" / "README.md").read_text()
     assert "python -m recbole_cmr.data.convert xmrec" in readme and "--markets in" in readme
-    again = run_cli(*args)
+    again = call_cli(*args)  # the error path is main()'s own; no second interpreter needed
     assert again.returncode == 2
     assert again.stderr.strip().count("\n") == 0 and "output exists" in again.stderr
     assert "Traceback" not in again.stderr

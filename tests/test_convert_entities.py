@@ -13,6 +13,8 @@ from recbole_cmr.data.convert import build_ml100k_entities, convert_ml100k_entit
 from recbole_cmr.data.convert.ml100k_entities import TARGET_GENRES
 from test_convert import call_cli, folder_bytes, read
 
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(os.path.dirname(recbole.__file__)) / "dataset_example" / "ml-100k"
 SHIPPED = REPO / "dataset" / "ml100k-entities"

@@ -18,6 +18,8 @@ from recbole_cmr.data.sampler import MarketRepeatableSampler, MarketSampler
 
 from conftest import FAST  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 
 def _build(settings, prepare=True, **extra):
     """Config, dataset and loaders; shared ids (``train_mode: federated``) unless ``extra`` says."""

@@ -11,6 +11,8 @@ from recbole_cmr.model.loss import S2CELoss, semantic_neighbours
 from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR, MarketAdapter
 from recbole_cmr.utils import resource_path
 
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 OFF = {"s2ce": False, "item_text_input": False, "adaptation": False, "train_mode": "local"}
 
 

@@ -9,6 +9,8 @@ from recbole_cmr.model.sequential_recommender.fecosr import FeCoSR
 
 from test_fecosr import small_movielens  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 ROWS = {"model": "FedAvgSASRec", "market_softmax": True, "fed_strategy": "fedavg_rows"}
 
 

@@ -40,6 +40,8 @@ BY_PACKAGE = {
 # Pretrained knowledge-graph vectors, set up as RecBole's KSR / GRU4RecKG docs say, with
 # sequential.yaml's split (RecBole does not load it for them) and, for their CE loss, no negative
 # sampling (the plugin's Config sets that by itself, RecBole's does not).
+pytestmark = pytest.mark.usefixtures("shared_text_embeddings")  # MiniLM encodes once per run
+
 KG_SEQUENTIAL = {"alias_of_entity_id": ["ent_id"], "alias_of_relation_id": ["rel_id"],
                  "preload_weight": {"ent_id": "ent_vec", "rel_id": "rel_vec"},
                  "additional_feat_suffix": ["ent_feature", "rel_feature"],
