@@ -70,6 +70,9 @@ run() {
     ls -d .whl/*/ >/dev/null 2>&1 || { echo "gpu_session: no .whl/<group> carried (run 'wheels' here first)" >&2; return 2; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*/*.whl || return 2
+    # recbole_cmr itself, as CI installs it (entry points, console scripts); the image has setuptools
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+        --target /tmp/site . || return 2
     export PYTHONPATH="/tmp/site:$PWD" PATH="/tmp/site/bin:$PATH" PYTHONUNBUFFERED=1 \
         HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
     python3 -c "import torch, recbole; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
