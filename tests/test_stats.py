@@ -178,6 +178,60 @@ def test_a_multi_task_stratum_averages_its_tasks_on_rows_drawn_once():
         stats.macro_auc_difference({"s": [click, tuple(x[..., :200] for x in ctcvr)]}, **FAST)
 
 
+def test_leave_one_out_auc_is_the_auc_without_that_row():
+    labels, _, scores = _rows(300, np.random.default_rng(13))  # B's scores: many ties
+    ranked = stats._rank(scores[0], np.flatnonzero(labels == 1), np.flatnonzero(labels == 0))
+    assert ranked.auc == pytest.approx(roc_auc_score(labels, scores[0]), abs=1e-12)
+    expected = [roc_auc_score(np.delete(labels, i), np.delete(scores[0], i)) for i in range(300)]
+    np.testing.assert_allclose(ranked.left_out, expected, rtol=0, atol=1e-12)
+    assert np.isnan(stats._rank(np.arange(4.0), np.array([1]), np.array([0, 2, 3])).left_out[1])
+
+
+def test_a_resample_weights_rows_by_their_multiplicity():
+    rng = np.random.default_rng(16)
+    labels, scores_a, scores_b = _rows(400, rng)
+    positives, negatives = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    resamples = rng.integers(0, 400, (5, 400))
+    for scores in (scores_a[0], scores_b[0]):  # continuous, and tied
+        aucs = stats._resampled_auc(resamples, 400)(positives)(stats._rank(scores, positives, negatives))
+        counts = [np.bincount(row, minlength=400) for row in resamples]
+        expected = [roc_auc_score(labels, scores, sample_weight=c) for c in counts]
+        np.testing.assert_allclose(aucs, expected, rtol=0, atol=1e-12)
+
+
+def test_bca_jackknife_in_closed_form_gives_the_resampling_interval(monkeypatch):
+    rng = np.random.default_rng(14)
+    strata = {"young": [_rows(200, rng, seeds=2), _rows(200, rng, seeds=2)],
+              "old": [_rows(90, rng, seeds=2), _rows(90, rng, seeds=2)]}
+    strata = {name: [(tasks[0][0], *tasks[1][1:]), tasks[1]] for name, tasks in strata.items()}
+    exact = stats.macro_auc_difference(strata, **FAST)
+    monkeypatch.setattr(stats, "_exact_auc", lambda flat, n: None)  # weight every sample
+    weighted = stats.macro_auc_difference(strata, **FAST)
+    assert exact.method == weighted.method == "BCa"
+    np.testing.assert_allclose([exact.diff, exact.ci_low, exact.ci_high],
+                               [weighted.diff, weighted.ci_low, weighted.ci_high], rtol=1e-9)
+
+
+def test_the_jackknife_weights_no_sample_only_the_resamples_are(monkeypatch):
+    """BCa's jackknife reads the closed-form leave-one-out AUCs: weighting its samples made it
+    quadratic in the rows (70 s on scenarios of 20,000 and 7,000 rows; 4 s read in closed form;
+    PF-MSMTrec's gender split has 37,000 and 13,000)."""
+    weighted = []
+    resampled_auc = stats._resampled_auc
+
+    def spy(flat, n):
+        weighted.append(flat.shape)
+        return resampled_auc(flat, n)
+
+    monkeypatch.setattr(stats, "_resampled_auc", spy)
+    rng = np.random.default_rng(15)
+    strata = {"male": [_rows(2_000, rng)] * 2, "female": _rows(700, rng)}
+    result = stats.macro_auc_difference(strata, n_resamples=99, seed=0)
+    assert result.method == "BCa"
+    assert {n for _, n in weighted} == {2_000, 700}  # resamples of full size only
+    assert sum(rows for rows, n in weighted if n == 2_000) == 99
+
+
 def _user_rows(n_users, rng, seeds=1, rows_per_user=None):
     """Rows of ``n_users`` users (``rows_per_user`` each, else 2-7) with user tokens, labels
     ``(n,)`` and the scores of a good A and a weaker B ``(seeds, n)``."""
