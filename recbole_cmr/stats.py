@@ -461,7 +461,9 @@ def _auc_metric(stratum, index):
 def _exact_auc(flat, n):
     """For rows ``flat`` (``(R, m)`` positions) that are all ``n`` rows or all but one each
     (strictly increasing, ``m >= n - 1``): ``positives -> ranked -> (R,)`` AUCs; else None."""
-    if flat.shape[-1] < n - 1 or not (np.diff(flat, axis=-1) > 0).all():
+    # A broadcast view (the other strata during a stratum's jackknife) repeats its first row.
+    rows = flat[:1] if flat.strides[0] == 0 else flat
+    if flat.shape[-1] < n - 1 or not (rows[:, 1:] > rows[:, :-1]).all():
         return None
     if flat.shape[-1] == n:
         return lambda positives: lambda ranked: np.full(flat.shape[0], ranked.auc)
