@@ -535,7 +535,8 @@ def test_data_variants_convert_once_and_read_their_base_yaml(entity_harness, ctr
     settings = ctr_harness.run_settings("PF-MSMTrec", 2020)[1]
     assert settings["stopping_step"] == 10 and settings["eval_args"]["mode"] == "labeled"
     assert ctr_harness.use_split("age").name == "pfmsmtrec-ml100k"
-    assert "data_path" not in ctr_harness.run_settings("PF-MSMTrec", 2020)[1]  # the shipped data
+    age = ctr_harness.run_settings("PF-MSMTrec", 2020)[1]
+    assert "data_path" not in age and age["stopping_step"] == 10  # the shipped data, patience 10
 
 
 def test_ant_paper_sizes_reach_every_model_and_the_pretraining_apart(ant_harness, monkeypatch):
