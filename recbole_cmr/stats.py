@@ -473,18 +473,19 @@ def _exact_auc(flat, n):
 
 def _resampled_auc(flat, n):
     """For resamples ``flat`` (``(R, m)`` positions): ``positives -> ranked -> (R,)`` AUCs, rows
-    weighted by their multiplicity (the positives' weights gathered once per task)."""
+    weighted by their multiplicity (the positives' weights and total gathered once per task)."""
     offsets = np.arange(flat.shape[0])[:, None] * n
     counts = np.bincount((flat + offsets).ravel(), minlength=flat.shape[0] * n)
     counts = counts.reshape(flat.shape[0], n).astype(np.int32)
 
     def for_task(positives):
         weights = counts[:, positives]
-        return lambda ranked: _weighted_auc(counts, weights, ranked)
+        total = weights.sum(axis=-1)
+        return lambda ranked: _weighted_auc(counts, weights, total, ranked)
     return for_task
 
 
-def _weighted_auc(counts, positive_weights, ranked):
+def _weighted_auc(counts, positive_weights, positive_total, ranked):
     """AUC of rows weighted by ``counts``.
 
     Integer arithmetic throughout (twice the Mann-Whitney count), so the result is the exact
@@ -493,6 +494,7 @@ def _weighted_auc(counts, positive_weights, ranked):
     Args:
         counts (np.ndarray): ``(R, n)`` multiplicity of each row in each resample.
         positive_weights (np.ndarray): ``(R, P)`` the columns of the task's positive rows.
+        positive_total (np.ndarray): ``(R,)`` their sum (the same for every seed and method).
         ranked (_Ranked): the seed's ranking.
 
     Returns:
@@ -504,7 +506,7 @@ def _weighted_auc(counts, positive_weights, ranked):
     ties = negative[:, ranked.tied_through] - negative[:, ranked.below[ranked.tied]]
     twice_u += (positive_weights[:, ranked.tied] * ties).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return twice_u / (2 * positive_weights.sum(axis=-1) * negative[:, -1])
+        return twice_u / (2 * positive_total * negative[:, -1])
 
 
 def _stratified(strata, metric, contrast, confidence, n_resamples, seed):
