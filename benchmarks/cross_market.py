@@ -25,11 +25,11 @@ import fcntl
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import paired
 from per_user import lacks_per_user, write_record
+from resumable import resumable
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
@@ -176,7 +176,7 @@ def run_settings(dataset, name, seed):
 
 
 # The round budget and the resume file do not change the rounds a federated run has run so far.
-NOT_ROUNDS = ("fed_rounds", "fed_resume")
+NOT_ROUNDS = ("fed_rounds", "fed_resume", "resume_dir")
 # Settings that do not make a finished run stale: where files live, and NOT_ROUNDS.
 NOT_PROTOCOL = ("data_path", "checkpoint_dir", "text_cache_dir", *NOT_ROUNDS)
 
@@ -208,14 +208,13 @@ def stale_keys(record):
     return changed
 
 
-def round_checkpoint(model, dataset, settings, finished):
+def round_checkpoint(model, dataset, settings):
     """``(path, state)`` of the newest round checkpoint of a federated run with these settings
-    that has ended (``finished``) or was interrupted (not ``finished``); ``(None, None)`` if none.
+    whose rounds have ended; ``(None, None)`` if none.
 
-    Round checkpoints stay in ``saved/`` (not committed), so an interrupted run continues where
-    it stopped (a run cut after its rounds goes on with fine-tuning: resuming a finished round
-    checkpoint trains no round and restores the RNG states, so the numbers are those of an
-    uninterrupted run), and an ablation finds the stage it shares, when the same machine reruns.
+    Round checkpoints stay in ``saved/`` (not committed), so an ablation finds the federated
+    stage it shares (``federated_stage_of``) when the same machine reruns. (A run cut off part-way
+    continues through its ``resume_dir``: :mod:`resumable`.)
     """
     from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 
@@ -233,8 +232,7 @@ def round_checkpoint(model, dataset, settings, finished):
             continue
         if state.get("kind") != "federated" or same_run(state.get("config")) != wanted:
             continue
-        ended = state["stopped"] or state["round"] + 1 >= state["config"]["fed_rounds"]
-        if ended == finished:
+        if state["stopped"] or state["round"] + 1 >= state["config"]["fed_rounds"]:
             return str(path), state
     return None, None
 
@@ -285,18 +283,11 @@ def run_one(dataset, name, seed, out_file):
     from recbole_cmr import run_recbole_cmr
 
     model, settings = run_settings(dataset, name, seed)
-    extra, record_extra, prior_s = {}, {}, 0.0
-    resume, state = round_checkpoint(model, dataset, settings, finished=False)
-    if not resume:  # a run cut during fine-tuning or evaluation: its rounds are done
-        resume, state = round_checkpoint(model, dataset, settings, finished=True)
-    if resume:
-        print(f"resuming {name} from {resume} (round {state['round'] + 1} done"
-              f"{', federated stage ended' if state['stopped'] else ''})", flush=True)
-        extra["fed_resume"], prior_s = resume, rounds_wall_s(state)
+    extra, record_extra = {}, {}
     source = MODELS[name].get("federated_stage_of")
-    if source and not resume:
+    if source:
         source_model, source_settings = run_settings(dataset, source, seed)
-        stage, state = round_checkpoint(source_model, dataset, source_settings, finished=True)
+        stage, state = round_checkpoint(source_model, dataset, source_settings)
         if stage:
             print(f"{name} takes the federated stage of {source}: {stage}", flush=True)
             extra["fed_pretrained"] = stage
@@ -305,8 +296,23 @@ def run_one(dataset, name, seed, out_file):
         else:
             print(f"no finished {source} round checkpoint in saved/: {name} trains its own "
                   "federated stage", flush=True)
-    start = time.time()
-    result = run_recbole_cmr(model=model, dataset=dataset, config_dict={**settings, **extra})
+    with resumable(out_file) as run:  # a run cut off continues where it was (rounds, fine-tuning)
+        result = run_recbole_cmr(model=model, dataset=dataset,
+                                 config_dict={**settings, **extra, **run.settings})
+        per_market, per_user = run_results(result)
+        if result.get("federated_rounds"):  # best round, rounds' wall time, valid per round
+            record_extra["federated_rounds"] = result["federated_rounds"]
+        record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
+                  "seed": seed, "revision": REVISIONS.get(name, 1), "selected_by": SELECTED_BY,
+                  "settings": settings, **machine(), **run.record, **record_extra,
+                  "per_market": per_market}
+        write_record(record, out_file, per_user)  # the per-user sidecar first, then the record
+
+
+def run_results(result):
+    """``(per_market, per_user)`` of a record from ``run_recbole_cmr``'s ``result``: each market's
+    valid and test results under both protocols (and its federated stage's, fine-tuning kept or
+    not, a source's results after each transfer) and their per-user values."""
     per_market, final = _both_protocols(result["per_market"])
     per_user = {m: {"final": values} for m, values in final.items()}
     stage = {m: r["federated"] for m, r in result["per_market"].items() if "federated" in r}
@@ -321,14 +327,7 @@ def run_one(dataset, name, seed, out_file):
             per_market[market]["after_transfer_full"] = {t: _floats(v) for t, v in r["after_transfer"].items()}
             for target, values in r.get("after_transfer_per_user", {}).items():
                 per_user[market][f"{AFTER}{target}"] = {"full": values}
-    if result.get("federated_rounds"):  # best round, rounds' wall time, valid per round
-        record_extra["federated_rounds"] = result["federated_rounds"]
-    record = {"name": name, "model": model, "train_mode": result["train_mode"], "dataset": dataset,
-              "seed": seed, "revision": REVISIONS.get(name, 1), "selected_by": SELECTED_BY,
-              "settings": settings, **machine(),
-              "wall_s": round(prior_s + time.time() - start, 1),
-              **record_extra, "per_market": per_market}
-    write_record(record, out_file, per_user)  # the per-user sidecar first, then the record
+    return per_market, per_user
 
 
 def _mean_std(values):

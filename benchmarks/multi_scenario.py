@@ -31,13 +31,13 @@ validations without gain. One epoch over all four scenarios (~400k training rows
 
 import argparse
 import json
-import time
 
 import numpy as np
 
 from cross_market import RESULTS, _cell, _mean_std, seed_table
 import paired
 from per_user import lacks_per_user, write_record
+from resumable import resumable
 
 DATASET = "ml100k-scenarios"
 NAME = "pfmsmtrec-ml100k"
@@ -148,19 +148,18 @@ def write_run(model, dataset, settings, name, seed, selected_by, out_file):
     from recbole_cmr import run_recbole_cmr
     from recbole_cmr.config import mode_settings
 
-    start = time.time()  # the harness's settings serve every train mode: each run gets what it reads
-    result = run_recbole_cmr(model=model, dataset=dataset,
-                             config_dict=mode_settings(model, dataset, settings))
-    record = {"name": name, "model": model, "dataset": dataset, "seed": seed,
-              "selected_by": selected_by, "settings": settings,
-              "wall_s": round(time.time() - start, 1),
-              "per_market": {m: {"valid": {k: float(v) for k, v in r["valid"].items()},
-                                 "test": {k: float(v) for k, v in r["test"].items()}}
-                             for m, r in result["per_market"].items()}}
-    if result.get("federated_rounds"):
-        record["federated_rounds"] = result["federated_rounds"]
-    write_record(record, out_file, {m: {"final": {"labeled": r.get("per_user", {})}}
-                                    for m, r in result["per_market"].items()})
+    with resumable(out_file) as run:  # the harness's settings serve every train mode: each run gets what it reads
+        result = run_recbole_cmr(model=model, dataset=dataset,
+                                 config_dict={**mode_settings(model, dataset, settings), **run.settings})
+        record = {"name": name, "model": model, "dataset": dataset, "seed": seed,
+                  "selected_by": selected_by, "settings": settings, **run.record,
+                  "per_market": {m: {"valid": {k: float(v) for k, v in r["valid"].items()},
+                                     "test": {k: float(v) for k, v in r["test"].items()}}
+                                 for m, r in result["per_market"].items()}}
+        if result.get("federated_rounds"):
+            record["federated_rounds"] = result["federated_rounds"]
+        write_record(record, out_file, {m: {"final": {"labeled": r.get("per_user", {})}}
+                                        for m, r in result["per_market"].items()})
 
 
 def run_grid(models, seeds, folder, is_current, run_one, with_per_user=False):

@@ -44,13 +44,13 @@ three times the multi-modal one's).
 
 import json
 import shutil
-import time
 
 from cross_market import (DATA, HERE, RESULTS, SHARED, _cell, _floats, convert_once, exclusive,
                           seed_table)
 from multi_scenario import current_runs, harness_main, paired_bars, ran_with, write_summary
 import paired
 from per_user import write_record
+from resumable import resumable
 
 NAME = "ant-scientific"
 FOLDER = RESULTS / NAME
@@ -198,12 +198,12 @@ def run_settings(name, seed):
     return model, TARGETS[target], settings
 
 
-def _run(model, dataset, settings):
+def _run(model, dataset, settings, run):
+    """``run_recbole_cmr`` with ``settings`` and the :func:`resumable` attempt ``run``'s
+    ``resume_dir``."""
     from recbole_cmr import run_recbole_cmr
 
-    start = time.time()
-    result = run_recbole_cmr(model=model, dataset=dataset, config_dict=settings)
-    return result, round(time.time() - start, 1)
+    return run_recbole_cmr(model=model, dataset=dataset, config_dict={**settings, **run.settings})
 
 
 def ensure_pretrained(seed):
@@ -220,13 +220,15 @@ def _pretrain_unless_current(seed):
             and current_ant(json.loads(out_file.read_text()), settings)):
         return pretrained_file(seed)
     print(f"== pretraining on {settings['markets']}, seed {seed}", flush=True)
-    result, wall = _run("ANT", TARGETS["scientific-mm"], settings)
-    shutil.copyfile(result["per_market"][settings["markets"][0]]["checkpoint"], pretrained_file(seed))
-    write_record({"name": "pretrain", "model": "ANT", "revision": REVISIONS["ANT"], "seed": seed,
-            "settings": settings, "wall_s": wall,
-            "selected_by": "macro valid ndcg@10 of the auxiliary domains",
-            "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
-                           for m, r in result["per_market"].items()}}, out_file, _per_user(result))
+    with resumable(out_file) as run:
+        result = _run("ANT", TARGETS["scientific-mm"], settings, run)
+        shutil.copyfile(result["per_market"][settings["markets"][0]]["checkpoint"], pretrained_file(seed))
+        write_record({"name": "pretrain", "model": "ANT", "revision": REVISIONS["ANT"], "seed": seed,
+                      "settings": settings, **run.record,
+                      "selected_by": "macro valid ndcg@10 of the auxiliary domains",
+                      "per_market": {m: {"valid": _floats(r["valid"]), "test": _floats(r["test"])}
+                                     for m, r in result["per_market"].items()}},
+                     out_file, _per_user(result))
     return pretrained_file(seed)
 
 
@@ -235,14 +237,15 @@ def run_one(name, seed, out_file):
     model, dataset, settings = run_settings(name, seed)
     if "pretrained" in settings:
         ensure_pretrained(seed)
-    result, wall = _run(model, dataset, settings)
-    target = result["per_market"][MARKET]
-    write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1], "model": model,
-            "revision": REVISIONS[model],
-            "dataset": dataset, "seed": seed, "selected_by": SELECTED_BY, "settings": settings,
-            "wall_s": wall, "per_market": {MARKET: {"valid": _floats(target["valid"]),
-                                                    "test": _floats(target["test"])}}},
-                 out_file, _per_user(result, [MARKET]))
+    with resumable(out_file) as run:
+        result = _run(model, dataset, settings, run)
+        target = result["per_market"][MARKET]
+        write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1],
+                      "model": model, "revision": REVISIONS[model], "dataset": dataset, "seed": seed,
+                      "selected_by": SELECTED_BY, "settings": settings, **run.record,
+                      "per_market": {MARKET: {"valid": _floats(target["valid"]),
+                                              "test": _floats(target["test"])}}},
+                     out_file, _per_user(result, [MARKET]))
 
 
 def _per_user(result, markets=None):

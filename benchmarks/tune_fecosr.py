@@ -26,9 +26,9 @@ first.
 import argparse
 import json
 import os
-import time
 
 from cross_market import RESULTS, ensure_dataset, round_checkpoint, run_settings
+from resumable import resumable, write_json
 
 SEED = 2020
 MODEL = "FeCoSR"
@@ -58,7 +58,7 @@ def point_settings(dataset, name):
 
 def default_stage(dataset):
     """The default point's finished round checkpoint (path), or None when it has not run here."""
-    path, _ = round_checkpoint(MODEL, dataset, point_settings(dataset, DEFAULT), finished=True)
+    path, _ = round_checkpoint(MODEL, dataset, point_settings(dataset, DEFAULT))
     return path
 
 
@@ -76,21 +76,19 @@ def run_point(dataset, name, out_file):
             raise RuntimeError(f"{name} fine-tunes from the default point's federated stage, "
                                f"which has not run here: run --only {DEFAULT} first.")
         extra["fed_pretrained"] = stage
-    start = time.time()
-    result = run_recbole_cmr(model=MODEL, dataset=dataset, config_dict={**settings, **extra})
-    rounds = result.get("federated_rounds") or {}
-    record = {"point": name, "kind": kind, "dataset": dataset, "seed": SEED, "settings": settings,
-              "federated_stage": os.path.basename(stage) if stage else None,
-              "selected_by": "macro valid ndcg@10 of the fine-tuned models (full ranking)",
-              "best_valid_ndcg@10": result["best_valid_score"],
-              "best_valid_per_market": {m: r["valid"]["ndcg@10"] for m, r in result["per_market"].items()},
-              "stage_valid_ndcg@10": _stage_valid(result),
-              "best_round": rounds.get("best_round"), "rounds": rounds.get("rounds"),
-              "wall_s": round(time.time() - start, 1)}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    os.replace(tmp, out_file)
+    with resumable(out_file) as run:  # a point cut off continues where it was
+        result = run_recbole_cmr(model=MODEL, dataset=dataset,
+                                 config_dict={**settings, **extra, **run.settings})
+        rounds = result.get("federated_rounds") or {}
+        write_json({"point": name, "kind": kind, "dataset": dataset, "seed": SEED, "settings": settings,
+                    "federated_stage": os.path.basename(stage) if stage else None,
+                    "selected_by": "macro valid ndcg@10 of the fine-tuned models (full ranking)",
+                    "best_valid_ndcg@10": result["best_valid_score"],
+                    "best_valid_per_market": {m: r["valid"]["ndcg@10"]
+                                              for m, r in result["per_market"].items()},
+                    "stage_valid_ndcg@10": _stage_valid(result),
+                    "best_round": rounds.get("best_round"), "rounds": rounds.get("rounds"),
+                    **run.record}, out_file)
 
 
 def _stage_valid(result):

@@ -18,10 +18,9 @@ the same settings); ``results/<dataset>-tuning.csv`` is rebuilt from the files, 
 
 import argparse
 import json
-import os
-import time
 
 from cross_market import MS, RESULTS, ensure_dataset, run_settings
+from resumable import resumable, write_json
 
 SEED = 2020
 # (name, settings), in the order they run; E = fed_local_epochs.
@@ -96,21 +95,18 @@ def run_point(dataset, name, rounds, out_file):
     from recbole_cmr import run_recbole_cmr
 
     settings = point_settings(dataset, name, rounds)
-    start = time.time()
-    result = run_recbole_cmr(model="FedAvgSASRec", dataset=dataset, config_dict=settings,
-                             saved=False)
-    rounds_info = result["federated_rounds"]
-    record = {"point": name, "dataset": dataset, "seed": SEED, "settings": settings,
-              "selected_by": "macro valid ndcg@10 (full ranking)",
-              "best_valid_ndcg@10": result["best_valid_score"],
-              "best_valid_per_market": {m: r["valid"]["ndcg@10"] for m, r in result["per_market"].items()},
-              "best_round": rounds_info["best_round"], "rounds": rounds_info["rounds"],
-              "rounds_wall_s": rounds_info["rounds_wall_s"], "wall_s": round(time.time() - start, 1),
-              "history": rounds_info["history"]}
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    os.replace(tmp, out_file)
+    with resumable(out_file) as run:  # a point cut off continues from its last round
+        result = run_recbole_cmr(model="FedAvgSASRec", dataset=dataset,
+                                 config_dict={**settings, **run.settings})
+        rounds_info = result["federated_rounds"]
+        write_json({"point": name, "dataset": dataset, "seed": SEED, "settings": settings,
+                    "selected_by": "macro valid ndcg@10 (full ranking)",
+                    "best_valid_ndcg@10": result["best_valid_score"],
+                    "best_valid_per_market": {m: r["valid"]["ndcg@10"]
+                                              for m, r in result["per_market"].items()},
+                    "best_round": rounds_info["best_round"], "rounds": rounds_info["rounds"],
+                    "rounds_wall_s": rounds_info["rounds_wall_s"], **run.record,
+                    "history": rounds_info["history"]}, out_file)
 
 
 def summarise(dataset):

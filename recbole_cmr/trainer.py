@@ -13,7 +13,7 @@ from recbole.evaluator import Collector as RecBoleCollector
 from recbole.utils import (EvaluatorType, calculate_valid_score, get_local_time,
                            init_seed, set_color)
 
-from recbole_cmr import __version__
+from recbole_cmr import __version__, resume
 from recbole_cmr.evaluator import Evaluator  # also registers the plugin's metrics
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint, other_parameter_state
 from recbole_cmr.data.dataloader import (SampledBatch, ScoreMask, first_rows, scores_from_one_encoding,
@@ -103,17 +103,24 @@ class MultiMarketTrainerMixin:
 
     checkpoint_info = {}
 
+    resume_file = None  # where fit keeps its resume state (resume_dir; see recbole_cmr.resume)
+
     def __init__(self, config, model):
         super().__init__(config, model)
         self.eval_collector = Collector(config)
         self.evaluator = Evaluator(config)
         self.lr_decay = check_lr_decay(config, "learning_rate_decay")
-        self._decaying = False
+        self._in_fit = False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False,
             callback_fn=None):
         self.best_valid_per_market = None
-        self._decaying = True
+        if self.resume_file:
+            finished = self._resume(train_data)
+            if finished is not None:
+                return finished
+        self._in_fit = True
+        self._first_epoch = self.start_epoch
 
         def remember_best(epoch_idx, valid_score):
             if self.cur_step == 0:  # early_stopping just recorded a new best
@@ -122,14 +129,65 @@ class MultiMarketTrainerMixin:
                 callback_fn(epoch_idx, valid_score)
 
         try:
-            return super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
+            result = super().fit(train_data, valid_data, verbose, saved, show_progress, remember_best)
         finally:
-            self._decaying = False
+            self._in_fit = False
+        if self.resume_file:
+            self._keep_state(train_data, self.epochs, finished=result)
+        return result
+
+    def _keep_state(self, train_data, epoch, finished=None):
+        """Write the resume state (:mod:`recbole_cmr.resume`): the run as it is before training
+        ``epoch`` (or, ``finished``: after ``fit``, which returned ``finished``)."""
+        state = {
+            "fingerprint": resume.fingerprint(self.config),
+            "epoch": epoch,
+            "finished": None if finished is None else checkpoint_safe(list(finished)),
+            "cur_step": self.cur_step,
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": checkpoint_safe(self.best_valid_result),
+            "best_valid_per_market": checkpoint_safe(self.best_valid_per_market),
+            "saved_model_file": self.saved_model_file,
+            "state_dict": self.model.state_dict(),
+            "other_parameter": other_parameter_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": resume.rng_states(),
+            "loader_rng": [g.get_state() for g in resume.loader_generators(train_data)],
+        }
+        save_atomic(state, self.resume_file)
+
+    def _resume(self, train_data):
+        """Take the state :meth:`_keep_state` left in ``resume_file``, if any: the fit continues
+        from its epoch, or (a finished fit) ``fit``'s result is returned without training."""
+        state = resume.read_stage(self.config, self.resume_file)
+        if state is None:
+            return None
+        self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(state.get("other_parameter"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch, self.cur_step = state["epoch"], state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = state["best_valid_result"]
+        self.best_valid_per_market = state["best_valid_per_market"]
+        self.saved_model_file = state["saved_model_file"]
+        resume.set_rng_states(state["rng"])
+        for generator, kept in zip(resume.loader_generators(train_data), state["loader_rng"]):
+            generator.set_state(kept.to(torch.uint8).cpu())
+        markets = ", ".join(self.checkpoint_info.get("markets") or ["?"])
+        if state["finished"] is not None:
+            self.logger.info(f"resume_dir: market [{markets}] was trained to the end: taken from "
+                             f"[{self.resume_file}], not trained again")
+            return tuple(state["finished"])
+        self.logger.info(f"resume_dir: market [{markets}] continues from epoch {self.start_epoch} "
+                         f"([{self.resume_file}])")
+        return None
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self._in_fit and self.resume_file and epoch_idx > self._first_epoch:
+            self._keep_state(train_data, epoch_idx)  # the run as the epoch before left it
         self._loss_position = [epoch_idx, 0]  # epoch, batch: for _check_nan's message
         loss = super()._train_epoch(train_data, epoch_idx, loss_func, show_progress)
-        if self._decaying and self.lr_decay != 1.0:
+        if self._in_fit and self.lr_decay != 1.0:
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.lr_decay
         return loss
@@ -436,6 +494,7 @@ def check_user_patterns(config, names):
 def _set_checkpointing(trainer, config, tag, markets, **info):
     """Where ``trainer`` checkpoints, and what its checkpoints record besides the weights."""
     trainer.saved_model_file = checkpoint_file(config, tag)
+    trainer.resume_file = resume.stage_file(config, tag)
     trainer.checkpoint_info = {
         "dataset": config["dataset"],
         "data_path": os.path.dirname(os.path.abspath(config["data_path"])),

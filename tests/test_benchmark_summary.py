@@ -85,8 +85,10 @@ def test_targets_without_per_user_values_compare_means_and_give_no_verdict(harne
     assert "| FeCoSR ≥ 1.10 × Local | [2020] | 1.20 × (0.1200 / 0.1000) | no interval: 2 runs" in text
 
 
-def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_path, monkeypatch):
-    """An interrupted run resumes from its newest readable round checkpoint."""
+def test_round_checkpoint_finds_a_finished_stage_past_a_cut_file(harness, tmp_path, monkeypatch):
+    """An ablation's shared federated stage: the newest readable round checkpoint whose rounds
+    ended, written by a run with a resume_dir (a folder, not a setting of the rounds); a cut file
+    and an unfinished stage are passed over."""
     import os
 
     import torch
@@ -95,12 +97,39 @@ def test_round_checkpoint_skips_a_cut_file_for_the_last_whole_one(harness, tmp_p
     (tmp_path / "saved").mkdir()
     settings = {"seed": 2020, "fed_rounds": 80}
     whole = tmp_path / "saved" / "FeCoSR-xmrec-federated-a.pth"
-    torch.save({"kind": "federated", "config": settings, "round": 5, "stopped": False}, whole)
-    cut = tmp_path / "saved" / "FeCoSR-xmrec-federated-b.pth"
+    torch.save({"kind": "federated", "config": {**settings, "resume_dir": "x"}, "round": 5,
+                "stopped": True}, whole)
+    running = tmp_path / "saved" / "FeCoSR-xmrec-federated-b.pth"
+    torch.save({"kind": "federated", "config": settings, "round": 9, "stopped": False}, running)
+    cut = tmp_path / "saved" / "FeCoSR-xmrec-federated-c.pth"
     cut.write_bytes(b"PK\x03\x04 half a zip")
-    os.utime(whole, (1, 1))  # the cut file is the newest
-    path, state = harness.round_checkpoint("FeCoSR", "xmrec", settings, finished=False)
+    os.utime(whole, (1, 1))  # the others are newer
+    path, state = harness.round_checkpoint("FeCoSR", "xmrec", settings)
     assert path == str(whole) and state["round"] == 5
+
+
+def test_a_resumable_run_keeps_its_folder_until_it_ends_and_counts_every_attempt(tmp_path, monkeypatch):
+    """A killed attempt leaves its state folder; the next counts the earlier attempt's time up to
+    its last saved state, and the folder goes once the record is written."""
+    import os
+
+    resumable = _load_harness("resumable")
+    monkeypatch.setattr(resumable, "RESUME", tmp_path)
+    out_file = tmp_path / "records" / "Local-seed2020.json"
+    with pytest.raises(KeyboardInterrupt):
+        with resumable.resumable(out_file) as run:
+            folder = Path(run.settings["resume_dir"])
+            assert folder == tmp_path / "Local-seed2020" and run.record.keys() == {"wall_s"}
+            (folder / "in.pth").write_bytes(b"state")
+            raise KeyboardInterrupt
+    assert (folder / "in.pth").exists()
+    started = json.loads((folder / "attempts.json").read_text())["started"]
+    os.utime(folder / "in.pth", (started + 100, started + 100))  # saved 100 s into the attempt
+    with resumable.resumable(out_file) as run:
+        assert run.settings["resume_dir"] == str(folder)
+        record = run.record
+    assert record["attempts"] == 2 and 100 <= record["wall_s"] < 110
+    assert not folder.exists()
 
 
 def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness, tmp_path):
@@ -596,9 +625,9 @@ def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harnes
     monkeypatch.setattr(tune, "round_checkpoint", lambda *args, **kwargs: (None, None))
     with pytest.raises(RuntimeError, match="run --only default first"):
         tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
-    monkeypatch.setattr(tune, "round_checkpoint", lambda model, dataset, settings, finished:
+    monkeypatch.setattr(tune, "round_checkpoint", lambda model, dataset, settings:
                         (str(tmp_path / "FeCoSR-stage.pth"), {}) if "adapter_rank" not in settings
-                        and finished else (None, None))  # the default point's finished stage
+                        else (None, None))  # the default point's finished stage
     tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
     assert calls[-1]["adapter_rank"] == 4 and calls[-1]["fed_pretrained"].endswith("FeCoSR-stage.pth")
     tune.run_point("xmrec", "s2ce-tau0.1", tmp_path / "b.json")

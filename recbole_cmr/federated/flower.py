@@ -297,6 +297,7 @@ def server_main(grid: Grid, context: Context) -> None:
     """Federated rounds (the in-process round logic), each node's fine-tuning, results files."""
     from recbole_cmr.federated.server import round_summary
     from recbole_cmr.quick_start import report, summarise
+    from recbole_cmr.resume import federated_resume
     from recbole_cmr.results import init_run_logger
     from recbole_cmr.trainer import checkpoint_file
 
@@ -308,8 +309,9 @@ def server_main(grid: Grid, context: Context) -> None:
     getLogger().info(f"SuperNodes: {nodes}")
     server = _flower_server_class()(config, grid, nodes, timeout=timeout, vocabulary=vocabulary,
                                     checkpoint_file=checkpoint_file(config, "federated"))
-    if config["fed_resume"]:
-        server.resume_checkpoint(config["fed_resume"])
+    resume_file = federated_resume(config, server.checkpoint_file, config["fed_resume"])
+    if resume_file:
+        server.resume_checkpoint(resume_file)
     server.fit(verbose=True)
     # one last message per node: test, export, the node's fine-tuning, close (its worker ends)
     then = {m: [("close", ())] for m in markets}

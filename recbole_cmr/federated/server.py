@@ -41,6 +41,8 @@ from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
 from recbole_cmr.federated.client import Client
 from recbole_cmr.federated.strategy import FitRes, make_strategy, matching
+from recbole_cmr.resume import federated_resume, rng_states
+from recbole_cmr.resume import set_rng_states as restore_rng_states
 from recbole_cmr.trainer import checkpoint_file, macro_average, new_market_trainer
 from recbole_cmr.utils import as_patterns, save_atomic, user_set
 
@@ -151,24 +153,12 @@ def select_clients(rng, client_ids, fraction):
 
 def get_rng_states(selection_rng):
     """The python, numpy, torch (and CUDA) RNG states and the selection RNG's, as plain data."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "selection": selection_rng.getstate(),
-    }
+    return {**rng_states(), "selection": selection_rng.getstate()}
 
 
 def set_rng_states(states, selection_rng):
     """Restore :func:`get_rng_states` output."""
-    random.setstate(states["python"])
-    name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(states["torch"].cpu())
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    restore_rng_states(states)
     selection_rng.setstate(states["selection"])
 
 
@@ -775,6 +765,8 @@ def train_federated(config, train, valid, test, saved=True, verbose=True, resume
     server = FederatedServer(
         config, clients, checkpoint_file=checkpoint_file(config, "federated") if saved else None
     )
+    if not pretrained_file:
+        resume_file = federated_resume(config, server.checkpoint_file, resume_file)
     if resume_file:
         server.resume_checkpoint(resume_file)
     if pretrained_file:
