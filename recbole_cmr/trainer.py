@@ -96,7 +96,10 @@ class MultiMarketTrainerMixin:
     * sampled evaluation (``uni99``) of a sequential model encodes each user's sequence once
       (:meth:`_sampled_from_full_sort`), with RecBole's scores and metrics;
     * ``last_per_user``: after each ``evaluate``, what each user contributed to its metrics
-      (:meth:`per_user`), shaped as its result (``{market: values}`` for a dict of loaders).
+      (:meth:`per_user`), shaped as its result (``{market: values}`` for a dict of loaders);
+    * ``resume_file`` (``resume_dir``, see :mod:`recbole_cmr.resume`): ``fit`` keeps its state
+      there at every epoch and continues from it when started again (a finished fit returns at
+      once).
     """
 
     last_per_user = {}
@@ -159,6 +162,7 @@ class MultiMarketTrainerMixin:
     def _resume(self, train_data):
         """Take the state :meth:`_keep_state` left in ``resume_file``, if any: the fit continues
         from its epoch, or (a finished fit) ``fit``'s result is returned without training."""
+        generators = resume.loader_generators(train_data)  # checked before any training
         state = resume.read_stage(self.config, self.resume_file)
         if state is None:
             return None
@@ -171,7 +175,7 @@ class MultiMarketTrainerMixin:
         self.best_valid_per_market = state["best_valid_per_market"]
         self.saved_model_file = state["saved_model_file"]
         resume.set_rng_states(state["rng"])
-        for generator, kept in zip(resume.loader_generators(train_data), state["loader_rng"]):
+        for generator, kept in zip(generators, state["loader_rng"]):
             generator.set_state(kept.to(torch.uint8).cpu())
         markets = ", ".join(self.checkpoint_info.get("markets") or ["?"])
         if state["finished"] is not None:

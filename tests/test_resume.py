@@ -7,10 +7,17 @@ from recbole.trainer import Trainer
 
 from recbole_cmr import run_recbole_cmr
 from recbole_cmr.federated.server import FederatedServer
+from recbole_cmr.quick_start import objective_function
+
+from test_recbole_models import _settings, tiny  # noqa: F401  (fixture)
 
 # dropout and a decaying learning rate: a resumed fit that lost the RNG or optimizer state differs
 NOISY = {"hidden_dropout_prob": 0.5, "attn_dropout_prob": 0.3, "learning_rate_decay": 0.8,
          "stopping_step": 10}
+
+
+PACKAGES = {"BPR": "general_recommender", "CKE": "knowledge_aware_recommender",
+            "DeepFM": "context_aware_recommender", "NARM": "sequential_recommender"}
 
 
 class _Cut(Exception):
@@ -121,3 +128,22 @@ def test_a_finished_fit_is_taken_as_it_ended(two_markets, tmp_path, epochs):
     assert epochs == []
     assert _numbers(again) == _numbers(first)
     assert torch.isfinite(torch.tensor([again["best_valid_score"]]))
+
+
+@pytest.mark.parametrize("model", ["BPR", "CKE", "DeepFM", "NARM"])
+def test_recbole_models_resume_to_the_uninterrupted_numbers(tiny, tmp_path, epochs, model):
+    """RecBole's own models and trainers (negative sampling; a knowledge graph's loader, which
+    holds two, and RecBole's KGTrainer; a context-aware and a sequential model): cut as epoch 1
+    starts, started again, every number is an uninterrupted run's."""
+    settings = {**_settings(tiny, tmp_path, PACKAGES[model], model), "epochs": 3}
+    full = objective_function(config_dict=settings)
+    folder = str(tmp_path / "resume")
+    epochs.clear()
+    epochs.cut = ("tiny", 1)
+    with pytest.raises(_Cut):
+        objective_function(config_dict={**settings, "resume_dir": folder})
+    epochs.cut = None
+    epochs.clear()
+    resumed = objective_function(config_dict={**settings, "resume_dir": folder})
+    assert sorted(set(epochs)) == [("tiny", 1), ("tiny", 2)]
+    assert _numbers(resumed) == _numbers(full)
