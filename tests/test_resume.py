@@ -147,3 +147,30 @@ def test_recbole_models_resume_to_the_uninterrupted_numbers(tiny, tmp_path, epoc
     resumed = objective_function(config_dict={**settings, "resume_dir": folder})
     assert sorted(set(epochs)) == [("tiny", 1), ("tiny", 2)]
     assert _numbers(resumed) == _numbers(full)
+
+
+def test_federated_rounds_without_their_checkpoint_cannot_resume(two_markets, tmp_path):
+    """saved=False writes no round checkpoint, so resume_dir could not continue the rounds: an
+    error before anything is trained, naming both ways out."""
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 1,
+                "resume_dir": str(tmp_path / "resume")}
+    with pytest.raises(ValueError, match=r"resume_dir needs the federated round checkpoint.*saved=True"):
+        run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings, saved=False)
+
+
+def test_a_pointer_to_a_round_checkpoint_never_written_starts_afresh(two_markets, tmp_path):
+    """Cut before its first round ended, a run left only ``federated.json``: started again, the
+    rounds start from round 0 and the pointer names the new checkpoint."""
+    import json
+
+    folder = tmp_path / "resume"
+    settings = {**two_markets, "train_mode": "federated", "fed_rounds": 1, "resume_dir": str(folder)}
+    expected = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2",
+                               config_dict={k: v for k, v in settings.items() if k != "resume_dir"})
+    pointer = folder / "federated.json"
+    run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings)  # writes the pointer
+    kept = json.loads(pointer.read_text())
+    pointer.write_text(json.dumps({**kept, "checkpoint": str(tmp_path / "gone.pth")}))
+    again = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings)
+    assert json.loads(pointer.read_text())["checkpoint"] != str(tmp_path / "gone.pth")
+    assert _numbers(again) == _numbers(expected)
