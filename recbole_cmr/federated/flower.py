@@ -44,16 +44,22 @@ TUPLE = "__tuple__"
 
 
 # ---- codec: plain data <-> RecordDict --------------------------------------------------------
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+def _scalar(value):
+    """A numpy scalar or one-element tensor as a Python number; anything else unchanged."""
     if isinstance(value, (np.floating, np.integer, np.bool_)):
         return value.item()
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.item()
     return value
+
+
+def _jsonable(value):
+    """``value`` (results: dicts, lists and scalars) as JSON-able data."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return _scalar(value)
 
 
 def _is_tensors(value):
@@ -74,7 +80,7 @@ def _pack(value, records):
         return [_pack(v, records) for v in value]
     if isinstance(value, dict):
         return {str(k): _pack(v, records) for k, v in value.items()}
-    return _jsonable(value)
+    return _scalar(value)
 
 
 def _unpack(value, content):
