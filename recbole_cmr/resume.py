@@ -27,6 +27,7 @@ import torch
 
 from recbole_cmr import __version__
 from recbole_cmr.compat import checkpoint_safe, load_checkpoint
+from recbole_cmr.data.vocabulary import read_vocabulary, vocabulary_digest, vocabulary_path
 
 FEDERATED_POINTER = "federated.json"
 
@@ -53,8 +54,13 @@ def set_rng_states(states):
 
 
 def fingerprint(config):
-    """What must match for a resume file to continue this run: ``{setting: value}`` (plain data)."""
+    """What must match for a resume file to continue this run: ``{setting: value}`` (plain data).
+
+    ``item_vocabulary`` counts by the ids it fixes (its digest), not by where the file lies:
+    Flower's launcher writes it into a new work folder each time."""
     given = {k: v for k, v in config.external_config_dict.items() if k != "resume_dir"}
+    if given.get("item_vocabulary") and os.path.isfile(vocabulary_path(config)):
+        given["item_vocabulary"] = "sha256 " + vocabulary_digest(*read_vocabulary(vocabulary_path(config)))
     return checkpoint_safe({"recbole_cmr": __version__, "model": config["model"],
                             "dataset": config["dataset"], "settings": given})
 

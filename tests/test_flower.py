@@ -1,6 +1,7 @@
 """Federation on Flower's deployment runtime (flwr 1.41, the ``flower`` extra): a local SuperLink
 and one SuperNode per market give exactly the in-process numbers; nothing is left running."""
 
+import json
 import os
 import sys
 import time
@@ -486,15 +487,16 @@ def _left_running(run):
 @pytest.mark.deployment(cost=4)
 def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing_running(tmp_path):
     """FeCoSR on two SuperNodes: federated rounds (adapters local), then each SuperNode's own
-    fine-tuning. The ServerApp is killed once round 0 closed; the same command with
-    ``--fed_resume`` gives exactly the uninterrupted in-process numbers, every market trained
-    from its own seed, round by round, and neither deployment leaves a process behind."""
+    fine-tuning, with ``--resume_dir``. The ServerApp is killed once round 0 closed; the same
+    command again continues from the round checkpoint the folder names and gives exactly the
+    uninterrupted in-process numbers, every market trained from its own seed, round by round,
+    and neither deployment leaves a process behind."""
     import signal
     import threading
     import time
 
     argv = ["--model=FeCoSR", "--dataset=xmrec-mini", "--markets", "de", "fr", "--rounds", "2",
-            *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}"]
+            *SMALL, f"--checkpoint_dir={tmp_path / 'flower'}", f"--resume_dir={tmp_path / 'resume'}"]
     out = {}
 
     def run():
@@ -520,7 +522,8 @@ def test_a_killed_serverapp_resumes_to_the_in_process_numbers_and_leaves_nothing
     killed = dict(launcher.LAST_RUN)
     assert not _left_running(killed)
     [checkpoint] = (tmp_path / "flower").glob("FeCoSR-*-federated-*.pth")
-    resumed = launcher.deploy([*argv, f"--fed_resume={checkpoint}"])
+    assert json.loads((tmp_path / "resume" / "federated.json").read_text())["checkpoint"] == str(checkpoint)
+    resumed = launcher.deploy(argv)
     in_process = run_recbole_cmr(model="FeCoSR", dataset="xmrec-mini", config_dict={
         **_settings(SMALL), "markets": ["de", "fr"], "fed_rounds": 2,
         "checkpoint_dir": str(tmp_path / "in-process")})
