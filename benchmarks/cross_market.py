@@ -296,7 +296,7 @@ def run_one(dataset, name, seed, out_file):
         else:
             print(f"no finished {source} round checkpoint in saved/: {name} trains its own "
                   "federated stage", flush=True)
-    with resumable(out_file) as run:  # a run cut off continues where it was (rounds, fine-tuning)
+    with resumable(out_file, {**settings, **extra}) as run:  # a run cut off continues where it was (rounds, fine-tuning)
         result = run_recbole_cmr(model=model, dataset=dataset,
                                  config_dict={**settings, **extra, **run.settings})
         per_market, per_user = run_results(result)

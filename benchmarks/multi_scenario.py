@@ -148,7 +148,7 @@ def write_run(model, dataset, settings, name, seed, selected_by, out_file):
     from recbole_cmr import run_recbole_cmr
     from recbole_cmr.config import mode_settings
 
-    with resumable(out_file) as run:  # the harness's settings serve every train mode: each run gets what it reads
+    with resumable(out_file, settings) as run:  # the harness's settings serve every train mode: each run gets what it reads
         result = run_recbole_cmr(model=model, dataset=dataset,
                                  config_dict={**mode_settings(model, dataset, settings), **run.settings})
         record = {"name": name, "model": model, "dataset": dataset, "seed": seed,

@@ -22,9 +22,11 @@ ATTEMPTS = "attempts.json"
 
 
 @contextlib.contextmanager
-def resumable(out_file):
+def resumable(out_file, settings):
     """Run the body (the run and the writing of its record) with ``resume_dir`` for the run whose
-    record is ``out_file``.
+    record is ``out_file`` and whose settings are ``settings``. State an earlier attempt kept
+    under other settings (the harness changed since) is stale: it is removed, and the run starts
+    afresh.
 
     Yields:
         Run: ``run.settings`` (``{"resume_dir": folder}``, for ``run_recbole_cmr``, not for the
@@ -32,7 +34,7 @@ def resumable(out_file):
         and ``attempts`` when there were several, for the record). The folder is removed once
         the body returns; a body that raises (or a killed process) leaves it for the next attempt.
     """
-    run = Run(RESUME / Path(out_file).stem)
+    run = Run(RESUME / Path(out_file).stem, settings)
     yield run
     shutil.rmtree(run.folder, ignore_errors=True)
 
@@ -40,9 +42,10 @@ def resumable(out_file):
 class Run:
     """One attempt at a run (see :func:`resumable`)."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, settings):
         self.folder = Path(folder)
         self.settings = {"resume_dir": str(self.folder)}
+        self.run_settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
         self.prior_s, self.attempts = self._earlier()
         self.started = time.time()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -57,6 +60,11 @@ class Run:
         if not path.exists():
             return 0.0, 1
         kept = json.loads(path.read_text())
+        if kept.get("settings", self.run_settings) != self.run_settings:
+            print(f"removing {self.folder}: an earlier attempt's state under other settings",
+                  flush=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
+            return 0.0, 1
         states = [p.stat().st_mtime for p in self._states()]
         last = max(states, default=kept["started"])
         return kept["prior_s"] + max(0.0, last - kept["started"]), kept["attempts"] + 1
@@ -74,7 +82,7 @@ class Run:
         path = self.folder / ATTEMPTS
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"prior_s": self.prior_s, "started": self.started,
-                                   "attempts": self.attempts}))
+                                   "attempts": self.attempts, "settings": self.run_settings}))
         tmp.replace(path)
 
     @property

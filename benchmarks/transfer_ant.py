@@ -220,7 +220,7 @@ def _pretrain_unless_current(seed):
             and current_ant(json.loads(out_file.read_text()), settings)):
         return pretrained_file(seed)
     print(f"== pretraining on {settings['markets']}, seed {seed}", flush=True)
-    with resumable(out_file) as run:
+    with resumable(out_file, settings) as run:
         result = _run("ANT", TARGETS["scientific-mm"], settings, run)
         shutil.copyfile(result["per_market"][settings["markets"][0]]["checkpoint"], pretrained_file(seed))
         write_record({"name": "pretrain", "model": "ANT", "revision": REVISIONS["ANT"], "seed": seed,
@@ -237,7 +237,7 @@ def run_one(name, seed, out_file):
     model, dataset, settings = run_settings(name, seed)
     if "pretrained" in settings:
         ensure_pretrained(seed)
-    with resumable(out_file) as run:
+    with resumable(out_file, settings) as run:
         result = _run(model, dataset, settings, run)
         target = result["per_market"][MARKET]
         write_record({"name": name, "variant": MODELS[name][0], "target": MODELS[name][1],

@@ -76,7 +76,7 @@ def run_point(dataset, name, out_file):
             raise RuntimeError(f"{name} fine-tunes from the default point's federated stage, "
                                f"which has not run here: run --only {DEFAULT} first.")
         extra["fed_pretrained"] = stage
-    with resumable(out_file) as run:  # a point cut off continues where it was
+    with resumable(out_file, {**settings, **extra}) as run:  # a point cut off continues where it was
         result = run_recbole_cmr(model=MODEL, dataset=dataset,
                                  config_dict={**settings, **extra, **run.settings})
         rounds = result.get("federated_rounds") or {}

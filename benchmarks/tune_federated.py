@@ -95,7 +95,7 @@ def run_point(dataset, name, rounds, out_file):
     from recbole_cmr import run_recbole_cmr
 
     settings = point_settings(dataset, name, rounds)
-    with resumable(out_file) as run:  # a point cut off continues from its last round
+    with resumable(out_file, settings) as run:  # a point cut off continues from its last round
         result = run_recbole_cmr(model="FedAvgSASRec", dataset=dataset,
                                  config_dict={**settings, **run.settings})
         rounds_info = result["federated_rounds"]

@@ -110,26 +110,36 @@ def test_round_checkpoint_finds_a_finished_stage_past_a_cut_file(harness, tmp_pa
 
 def test_a_resumable_run_keeps_its_folder_until_it_ends_and_counts_every_attempt(tmp_path, monkeypatch):
     """A killed attempt leaves its state folder; the next counts the earlier attempt's time up to
-    its last saved state, and the folder goes once the record is written."""
+    its last saved state, and the folder goes once the record is written. State kept under other
+    settings is removed before the run starts afresh."""
     import os
 
     resumable = _load_harness("resumable")
     monkeypatch.setattr(resumable, "RESUME", tmp_path)
     out_file = tmp_path / "records" / "Local-seed2020.json"
-    with pytest.raises(KeyboardInterrupt):
-        with resumable.resumable(out_file) as run:
-            folder = Path(run.settings["resume_dir"])
-            assert folder == tmp_path / "Local-seed2020" and run.record.keys() == {"wall_s"}
-            (folder / "in.pth").write_bytes(b"state")
-            raise KeyboardInterrupt
+    settings = {"seed": 2020, "epochs": 3}
+
+    def killed_attempt(settings):
+        with pytest.raises(KeyboardInterrupt):
+            with resumable.resumable(out_file, settings) as run:
+                folder = Path(run.settings["resume_dir"])
+                (folder / "in.pth").write_bytes(b"state")
+                raise KeyboardInterrupt
+        return folder, run
+
+    folder, run = killed_attempt(settings)
+    assert folder == tmp_path / "Local-seed2020" and run.record.keys() == {"wall_s"}
     assert (folder / "in.pth").exists()
     started = json.loads((folder / "attempts.json").read_text())["started"]
     os.utime(folder / "in.pth", (started + 100, started + 100))  # saved 100 s into the attempt
-    with resumable.resumable(out_file) as run:
-        assert run.settings["resume_dir"] == str(folder)
+    with resumable.resumable(out_file, settings) as run:
+        assert run.settings["resume_dir"] == str(folder) and (folder / "in.pth").exists()
         record = run.record
     assert record["attempts"] == 2 and 100 <= record["wall_s"] < 110
     assert not folder.exists()
+    killed_attempt(settings)
+    with resumable.resumable(out_file, {**settings, "epochs": 4}) as run:  # the harness changed
+        assert not (folder / "in.pth").exists() and run.record.keys() == {"wall_s"}
 
 
 def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness, tmp_path):
