@@ -233,6 +233,22 @@ def test_ant_targets_compare_each_metric_on_the_target(write_record, tmp_path):
     assert rows["ANT-relearn above UniSRec-FT on scientific-mm (ndcg@10)"]["measured"] == "not run yet"
 
 
+def test_ant_premise_reads_negative_transfer_as_scratch_significantly_above_fine_tuning(
+        write_record, tmp_path):
+    harness = _load("transfer_ant")
+    market = {harness.MARKET: (300, 0.05)}
+    runs = [_ranking(write_record, tmp_path, "SASRec-scratch@scientific-full", 2020, market, shift=0.03),
+            _ranking(write_record, tmp_path, "UniSRec-FT@scientific-full", 2020, market),
+            _ranking(write_record, tmp_path, "ANT-finetune@scientific-full", 2020, market, shift=0.06)]
+    for run in runs:
+        run["per_market"][harness.MARKET]["test"] = {"ndcg@10": 0.05, "recall@10": 0.1}
+    rows = {r["target"]: r for r in harness.target_checks(runs, tmp_path)}
+    premise = "premise: SASRec-scratch above {} on scientific-full (negative transfer; ndcg@10)"
+    assert rows[premise.format("UniSRec-FT")]["verdict"] == "met"
+    assert rows[premise.format("UniSRec-FT")]["diff"] > 0
+    assert rows[premise.format("ANT-finetune")]["verdict"] == "missed"
+
+
 def test_ant_controls_swap_freeze_encoder_and_compare_at_the_same_trainable_parts(write_record,
                                                                                    tmp_path):
     harness = _load("transfer_ant")
