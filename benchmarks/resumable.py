@@ -1,5 +1,5 @@
 """Benchmark runs that outlive the process: each run keeps its state in
-``saved/resume/<record stem>/`` (recbole_cmr's ``resume_dir``) until its record is written, so a
+``saved/resume/<record path>/`` (recbole_cmr's ``resume_dir``) until its record is written, so a
 run killed with the session continues next time at the epoch (or federated round) it reached,
 with the numbers an uninterrupted run gives.
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 from recbole_cmr.resume import FEDERATED_POINTER
 
-RESUME = Path(__file__).resolve().parent / "saved" / "resume"
+HERE = Path(__file__).resolve().parent
+RESUME = HERE / "saved" / "resume"
+RESULTS = HERE / "results"
 ATTEMPTS = "attempts.json"
 
 
@@ -34,9 +36,20 @@ def resumable(out_file, settings):
         and ``attempts`` when there were several, for the record). The folder is removed once
         the body returns; a body that raises (or a killed process) leaves it for the next attempt.
     """
-    run = Run(RESUME / Path(out_file).stem, settings)
+    run = Run(state_folder(out_file), settings)
     yield run
     shutil.rmtree(run.folder, ignore_errors=True)
+
+
+def state_folder(out_file):
+    """``saved/resume/<record path under results/, without .json>``: one folder per record, also
+    for records of the same name in two harnesses' folders (e.g. each ``--split``)."""
+    out_file = Path(out_file).resolve()
+    try:
+        kept = out_file.relative_to(RESULTS.resolve())
+    except ValueError:  # a record outside results/ (tests)
+        kept = Path(out_file.parent.name) / out_file.name
+    return RESUME / kept.with_suffix("")
 
 
 class Run:
