@@ -43,12 +43,13 @@ def resumable(out_file, settings):
 
 def state_folder(out_file):
     """``saved/resume/<record path under results/, without .json>``: one folder per record, also
-    for records of the same name in two harnesses' folders (e.g. each ``--split``)."""
+    for records of the same name in two harnesses' folders (e.g. each ``--split``). A record
+    outside results/ (a test's) keeps its state beside it, in ``.resume/<record name>``."""
     out_file = Path(out_file).resolve()
     try:
         kept = out_file.relative_to(RESULTS.resolve())
-    except ValueError:  # a record outside results/ (tests)
-        kept = Path(out_file.parent.name) / out_file.name
+    except ValueError:
+        return out_file.parent / ".resume" / out_file.stem
     return RESUME / kept.with_suffix("")
 
 

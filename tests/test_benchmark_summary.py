@@ -128,7 +128,9 @@ def test_a_resumable_run_keeps_its_folder_until_it_ends_and_counts_every_attempt
         return folder, run
 
     folder, run = killed_attempt(settings)
-    assert folder == tmp_path / "records" / "Local-seed2020" and run.record.keys() == {"wall_s"}
+    # a record outside results/ (a test's) keeps its state beside it, not in the repository
+    assert folder == tmp_path / "records" / ".resume" / "Local-seed2020"
+    assert run.record.keys() == {"wall_s"}
     other_split = resumable.state_folder(resumable.RESULTS / "pf-gender" / "Local-seed2020.json")
     assert other_split == tmp_path / "pf-gender" / "Local-seed2020"  # same name, own folder
     assert (folder / "in.pth").exists()
