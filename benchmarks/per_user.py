@@ -125,11 +125,19 @@ def read_per_user(record_file):
 
 
 def write_record(record, out_file, per_user=None):
-    """Write a run record (JSON) to ``out_file`` atomically; with ``per_user`` (see
-    :func:`write_per_user`), its sidecar first, and the record names it under ``per_user``."""
+    """Write a run record (JSON; numpy numbers as Python numbers) to ``out_file`` atomically; with
+    ``per_user`` (see :func:`write_per_user`), its sidecar first, and the record names it under
+    ``per_user``."""
     if per_user:
         record = {**record, "per_user": write_per_user(per_user, out_file)}
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
+    tmp.write_text(json.dumps(record, indent=2, default=_number))
     os.replace(tmp, out_file)
+
+
+def _number(value):
+    """A numpy scalar as the Python number it holds (``json.dumps``'s ``default``)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a run record holds {type(value).__name__} {value!r}, which JSON cannot store")

@@ -105,10 +105,3 @@ class Run:
         wall = {"wall_s": round(self.prior_s + time.time() - self.started, 1)}
         return wall if self.attempts == 1 else {**wall, "attempts": self.attempts}
 
-
-def write_json(record, out_file):
-    """Write a JSON record atomically (numpy numbers as floats)."""
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=float))
-    tmp.replace(out_file)

@@ -28,7 +28,8 @@ import json
 import os
 
 from cross_market import RESULTS, ensure_dataset, round_checkpoint, run_settings
-from resumable import resumable, write_json
+from per_user import write_record
+from resumable import resumable
 
 SEED = 2020
 MODEL = "FeCoSR"
@@ -80,7 +81,7 @@ def run_point(dataset, name, out_file):
         result = run_recbole_cmr(model=MODEL, dataset=dataset,
                                  config_dict={**settings, **extra, **run.settings})
         rounds = result.get("federated_rounds") or {}
-        write_json({"point": name, "kind": kind, "dataset": dataset, "seed": SEED, "settings": settings,
+        write_record({"point": name, "kind": kind, "dataset": dataset, "seed": SEED, "settings": settings,
                     "federated_stage": os.path.basename(stage) if stage else None,
                     "selected_by": "macro valid ndcg@10 of the fine-tuned models (full ranking)",
                     "best_valid_ndcg@10": result["best_valid_score"],

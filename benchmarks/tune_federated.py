@@ -20,7 +20,8 @@ import argparse
 import json
 
 from cross_market import MS, RESULTS, ensure_dataset, run_settings
-from resumable import resumable, write_json
+from per_user import write_record
+from resumable import resumable
 
 SEED = 2020
 # (name, settings), in the order they run; E = fed_local_epochs.
@@ -99,7 +100,7 @@ def run_point(dataset, name, rounds, out_file):
         result = run_recbole_cmr(model="FedAvgSASRec", dataset=dataset,
                                  config_dict={**settings, **run.settings})
         rounds_info = result["federated_rounds"]
-        write_json({"point": name, "dataset": dataset, "seed": SEED, "settings": settings,
+        write_record({"point": name, "dataset": dataset, "seed": SEED, "settings": settings,
                     "selected_by": "macro valid ndcg@10 (full ranking)",
                     "best_valid_ndcg@10": result["best_valid_score"],
                     "best_valid_per_market": {m: r["valid"]["ndcg@10"]

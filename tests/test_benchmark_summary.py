@@ -670,3 +670,17 @@ def test_with_per_user_reruns_only_current_runs_without_a_sidecar(ctr_harness, p
 
     assert run(False) == []
     assert run(True) == ["B", "C"]
+
+
+def test_a_record_keeps_numpy_numbers_as_numbers_and_rejects_what_json_cannot_hold(tmp_path):
+    """Tuning records hold numpy scalars (valid scores): they are written as the numbers they
+    hold (an int stays an int); anything else JSON cannot store is an error, and no file is left."""
+    import numpy as np
+
+    per_user = _load_harness("per_user")
+    out_file = tmp_path / "point.json"
+    per_user.write_record({"score": np.float32(0.25), "round": np.int64(7)}, out_file)
+    assert json.loads(out_file.read_text()) == {"score": 0.25, "round": 7}
+    with pytest.raises(TypeError, match="set"):
+        per_user.write_record({"bad": {1}}, tmp_path / "bad.json")
+    assert not (tmp_path / "bad.json").exists()
