@@ -451,16 +451,29 @@ def _degradation_markdown(degradation):
     return lines + [""]
 
 
-# The benchmark targets for FeCoSR: (other model, how FeCoSR is compared with it (options of
-# paired.compare, or PER_MARKET), wording, listed as "not run yet" before the other model has runs
-# (False where a dataset may skip it)). Verdicts read paired 95 % intervals (paired.py).
+# The benchmark targets for FeCoSR: (side A, side B, how A is compared with B (options of
+# paired.compare, or PER_MARKET), wording, listed as "not run yet" before B has runs (False where a
+# dataset may skip it)). A side is a model name (its reported, fine-tuned models) or ``(name,
+# "federated")``: its federated stage before fine-tuning (the "w/o fine-tuning" rows). Verdicts
+# read paired 95 % intervals (paired.py).
 PER_MARKET = "per_market"
-TARGETS = [("Local", {"contrast": "ratio", "threshold": 1.10}, "FeCoSR ≥ 1.10 × Local", True),
-           ("FedAvg-SASRec", {}, "FeCoSR above FedAvg-SASRec", True),
-           ("PretrainFinetune", {}, "FeCoSR above PretrainFinetune", True),
-           ("Pooled", {"relation": "at_least"}, "FeCoSR at least level with Pooled (goal)", True),
-           ("Local", PER_MARKET, "no market where FeCoSR is significantly below Local", True),
-           ("FeCoSR-noS2CE", {}, "FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)", False)]
+STAGE = "federated"
+TARGETS = [("FeCoSR", "Local", {"contrast": "ratio", "threshold": 1.10}, "FeCoSR ≥ 1.10 × Local", True),
+           ("FeCoSR", "FedAvg-SASRec", {}, "FeCoSR above FedAvg-SASRec", True),
+           ("FeCoSR", "PretrainFinetune", {}, "FeCoSR above PretrainFinetune", True),
+           ("FeCoSR", "Pooled", {"relation": "at_least"}, "FeCoSR at least level with Pooled (goal)",
+            True),
+           ("FeCoSR", "Local", PER_MARKET, "no market where FeCoSR is significantly below Local", True),
+           ("FeCoSR", "FeCoSR-noS2CE", {}, "FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)", False),
+           # the paper's central claim is about federated training itself: S²CE against plain CE
+           # in the federated stage, before either is fine-tuned
+           (("FeCoSR", STAGE), ("FeCoSR-noS2CE", STAGE), {},
+            "federated stage: S²CE above plain CE (FeCoSR vs FeCoSR-noS2CE, w/o fine-tuning)", False)]
+
+
+def _row_name(side):
+    """The summary row of a target's side: ``name``, or ``name w/o fine-tuning`` for its stage."""
+    return side if isinstance(side, str) else f"{side[0]} w/o fine-tuning"
 
 
 def _ndcg_by_seed(runs, name, protocol):
@@ -469,40 +482,43 @@ def _ndcg_by_seed(runs, name, protocol):
             for r in runs if r["name"] == name}
 
 
-def _means(fecosr, other, how, seeds):
-    """The two models' macro test NDCG@10 means on ``seeds`` as text (the worst market's for a
+def _means(mine, other, how, seeds):
+    """The two sides' macro test NDCG@10 means on ``seeds`` as text (the worst market's for a
     per-market target)."""
     import numpy as np
 
-    markets = list(fecosr[seeds[0]])
-    mine = np.array([[fecosr[s][m] for m in markets] for s in seeds])  # (seeds, markets)
+    seeds = [s for s in seeds if s in mine and s in other]  # a record may lack the stage
+    if not seeds:
+        return "–"
+    markets = list(mine[seeds[0]])
+    ours = np.array([[mine[s][m] for m in markets] for s in seeds])  # (seeds, markets)
     theirs = np.array([[other[s][m] for m in markets] for s in seeds])
-    ours, base = float(mine.mean()), float(theirs.mean())
+    a, b = float(ours.mean()), float(theirs.mean())
     if how == PER_MARKET:
-        gap = mine.mean(axis=0) - theirs.mean(axis=0)
+        gap = ours.mean(axis=0) - theirs.mean(axis=0)
         worst = int(np.argmin(gap))
         return f"lowest market {markets[worst]}: {gap[worst]:+.4f}"
     if how.get("contrast") == "ratio":
-        return f"{ours / base:.2f} × ({ours:.4f} / {base:.4f})"
-    return f"{ours:.4f} vs {base:.4f}"
+        return f"{a / b:.2f} × ({a:.4f} / {b:.4f})"
+    return f"{a:.4f} vs {b:.4f}"
 
 
 def target_checks(runs, protocol, folder):
     """``[{"target", "seeds", "measured", "verdict", "paired", ...}]``: FeCoSR against each model
-    on the seeds both ran (``paired.target_row``): ``measured`` compares the means, ``verdict``
-    (met / level / missed, None without per-user values) reads the paired 95 % interval over
-    the runs' per-user sidecars in ``folder``. [] without FeCoSR runs; a target a dataset may
-    skip is left out until its model ran."""
-    fecosr = _ndcg_by_seed(runs, "FeCoSR", protocol)
+    (and its federated stage against plain CE's) on the seeds both ran (``paired.target_row``):
+    ``measured`` compares the means, ``verdict`` (met / level / missed, None without per-user
+    values) reads the paired 95 % interval over the runs' per-user sidecars in ``folder``. [] without
+    FeCoSR runs; a target a dataset may skip is left out until its model ran. ``runs`` includes
+    the "w/o fine-tuning" rows (:func:`with_stage_runs`) for the stage targets' means."""
     rows = []
-    for other_name, how, target, always in TARGETS if fecosr else []:
-        other = _ndcg_by_seed(runs, other_name, protocol)
+    for a, b, how, target, always in TARGETS if _ndcg_by_seed(runs, "FeCoSR", protocol) else []:
+        mine, other = (_ndcg_by_seed(runs, _row_name(side), protocol) for side in (a, b))
         if not other and not always:
             continue
         options = {"per_market": True} if how == PER_MARKET else how
         rows.append(paired.target_row(
-            folder, target, runs, "FeCoSR", other_name, protocol=protocol, **options,
-            measured=lambda seeds: _means(fecosr, other, how, seeds)))
+            folder, target, runs, a, b, protocol=protocol, **options,
+            measured=lambda seeds, mine=mine, other=other, how=how: _means(mine, other, how, seeds)))
     return rows
 
 

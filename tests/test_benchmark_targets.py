@@ -72,6 +72,21 @@ def _ranking(write_record, folder, name, seed, markets, shift=0.0, protocol="ful
 MARKETS = {"a": (400, 0.2), "b": (150, 0.1)}
 
 
+
+def _with_stage(write_record, folder, name, seed, final_shift, stage_shift):
+    """A federated run: its fine-tuned models (``final``) and its federated stage, each with
+    per-user values shifted from the same base, in the record and the sidecar."""
+    record = _ranking(write_record, folder, name, seed, MARKETS, shift=final_shift)
+    stage = _ranking(write_record, folder, f"{name}-stage", seed, MARKETS, shift=stage_shift)
+    read = _shared("per_user").read_per_user
+    per_user = read(folder / f"{name}-seed{seed}.json")
+    for market, values in read(folder / f"{name}-stage-seed{seed}.json").items():
+        per_user[market]["federated"] = values["final"]
+        record["per_market"][market]["federated"] = stage["per_market"][market]
+    (folder / f"{name}-stage-seed{seed}.json").unlink()
+    write_record(record, folder / f"{name}-seed{seed}.json", per_user)
+    return record
+
 def test_compare_reads_met_level_and_missed_from_the_paired_interval(paired, write_record, tmp_path):
     for seed in (2020, 2021):
         _ranking(write_record, tmp_path, "B", seed, MARKETS)
@@ -272,3 +287,23 @@ def test_ant_controls_swap_freeze_encoder_and_compare_at_the_same_trainable_part
     rows = {r["target"]: r for r in harness.target_checks(runs, tmp_path)}
     row = rows["ANT-relearn-trainEncoder above ANT-finetune on scientific-mm (encoder trained; ndcg@10)"]
     assert row["verdict"] == "met"
+
+
+def test_cross_market_checks_s2ce_on_the_federated_stage_as_well_as_after_fine_tuning(
+        write_record, tmp_path):
+    """The paper's central claim is about federated training: S²CE against plain CE is also
+    judged on the two runs' federated stages (their "w/o fine-tuning" rows), which here point the
+    other way from the fine-tuned models."""
+    harness = _load("cross_market")
+    runs = []
+    for seed in (2020, 2021):
+        runs.append(_with_stage(write_record, tmp_path, "FeCoSR", seed, 0.0, 0.04))
+        runs.append(_with_stage(write_record, tmp_path, "FeCoSR-noS2CE", seed, 0.04, 0.0))
+    rows = {r["target"]: r for r in harness.target_checks(harness.with_stage_runs(runs), "full",
+                                                           tmp_path)}
+    assert rows["FeCoSR (S²CE) above FeCoSR-noS2CE (plain CE)"]["verdict"] == "missed"
+    stage = rows["federated stage: S²CE above plain CE (FeCoSR vs FeCoSR-noS2CE, w/o fine-tuning)"]
+    assert stage["verdict"] == "met" and stage["seeds"] == [2020, 2021]
+    assert stage["diff"] == pytest.approx(0.04, abs=0.005)
+    means = [float(v) for v in stage["measured"].split(" vs ")]  # the w/o fine-tuning rows' means
+    assert means[0] - means[1] == pytest.approx(0.04, abs=0.005)
