@@ -337,6 +337,42 @@ def _mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
+def budget_ended(record):
+    """True when the round budget ``fed_rounds``, not early stopping, ended the record's federated
+    rounds (so more rounds might have helped): ``federated_rounds.budget_ended`` where the server
+    wrote it, else (older records) all ``fed_rounds`` ran and the best round is within the
+    patience (``stopping_step`` validations) of the last, i.e. early stopping never fired."""
+    rounds, settings = record["federated_rounds"], record.get("settings", {})
+    if "budget_ended" in rounds:
+        return bool(rounds["budget_ended"])
+    budget, patience = settings.get("fed_rounds"), settings.get("stopping_step")
+    if budget is None or patience is None or rounds.get("best_round") is None:
+        return False
+    return (rounds["rounds"] >= budget
+            and rounds["rounds"] - 1 - rounds["best_round"] <= patience * (settings.get("eval_step") or 1))
+
+
+def rounds_entry(records):
+    """``{"rounds_to_best", "ended_by_budget"}`` of federated records: the mean of best round + 1,
+    and how many of them the round budget ended (:func:`budget_ended`)."""
+    return {"rounds_to_best": _mean_std([r["federated_rounds"]["best_round"] + 1 for r in records])[0],
+            "ended_by_budget": sum(budget_ended(r) for r in records)}
+
+
+def rounds_cell(entry, digits):
+    """The "rounds to best" cell: ``"42"``, ``"42 (2 of 3 at budget)"``, or "–" without rounds."""
+    if entry.get("rounds_to_best") is None:
+        return "–"
+    ended = entry.get("ended_by_budget", 0)
+    return f"{entry['rounds_to_best']:.{digits}f}" + (f" ({ended} of {entry['runs']} at budget)"
+                                                       if ended else "")
+
+
+AT_BUDGET = ("at budget: the round budget `fed_rounds`, not early stopping, ended that many runs' "
+             "rounds (their best round within the patience of the last), so more rounds might "
+             "have helped them.")
+
+
 def _cell(value, std):
     """``"0.0788 ± 0.0011"``, or the mean alone when there is no std (one seed)."""
     return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
@@ -396,7 +432,7 @@ def summarise_protocol(runs, protocol, folder):
         fed = [r for r in mine if r.get("federated_rounds", {}).get("rounds")]
         if fed and not any("federated_stage" in r for r in mine):
             entry = summary["models"][name]
-            entry["rounds_to_best"] = _mean_std([r["federated_rounds"]["best_round"] + 1 for r in fed])[0]
+            entry.update(rounds_entry(fed))
             entry["rounds_wall_s"], entry["rounds_wall_s_by_device"] = wall_by_device(
                 fed, lambda r: r["federated_rounds"]["rounds_wall_s"])
         shared = {r["federated_stage"]["of"] for r in mine if "federated_stage" in r}
@@ -546,7 +582,7 @@ def markdown(dataset, summaries):
             macro = entry["macro"]
             cells += [_cell(macro["ndcg@10"], macro["ndcg@10_std"]),
                       f"{macro['hit@10']:.4f}", f"{macro['mrr@10']:.4f}", _wall_cell(entry["wall_s_by_device"]),
-                      f"{entry['rounds_to_best']:.0f}" if "rounds_to_best" in entry else "–",
+                      rounds_cell(entry, 0),
                       _wall_cell(entry["rounds_wall_s_by_device"]) if "rounds_wall_s" in entry else "–"]
             mark = " †" if "federated_stage_of" in entry else ""
             lines.append(f"| {name}{mark} (n={entry['runs']}) | " + " | ".join(cells) + " |")
@@ -558,6 +594,8 @@ def markdown(dataset, summaries):
         if any("federated_stage_of" in entry for entry in models.values()):
             lines += ["", "† fine-tunes the federated stage of the run it ablates (same seed); its "
                       "wall time counts the fine-tuning only."]
+        if any(entry.get("ended_by_budget") for entry in models.values()):
+            lines += ["", AT_BUDGET]
         lines.append("")
         if summary.get("targets"):
             lines += _targets_markdown(summary["targets"])

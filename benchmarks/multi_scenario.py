@@ -34,7 +34,7 @@ import json
 
 import numpy as np
 
-from cross_market import RESULTS, _cell, _mean_std, seed_table
+from cross_market import AT_BUDGET, RESULTS, _cell, rounds_cell, rounds_entry, seed_table
 import paired
 from per_user import lacks_per_user, write_record
 from resumable import resumable
@@ -207,9 +207,9 @@ def summarise_runs(runs, folder=None):
         mine = [r for r in runs if r["name"] == name]
         summary["seeds"] = sorted(set(summary["seeds"]) | {r["seed"] for r in mine})
         entry = seed_table(mine, lambda res: res["test"], METRICS)
-        rounds = [r["federated_rounds"] for r in mine if r.get("federated_rounds")]
-        if rounds:
-            entry["rounds_to_best"] = _mean_std([r["best_round"] + 1 for r in rounds])[0]
+        federated = [r for r in mine if r.get("federated_rounds")]
+        if federated:
+            entry.update(rounds_entry(federated))
         summary["models"][name] = entry
     summary["targets"] = target_checks(runs, folder)
     summary["conflict"] = conflict_summary(runs)
@@ -315,9 +315,10 @@ def markdown(summary):
              "|---" * (len(METRICS) + 4) + "|"]
     for name, m in models.items():
         cells = [_cell(m["macro"][k], m["macro"][f"{k}_std"]) for k in METRICS]
-        rounds = f"{m['rounds_to_best']:.1f}" if m.get("rounds_to_best") else "–"
         lines.append(f"| {name} | {m['runs']} | " + " | ".join(cells)
-                     + f" | {rounds} | {m['wall_s'] / 60:.1f} |")
+                     + f" | {rounds_cell(m, 1)} | {m['wall_s'] / 60:.1f} |")
+    if any(m.get("ended_by_budget") for m in models.values()):
+        lines += ["", AT_BUDGET]
     markets = list(next(iter(models.values()))["per_market"]) if models else []
     for task in TASKS:
         lines += ["", f"Test AUC ({task}) per scenario:", "",

@@ -89,8 +89,9 @@ def report(config, result, log_path):
     print(text, flush=True)  # on stdout whatever the log level; logs are on stderr
     rounds = result.get("federated_rounds")
     if rounds and rounds["best_round"] is not None:
+        ended = " (the round budget fed_rounds ended them, not early stopping)" if rounds.get("budget_ended") else ""
         logger.info(set_color("Federated stage", "blue") + f": best round {rounds['best_round']} "
-                    f"of {rounds['rounds']} (0-based), rounds took {rounds['rounds_wall_s'] / 60:.1f} min")
+                    f"of {rounds['rounds']} (0-based){ended}, rounds took {rounds['rounds_wall_s'] / 60:.1f} min")
     paths = save_results(result, frame, log_path)
     result["results_files"] = list(paths)
     logger.info(set_color("Results saved to", "blue") + f": {paths[0]}, {paths[1]}")

@@ -161,6 +161,27 @@ def test_rounds_to_best_and_round_wall_time_of_federated_runs(harness, tmp_path)
     assert row.endswith("| 8 | 3.0 |")
 
 
+def test_runs_the_round_budget_ended_are_counted_and_marked(harness, tmp_path):
+    """A federated stage that ran all ``fed_rounds`` with its best round within the patience of
+    the last was ended by the budget, not by early stopping: the server's flag where a record
+    has it, else read from the rounds and settings (older records)."""
+    runs = [_run("FedAvg-SASRec", seed, {"a": 0.1}) for seed in (2020, 2021, 2022)]
+    settings = {"fed_rounds": 50, "stopping_step": 10}
+    runs[0]["federated_rounds"] = {"best_round": 42, "rounds": 50, "rounds_wall_s": 1.0}  # budget
+    runs[1]["federated_rounds"] = {"best_round": 38, "rounds": 50, "rounds_wall_s": 1.0}  # stopped at 49
+    runs[2]["federated_rounds"] = {"best_round": 30, "rounds": 41, "rounds_wall_s": 1.0,
+                                   "budget_ended": False}
+    for run in runs:
+        run["settings"] = settings
+    assert [harness.budget_ended(r) for r in runs] == [True, False, False]
+    assert harness.budget_ended({"federated_rounds": {"best_round": 1, "rounds": 2, "budget_ended": True}})
+    summary = harness.summarise_protocol(runs, "full", tmp_path)
+    assert summary["models"]["FedAvg-SASRec"]["ended_by_budget"] == 1
+    text = harness.markdown("toy", [summary])
+    row = next(line for line in text.splitlines() if line.startswith("| FedAvg-SASRec"))
+    assert "| 38 (1 of 3 at budget) |" in row and "at budget: the round budget `fed_rounds`" in text
+
+
 def test_wall_times_are_kept_apart_per_machine(harness, tmp_path):
     runs = [_run("Local", 2020, {"a": 0.1}, 600.0), _run("Local", 2021, {"a": 0.1}, 60.0),
             _run("Local", 2022, {"a": 0.1}, 120.0)]

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -169,6 +170,22 @@ def test_federated_train_mode_through_the_quick_start(two_markets):
     assert rounds["rounds_wall_s"] == pytest.approx(sum(r["round_time"] for r in rounds["history"]), abs=0.1)
     saved = json.load(open(result["results_files"][0]))
     assert saved["federated_rounds"]["best_round"] == rounds["best_round"]
+    # two rounds under a patience of 10: the budget, not early stopping, ended them; the log says so
+    assert rounds["budget_ended"] is True and saved["federated_rounds"]["budget_ended"] is True
+    [log] = Path(result["results_files"][0]).parent.glob("*.log")
+    assert "fed_rounds=2 ended the federated rounds before early stopping did" in log.read_text()
+
+
+def test_budget_ended_is_true_only_when_the_rounds_ran_out_without_early_stopping():
+    from types import SimpleNamespace
+
+    from recbole_cmr.federated.server import FederatedServer
+
+    ended = FederatedServer.budget_ended.fget
+    assert ended(SimpleNamespace(stopped=False, history=[0, 1], rounds=2))
+    assert not ended(SimpleNamespace(stopped=False, history=[0], rounds=2))  # rounds remain
+    # early stopping, or a stage taken from a finished run (fed_pretrained), marks it stopped
+    assert not ended(SimpleNamespace(stopped=True, history=[0, 1], rounds=2))
 
 
 def test_federated_run_resumes_from_its_round_checkpoint(two_markets, tmp_path):

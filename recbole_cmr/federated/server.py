@@ -440,8 +440,21 @@ class FederatedServer:
                         f"Finished training, best eval result in round {self.best['round']}"
                     )
                 break
+        if self.budget_ended and self.best:
+            self.logger.warning(
+                f"fed_rounds={self.rounds} ended the federated rounds before early stopping did: "
+                f"the best round is {self.best['round']} (0-based) and the macro valid score "
+                f"improved within the last stopping_step={self.stopping_step} validations, so "
+                "more rounds may still help; raise fed_rounds to train to convergence")
         self.load_best()
         return self.best_score, self.best_valid
+
+    @property
+    def budget_ended(self):
+        """True when the round budget ``fed_rounds``, not early stopping, ended the rounds (the
+        stage may be under-trained); False while rounds remain, after early stopping, and for a
+        stage taken from a finished run (``fed_pretrained``)."""
+        return not self.stopped and len(self.history) >= self.rounds
 
     def best_params_for(self, client_id):
         """The shared parameters of the best round that client ``client_id`` loads."""
@@ -722,10 +735,11 @@ def export_best(server, verbose=True):
 
 
 def round_summary(server):
-    """``{"best_round", "rounds", "rounds_wall_s", "history"}`` of a server's rounds: the best
-    validated round (0-based), how many rounds ran, their wall time, and per round the macro valid
-    score (None where not validated), mean train loss, seconds, the tensor bytes sent up and down
-    and, under Flower, the message bytes (``wire_up``, ``wire_down``), the markets left out
+    """``{"best_round", "rounds", "budget_ended", "rounds_wall_s", "history"}`` of a server's
+    rounds: the best validated round (0-based), how many rounds ran, whether the round budget
+    rather than early stopping ended them (:attr:`FederatedServer.budget_ended`), their wall
+    time, and per round the macro valid score (None where not validated), mean train loss,
+    seconds, the tensor bytes sent up and down and, under Flower, the message bytes (``wire_up``, ``wire_down``), the markets left out
     because their node was lost (``dropped``, only where any was) and the strategy's report of
     the round (``strategy``, :meth:`Strategy.round_report`, only where it has one)."""
     keys = ("bytes_up", "bytes_down", "wire_up", "wire_down", "strategy")
@@ -734,6 +748,7 @@ def round_summary(server):
                 **{k: r[k] for k in keys if k in r}, **({"dropped": r["dropped"]} if r.get("dropped") else {})}
                for r in server.history]
     return {"best_round": server.best["round"] if server.best else None, "rounds": len(history),
+            "budget_ended": server.budget_ended,
             "rounds_wall_s": round(sum(r["round_time"] for r in history), 1), "history": history}
 
 
