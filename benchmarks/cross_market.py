@@ -554,7 +554,7 @@ def target_checks(runs, protocol, folder):
         options = {"per_market": True} if how == PER_MARKET else how
         rows.append(paired.target_row(
             folder, target, runs, a, b, protocol=protocol, **options,
-            measured=lambda seeds, mine=mine, other=other, how=how: _means(mine, other, how, seeds)))
+            measured=lambda seeds: _means(mine, other, how, seeds)))
     return rows
 
 
