@@ -11,7 +11,9 @@ best valid NDCG@10 of the target, with its test metrics; ``*.trials.csv``: every
 ``run.json``: the model's revision and the settings around the grid, the benchmark's protocol
 included) and is skipped when that folder has its ``best.json`` and a ``run.json`` that is current
 (``transfer_ant.current_ant``: a tuning under an older protocol is redone). Test metrics are read
-only after selection.
+only after selection. A search cut off (the session ended) continues next time: every trial keeps
+its state in ``saved/resume/ant-tuning/<variant>@scientific-mm-seed<S>/<trial>/`` until the
+variant's folder is written, so finished trials are not trained again.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import shutil
 
 import transfer_ant as ant
 from cross_market import RESULTS
+from resumable import resumable
 
 GRID = {"learning_rate": [0.001, 0.003], "hidden_dropout_prob": [0.5, 0.2]}
 VARIANTS = ["ANT-relearn", "ANT-finetune"]
@@ -63,10 +66,11 @@ def tune(variant, seed):
     (partial / "grid.hyper").write_text(params_text(GRID))
     (partial / "run.json").write_text(json.dumps(run_record(variant, seed), indent=2))
     print(f"== tuning {variant}@scientific-mm, seed {seed}: {GRID}", flush=True)
-    run_hyper(model, dataset, str(partial / "grid.hyper"), algo="exhaustive", config_dict=settings,
-              output_dir=str(partial))
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)  # nothing half-written under the final name
+    with resumable(out, settings) as run:  # each trial cut off continues where it was
+        run_hyper(model, dataset, str(partial / "grid.hyper"), algo="exhaustive",
+                  config_dict={**settings, **run.settings}, output_dir=str(partial))
+        shutil.rmtree(out, ignore_errors=True)
+        partial.rename(out)  # nothing half-written under the final name
     return out
 
 

@@ -6,11 +6,15 @@
 ``params_file`` uses RecBole's format, one parameter per line: ``learning_rate loguniform -8,0``,
 ``hidden_size choice [32,64]``. Writes ``<output_dir>/<model>-<dataset>.best.json`` (best
 parameters and their results) and ``<model>-<dataset>.trials.csv`` (one row per trial).
+With ``--resume_dir=<folder>`` every trial keeps its state in ``<folder>/<trial name>``: a search
+cut off and started again retrains no finished trial and continues the one it was in.
 """
 
 import argparse
+import hashlib
 import json
 import os
+import re
 from functools import partial
 
 import pandas as pd
@@ -21,8 +25,21 @@ from recbole_cmr.quick_start import objective_function
 
 def _objective(base_config, argv, config_dict, config_file_list):
     """HyperTuning's call ``f(params, files)`` with the fixed model/dataset settings and the
-    command line ``argv`` (``--key=value`` strings) added."""
-    return objective_function({**base_config, **config_dict}, config_file_list, argv=argv)
+    command line ``argv`` (``--key=value`` strings) added. With ``resume_dir`` each trial keeps
+    its state in its own subfolder (:func:`trial_name`), so a search started again after it was
+    cut off retrains no finished trial and continues the one it was in."""
+    return objective_function({**base_config, **config_dict}, config_file_list, argv=argv,
+                              trial=trial_name(config_dict))
+
+
+def trial_name(params):
+    """A folder name for the trial with searched values ``params`` (``{name: value}``): the
+    values readable, e.g. ``learning_rate=0.001_hidden_size=64``, and a digest of all of them, so
+    no two trials share a name (values that differ only in characters a folder name cannot
+    hold, or names cut to length)."""
+    text = "_".join(f"{k}={v}" for k, v in sorted(params.items()))
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._=-]+', '-', text)[:80]}-{digest}"
 
 
 def trials_frame(hp):

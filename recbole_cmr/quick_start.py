@@ -16,6 +16,7 @@ average.
 """
 
 import logging
+import os
 import sys
 from logging import getLogger
 
@@ -133,14 +134,19 @@ def run_recbole_cmr(model=None, dataset=None, config_file_list=None, config_dict
     return result
 
 
-def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None):
+def objective_function(config_dict=None, config_file_list=None, saved=True, argv=None, trial=None):
     """Objective for RecBole's ``HyperTuning``: one quiet run, returning the dict it reads.
 
-    ``argv`` (``--key=value`` strings) stands for the command line instead of ``sys.argv``."""
+    ``argv`` (``--key=value`` strings) stands for the command line instead of ``sys.argv``.
+    ``trial``: a name for this run among a search's trials; with ``resume_dir`` set (however it
+    was given) the run keeps its state in ``<resume_dir>/<trial>``, so every trial of a search
+    continues from its own state when the search is started again."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list, argv=argv)
     init_seed(config["seed"], config["reproducibility"])
     logging.basicConfig(level=logging.ERROR)
     config["show_progress"] = False
+    if trial is not None and config["resume_dir"]:
+        config["resume_dir"] = os.path.join(config["resume_dir"], trial)
     return _run(config, saved=saved, verbose=False)
 
 

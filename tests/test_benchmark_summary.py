@@ -377,6 +377,33 @@ def test_ant_tuning_grid_reads_as_recbole_space_and_a_done_variant_is_skipped(an
     assert tune.tune("ANT-relearn", 2020) == done
 
 
+def test_ant_tuning_keeps_each_search_resumable_until_its_folder_is_written(ant_harness, tmp_path,
+                                                                           monkeypatch):
+    """The search runs with a ``resume_dir`` of its own (hyper_tuning gives each trial a subfolder
+    of it); a search cut off leaves it for the next attempt, a finished one removes it."""
+    import recbole_cmr.hyper_tuning
+
+    tune = _load_harness("tune_ant")
+    monkeypatch.setattr(tune, "FOLDER", tmp_path)
+    monkeypatch.setattr(tune.ant, "ensure_pretrained", lambda seed: None)
+    seen = []
+
+    def search(model, dataset, params_file, algo, config_dict, output_dir):
+        seen.append(config_dict["resume_dir"])
+        assert Path(config_dict["resume_dir"]).is_dir()
+        if len(seen) == 1:
+            raise KeyboardInterrupt  # the session ends mid-search
+        Path(output_dir, f"{model}-{dataset}.best.json").write_text("{}")
+
+    monkeypatch.setattr(recbole_cmr.hyper_tuning, "run_hyper", search)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune("ANT-finetune", 2020)
+    assert Path(seen[0]).is_dir()
+    assert tune.tune("ANT-finetune", 2020) == tmp_path / "ANT-finetune@scientific-mm-seed2020"
+    assert seen[1] == seen[0] and not Path(seen[0]).exists()
+    assert tune.is_done(tmp_path / "ANT-finetune@scientific-mm-seed2020", "ANT-finetune", 2020)
+
+
 # ---- per-user sidecars of the run records (benchmarks/per_user.py) ---------------------------
 @pytest.fixture(scope="module")
 def per_user():

@@ -1,5 +1,7 @@
 """RecBole's HyperTuning driving the plugin's objective function."""
 
+import re
+
 import pandas as pd
 import pytest
 from recbole.trainer import HyperTuning
@@ -86,3 +88,15 @@ def test_a_searched_setting_fixed_on_the_command_line_is_an_error(two_markets, t
     with pytest.raises(ValueError, match="learning_rate is searched .* and also set on the command line"):
         run_hyper("SASRec", "xm2", str(params), config_dict=two_markets,
                   output_dir=str(tmp_path / "hyper"), argv=["--learning_rate=0.1"])
+
+
+def test_trial_names_are_folder_names_and_tell_trials_apart():
+    from recbole_cmr.hyper_tuning import trial_name
+
+    names = [trial_name(p) for p in ({"x": "a/b"}, {"x": "a-b"}, {"x": [1, 2]}, {"x": "[1, 2]"},
+                                     {"learning_rate": 0.001, "hidden_size": 64},
+                                     {"y": "v" * 200}, {"y": "v" * 201})]
+    assert len(set(names)) == len(names)
+    assert all(re.fullmatch(r"[A-Za-z0-9._=-]{1,89}", n) for n in names)
+    assert names[4].startswith("hidden_size=64_learning_rate=0.001-")
+    assert trial_name({"b": 1, "a": 2}) == trial_name({"a": 2, "b": 1})

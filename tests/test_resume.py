@@ -174,3 +174,52 @@ def test_a_pointer_to_a_round_checkpoint_never_written_starts_afresh(two_markets
     again = run_recbole_cmr(model="FedAvgSASRec", dataset="xm2", config_dict=settings)
     assert json.loads(pointer.read_text())["checkpoint"] != str(tmp_path / "gone.pth")
     assert _numbers(again) == _numbers(expected)
+
+
+
+class _Second:
+    """A cut point ``(market, epoch)`` that kills the run the second time it is reached."""
+
+    def __init__(self, at):
+        self.at, self.seen = at, 0
+
+    def __eq__(self, other):
+        self.seen += other == self.at
+        return other == self.at and self.seen == 2
+
+
+def test_a_search_cut_in_its_second_trial_resumes_each_trial_from_its_own_state(
+        two_markets, tmp_path, epochs):
+    """``resume_dir`` with ``recbole_cmr.hyper_tuning``: each trial keeps its state apart, so a
+    search cut as its second trial reaches jp's epoch 2 and started again retrains nothing of the
+    first trial, continues the second at jp's epoch 2, and gives the trials of an uninterrupted
+    search (with one folder shared, the second trial finds the first's state, written under other
+    settings, and stops with an error)."""
+    import pandas as pd
+
+    from recbole_cmr.hyper_tuning import run_hyper
+
+    params = tmp_path / "params.hyper"
+    params.write_text("learning_rate choice [0.01,0.001]\n")
+    settings = {**two_markets, **NOISY, "epochs": 4}
+
+    def search(out, **extra):
+        """The trials (parameters, valid and test numbers), in the order of their parameters."""
+        run_hyper("SASRec", "xm2", str(params), config_dict={**settings, **extra},
+                  output_dir=str(tmp_path / out))
+        table = pd.read_csv(tmp_path / out / "SASRec-xm2.trials.csv")
+        return table.sort_values("params").to_dict("records")
+
+    full = search("full")
+    assert full[0]["best_valid_score"] != full[1]["best_valid_score"]
+    folder = str(tmp_path / "resume")
+    epochs.clear()
+    epochs.cut = _Second(("jp", 2))
+    with pytest.raises(_Cut):
+        search("cut", resume_dir=folder)
+    trial = [("in", e) for e in range(4)] + [("jp", e) for e in range(4)]
+    assert epochs == trial + trial[:6]
+    epochs.clear()
+    epochs.cut = None
+    assert search("resumed", resume_dir=folder) == full
+    assert epochs == [("jp", 2), ("jp", 3)]
