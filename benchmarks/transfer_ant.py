@@ -114,10 +114,18 @@ VARIANTS = {
     "ANT-finetune-clipText": {"model": "ANT", "adaptation": "finetune", "freeze_encoder": False,
                               **CLIP_TEXT},
 }
+# Each adaptation at the point tune_ant.py chose for it by validation (seed 2020, scientific-mm,
+# results/ant-tuning/<variant>@scientific-mm-seed2020/*.best.json; the grid is learning rate
+# {0.001, 0.003} x encoder dropout {0.5, 0.2}), so re-learning and fine-tuning are also compared
+# each at its own tuned settings, on every seed.
+TUNED = {"ANT-relearn-tuned": ("ANT-relearn", {"learning_rate": 0.001, "hidden_dropout_prob": 0.2}),
+         "ANT-finetune-tuned": ("ANT-finetune", {"learning_rate": 0.003, "hidden_dropout_prob": 0.2})}
+VARIANTS.update({name: {**VARIANTS[base], **point} for name, (base, point) in TUNED.items()})
 BASELINES = ["SASRec-scratch", "UniSRec-FT", "ANT-finetune", "ANT-relearn"]
 CONTROLS = ["ANT-finetune-frozen", "ANT-relearn-trainEncoder"]
 TEXTS = ["ANT-relearn-clipText", "ANT-finetune-clipText"]
-ABLATIONS = [v for v in VARIANTS if v.startswith("ANT-relearn-") and v not in CONTROLS + TEXTS]
+ABLATIONS = [v for v in VARIANTS if v.startswith("ANT-relearn-")
+             and v not in CONTROLS + TEXTS + list(TUNED)]
 # The ablations, controls and CLIP text need the multi-modal target: they run on it only.
 MODELS = {f"{v}@{t}": (v, t) for t in TARGETS for v in VARIANTS
           if t == "scientific-mm" or v in BASELINES}
@@ -312,7 +320,8 @@ def target_checks(runs, folder=None):
     on each target the premise (SASRec-scratch above UniSRec-FT and ANT-finetune: negative
     transfer of fine-tuning), ANT-relearn at least level with SASRec-scratch (NDCG@10 and Recall@10) and
     above ANT-finetune and UniSRec-FT (NDCG@10); on scientific-mm, re-learning above fine-tuning
-    at the same trainable parts (the controls); verdicts read paired intervals over the test
+    at the same trainable parts (the controls), with CLIP-sized text, and each at its tuned
+    settings (:data:`TUNED`); verdicts read paired intervals over the test
     users of the runs' per-user sidecars in ``folder`` (default: the harness's)."""
     folder = FOLDER if folder is None else folder
     rows = []
@@ -338,9 +347,11 @@ def target_checks(runs, folder=None):
         target = "scientific-mm"
         rows.append(_row(folder, runs, f"{mine} above {theirs} on {target} ({parts}; ndcg@10)",
                          f"{mine}@{target}", f"{theirs}@{target}", "ndcg@10", "above"))
-    # CLIP text on the target: re-learning against fine-tuning, and against MiniLM text.
+    # CLIP text on the target: re-learning against fine-tuning, and against MiniLM text; and the
+    # two adaptations each at its tuned settings.
     for mine, theirs in (("ANT-relearn-clipText", "ANT-finetune-clipText"),
-                         ("ANT-relearn-clipText", "ANT-relearn")):
+                         ("ANT-relearn-clipText", "ANT-relearn"),
+                         ("ANT-relearn-tuned", "ANT-finetune-tuned")):
         target = "scientific-mm"
         rows.append(_row(folder, runs, f"{mine} above {theirs} on {target} (ndcg@10)",
                          f"{mine}@{target}", f"{theirs}@{target}", "ndcg@10", "above"))

@@ -377,6 +377,19 @@ def test_ant_tuning_grid_reads_as_recbole_space_and_a_done_variant_is_skipped(an
     assert tune.tune("ANT-relearn", 2020) == done
 
 
+def test_ant_tuned_variants_run_the_points_the_committed_tuning_chose(ant_harness):
+    """``ANT-*-tuned`` are their adaptation at the validation choice of tune_ant.py (the committed
+    ``best.json``), so a retuning that changes the choice cannot leave them on the old point."""
+    for name, (base, point) in ant_harness.TUNED.items():
+        (best,) = (ant_harness.RESULTS / "ant-tuning" / f"{base}@scientific-mm-seed2020").glob("*.best.json")
+        assert json.loads(best.read_text())["best_params"] == point, name
+        assert ant_harness.VARIANTS[name] == {**ant_harness.VARIANTS[base], **point}
+        assert f"{name}@scientific-mm" in ant_harness.MODELS
+        assert f"{name}@scientific-full" not in ant_harness.MODELS
+    wordings = [row["target"] for row in ant_harness.target_checks([])]
+    assert "ANT-relearn-tuned above ANT-finetune-tuned on scientific-mm (ndcg@10)" in wordings
+
+
 def test_ant_tuning_keeps_each_search_resumable_until_its_folder_is_written(ant_harness, tmp_path,
                                                                            monkeypatch):
     """The search runs with a ``resume_dir`` of its own (hyper_tuning gives each trial a subfolder
