@@ -243,7 +243,8 @@ class MultiMarketTrainerMixin:
         values = {k: v.tolist() for k, v in self.evaluator.last_per_user.items()}
         if values:
             dataset = loader._dataset
-            values["user"] = dataset.id2token(dataset.uid_field, values["user"]).tolist()
+            tokens = getattr(dataset, "market_tokens", dataset.id2token)  # a plain RecBole dataset: id2token
+            values["user"] = tokens(dataset.uid_field, values["user"]).tolist()
         return values
 
     def _evaluate_market(self, loader, show_progress):

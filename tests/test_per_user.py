@@ -82,6 +82,17 @@ def test_federated_runs_keep_each_test_users_values(two_markets):
     _check_ranking(result, _test_users("FedAvgSASRec", "xm2", settings))
 
 
+@pytest.mark.parametrize("finetune", [False, True])
+def test_pooled_runs_keep_each_markets_own_user_tokens(two_markets, finetune):
+    """Pooled training prefixes user ids with their market to keep markets apart; the per-user
+    values name each market's own users, so a pooled run pairs with a local or federated one."""
+    settings = {**two_markets, "train_mode": "pooled", "finetune": finetune}
+    result = _run("SASRec", "xm2", settings, epochs=1)
+    users = _test_users("SASRec", "xm2", two_markets)  # a local run's tokens
+    _check_ranking(result, users)
+    assert not any(":" in u for u in users["in"])  # the tokens tell the two apart
+
+
 def test_ctr_runs_keep_each_rows_label_and_score_per_task(scenarios):
     """MMoE (two tasks): each test row's user, label and score per task, whose AUC is the
     reported AUC of that task."""

@@ -50,9 +50,22 @@ NUMERIC_TYPES = (FeatureType.FLOAT.value, FeatureType.FLOAT_SEQ.value)
 class MarketDatasetMixin:
     """One market: ``<market>.inter`` (and ``<market>.user``) with the shared ``<dataset>.item``."""
 
+    # Fields whose tokens pooled training prefixed with ``<market>:`` to keep markets disjoint.
+    prefixed_fields = frozenset()
+
     def __init__(self, config, market):
         self.market = market
         super().__init__(config)
+
+    def market_tokens(self, field, ids):
+        """The market's own tokens of ``ids`` of token field ``field`` (``[n]`` ids -> ``[n]``
+        tokens): ``id2token``, without the ``<market>:`` prefix pooled training gives user ids
+        and ``market_private_fields``, so a pooled run's users pair with another run's."""
+        tokens = self.id2token(field, ids)
+        if field not in self.prefixed_fields:
+            return tokens
+        cut = len(self.market) + 1
+        return np.array([t[cut:] for t in np.atleast_1d(tokens)], dtype=object).reshape(np.shape(tokens))
 
     def _load_data(self, token, dataset_path):
         field = self.config["scenario_field"]
@@ -715,6 +728,8 @@ class MultiMarketDataset:
                     m: np.array([PAD] + [f"{m}:{t}" for t in ds.field2id_token[field][1:]])
                     for m, ds in having.items()
                 })
+                for ds in having.values():
+                    ds.prefixed_fields = ds.prefixed_fields | set(group)
 
     def _share_entities(self):
         """Knowledge-aware models: one entity id space over the shared item ids, laid out as
