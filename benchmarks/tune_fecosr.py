@@ -15,6 +15,10 @@ round budget, protocol, seed 2020) and one setting changed from its yaml default
   checkpoint in ``saved/``, also that of a cross-market FeCoSR run of seed 2020 with the same
   settings), so they differ from it in fine-tuning only (``finetune`` points).
 
+A ``stage`` point whose federated stage has already finished here (its round checkpoint, e.g. the
+default point's from that cross-market run) fine-tunes from it instead of training the rounds
+again; its record names the stage it took (``federated_stage``).
+
 Only validation is recorded: the macro valid NDCG@10 (full ranking) of the fine-tuned models (what
 FeCoSR reports and what selects it), the federated stage's best macro valid NDCG@10 and round, and
 the wall time; test metrics are never read, so the choice cannot lean on them. Each point writes
@@ -57,25 +61,28 @@ def point_settings(dataset, name):
     return {**settings, **POINTS[name][1]}
 
 
-def default_stage(dataset):
-    """The default point's finished round checkpoint (path), or None when it has not run here."""
-    path, _ = round_checkpoint(MODEL, dataset, point_settings(dataset, DEFAULT))
+def finished_stage(dataset, name):
+    """The finished round checkpoint (path) of the federated stage point ``name`` fine-tunes
+    from (its own for a ``stage`` point, the default point's for a ``finetune`` point), or None
+    when that stage has not run here."""
+    owner = name if POINTS[name][0] == "stage" else DEFAULT
+    path, _ = round_checkpoint(MODEL, dataset, point_settings(dataset, owner))
     return path
 
 
 def run_point(dataset, name, out_file):
-    """Run one point (its federated stage, or the default's) and fine-tuning; write its
-    validation record."""
+    """Run one point: fine-tuning from its federated stage when that has finished here, else the
+    stage and fine-tuning (a ``finetune`` point needs the default's stage); write its validation
+    record."""
     from recbole_cmr import run_recbole_cmr
 
     kind, _ = POINTS[name]
     settings = point_settings(dataset, name)
-    extra, stage = {}, None
-    if kind == "finetune":
-        stage = default_stage(dataset)
-        if stage is None:
-            raise RuntimeError(f"{name} fine-tunes from the default point's federated stage, "
-                               f"which has not run here: run --only {DEFAULT} first.")
+    extra, stage = {}, finished_stage(dataset, name)
+    if stage is None and kind == "finetune":
+        raise RuntimeError(f"{name} fine-tunes from the default point's federated stage, "
+                           f"which has not run here: run --only {DEFAULT} first.")
+    if stage is not None:
         extra["fed_pretrained"] = stage
     with resumable(out_file, {**settings, **extra}) as run:  # a point cut off continues where it was
         result = run_recbole_cmr(model=MODEL, dataset=dataset,

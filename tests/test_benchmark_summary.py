@@ -681,7 +681,8 @@ def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harnes
                                                                           monkeypatch):
     """``tune_fecosr.py``: FedAvg's budget of 11 points, each one FeCoSR setting off its yaml
     default; a fine-tuning point fine-tunes from the default point's federated stage (and refuses
-    to run without it); a point's record holds validation and no test metric."""
+    to run without it), a stage point from its own stage once that has finished here (else it
+    trains it); a point's record holds validation and no test metric."""
     import recbole_cmr
     from recbole_cmr import Config
 
@@ -700,13 +701,23 @@ def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harnes
     monkeypatch.setattr(tune, "round_checkpoint", lambda *args, **kwargs: (None, None))
     with pytest.raises(RuntimeError, match="run --only default first"):
         tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
-    monkeypatch.setattr(tune, "round_checkpoint", lambda model, dataset, settings:
-                        (str(tmp_path / "FeCoSR-stage.pth"), {}) if "adapter_rank" not in settings
-                        else (None, None))  # the default point's finished stage
+    finished = {"default": "FeCoSR-stage.pth"}  # the stages that have finished here
+
+    def stage_of(model, dataset, settings):
+        names = [n for n in finished if tune.point_settings("xmrec", n) == settings]
+        return (str(tmp_path / finished[names[0]]), {}) if names else (None, None)
+
+    monkeypatch.setattr(tune, "round_checkpoint", stage_of)
     tune.run_point("xmrec", "adapter-rank4", tmp_path / "a.json")
     assert calls[-1]["adapter_rank"] == 4 and calls[-1]["fed_pretrained"].endswith("FeCoSR-stage.pth")
+    tune.run_point("xmrec", "default", tmp_path / "d.json")
+    assert calls[-1]["fed_pretrained"].endswith("FeCoSR-stage.pth")
     tune.run_point("xmrec", "s2ce-tau0.1", tmp_path / "b.json")
     assert "fed_pretrained" not in calls[-1] and calls[-1]["s2ce_tau"] == 0.1
+    finished["s2ce-tau0.1"] = "FeCoSR-tau.pth"
+    tune.run_point("xmrec", "s2ce-tau0.1", tmp_path / "b.json")
+    assert calls[-1]["fed_pretrained"].endswith("FeCoSR-tau.pth") and calls[-1]["s2ce_tau"] == 0.1
+    assert json.loads((tmp_path / "b.json").read_text())["federated_stage"] == "FeCoSR-tau.pth"
     record = json.loads((tmp_path / "a.json").read_text())
     assert record["best_valid_ndcg@10"] == 0.11 and record["stage_valid_ndcg@10"] == 0.1
     assert record["federated_stage"] == "FeCoSR-stage.pth"
