@@ -152,7 +152,7 @@ SIZES = {"scaled": {}, "paper": {"hidden_size": 256, "inner_size": 256, "MAX_ITE
 # Pretraining (``--pretraining``): on both auxiliary domains with the 30-epoch cap (default); on
 # MovieLens-100K alone, a domain unrelated to Scientific, where fine-tuning may transfer
 # negatively (issue 40); or to convergence (early stopping within 300 epochs).
-PRETRAININGS = {"office+ml100k": {}, "ml100k": {"markets": ["ml100k"]},
+PRETRAININGS = {"office+ml100k": {}, "ml100k": {"markets": ["ml100k"], "source_market": ["ml100k"]},
                 "converged": {"epochs": 300}}
 CHOSEN = {"sizes": "scaled", "pretraining": "office+ml100k"}  # the variant (use_sizes, ...)
 SIZE_SETTINGS, SIZE_SUFFIX = {}, ""

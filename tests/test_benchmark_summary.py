@@ -666,7 +666,8 @@ def test_ant_pretraining_variants_change_the_pretraining_only(ant_harness, monke
     default = ant_harness.pretrain_settings(2020)
     adaptation = ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]
     assert ant_harness.use_pretraining("ml100k").name == "ant-scientific-ml100k"
-    assert ant_harness.pretrain_settings(2020) == {**default, "markets": ["ml100k"]}
+    assert ant_harness.pretrain_settings(2020) == {**default, "markets": ["ml100k"],
+                                                   "source_market": ["ml100k"]}
     moved = ant_harness.run_settings("ANT-relearn@scientific-mm", 2020)[2]
     assert moved == {**adaptation, "pretrained": str(ant_harness.pretrained_file(2020))}
     assert moved["pretrained"] != adaptation["pretrained"]
@@ -675,6 +676,26 @@ def test_ant_pretraining_variants_change_the_pretraining_only(ant_harness, monke
     ant_harness.use_pretraining("converged")
     assert ant_harness.pretrain_settings(2020)["epochs"] == 300
     assert ant_harness.pretrain_settings(2020)["markets"] == ["office", "ml100k"]
+
+
+@pytest.mark.parametrize("pretraining", ["office+ml100k", "ml100k", "converged"])
+def test_ant_pretraining_variants_pretrain_on_their_own_markets(ant_harness, monkeypatch,
+                                                                 pretraining):
+    """Each ``--pretraining``'s settings, read by the plugin's Config with the target's dataset
+    yaml, name source markets that its pretraining loads (the ml100k variant once kept the yaml's
+    ``[office, ml100k]`` and stopped at the start)."""
+    from recbole_cmr import Config
+    from recbole_cmr.modes import source_markets
+
+    for key in ("NAME", "FOLDER", "SIZE_SETTINGS", "SIZE_SUFFIX"):
+        monkeypatch.setattr(ant_harness, key, getattr(ant_harness, key))  # restored after the test
+    monkeypatch.setattr(ant_harness, "CHOSEN", dict(ant_harness.CHOSEN))
+    ant_harness.use_pretraining(pretraining)
+    settings = ant_harness.pretrain_settings(2020)
+    config = Config(model="ANT", dataset=ant_harness.TARGETS["scientific-mm"],
+                    config_dict=settings, argv=[])
+    markets = config["markets"]
+    assert source_markets(config, dict.fromkeys(markets)) == markets == settings["markets"]
 
 
 def test_fecosr_tuning_points_change_one_setting_and_read_validation_only(harness, tmp_path,
