@@ -220,6 +220,22 @@ def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
         assert mine["test"] != shared["test"]  # fine-tuned without the adapter
 
 
+def test_another_adapter_rank_fine_tunes_from_a_finished_stage(two_markets, tmp_path):
+    """A stage trained with ``adapter_rank`` 4 serves a model with rank 2 (tune_fecosr's
+    adapter-rank points): the adapter, local and untrained in the rounds, starts fresh at its own
+    shape; the stage's results are the stage's."""
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
+    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    other = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
+        **settings, "adapter_rank": 2, "fed_pretrained": str(round_file)})
+    for market in ("in", "jp"):
+        shared, mine = full["per_market"][market], other["per_market"][market]
+        assert mine["federated"]["valid"] == shared["federated"]["valid"]
+        state = torch.load(mine["checkpoint"], weights_only=True)["state_dict"]
+        assert state["item_embedding.adapter.down"].shape[0] == 2
+
+
 def test_run_cut_after_its_rounds_resumes_to_the_same_numbers(two_markets, tmp_path):
     """Resuming a finished round checkpoint trains no round and goes on with fine-tuning exactly
     as the uninterrupted run did (the benchmark resumes runs cut during fine-tuning this way)."""

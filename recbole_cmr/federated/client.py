@@ -18,6 +18,7 @@ messages: ``parameter_shapes``, ``keep_local``, ``end_round`` (``mark_best``, ``
 import itertools
 import zlib
 from contextlib import contextmanager
+from logging import getLogger
 from pathlib import Path
 
 import numpy as np
@@ -385,6 +386,21 @@ class Client:
         self.best_round, self.best_local = state["best_round"], state["best_local"]
         if best_round == round_idx != state["best_round"]:
             self.best_round, self.best_local = round_idx, dict(state["private"]["local"])
+        if best_only:
+            self.best_local = self._fitting(self.best_local)
+
+    def _fitting(self, local):
+        """The entries of ``local`` (``{name: tensor}``) this model holds with the same shapes. A
+        finished stage reused by a model whose local-only parts differ (e.g. FeCoSR's market
+        adapter at another ``adapter_rank``, which the federated stage does not train) leaves
+        those at this model's initial values, and says so."""
+        own = self.model.state_dict()
+        fitting = {n: t for n, t in local.items() if n in own and own[n].shape == t.shape}
+        fresh = sorted(n for n in local if n in own and n not in fitting)
+        if fresh:
+            getLogger().info(f"market [{self.client_id}]: the stage's local parameters {fresh} "
+                             "have other shapes here; they start from this model's initial values.")
+        return fitting
 
     def local_state(self):
         """The parameters that never leave the client, ``{name: tensor}`` (detached copies)."""

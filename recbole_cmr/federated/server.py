@@ -585,7 +585,8 @@ class FederatedServer:
         No round is trained: :meth:`fit` returns that round at once, so fine-tuning ablations
         (e.g. FeCoSR with and without adaptation) can share one federated stage. The stored
         shared parameters must match this model's (names and shapes); stored local parameters
-        this model lacks (e.g. a market adapter) are ignored.
+        this model lacks (e.g. a market adapter), or holds with other shapes (an adapter of
+        another rank), are left at this model's initial values (the latter logged).
         """
         checkpoint = self._read_checkpoint(pretrained_file)
         best = checkpoint["best"]
