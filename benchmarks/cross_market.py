@@ -193,7 +193,11 @@ FEDERATED = ["FedAvg-SASRec", "FeCoSR", "FeCoSR-noS2CE", "FeCoSR-noAdapt", "FeCo
 # PretrainFinetune 2: each target's copy is seeded from its own seed (modes.market_model), so a
 # target's numbers do not depend on the targets fine-tuned before it (the federated models'
 # fine-tuning was seeded so already: their numbers are unchanged, checked bit for bit).
-REVISIONS = {"Local": 2, **dict.fromkeys(FEDERATED, 3), "PretrainFinetune": 2}
+# † ablations (federated_stage_of) 4: a reused stage restores its training loader's shuffling
+# state, so the ablation's fine-tuning draws what the ablated run's drew (before, the loader's
+# stream started afresh: the same fine-tuning gave other numbers).
+REVISIONS = {"Local": 2, **dict.fromkeys(FEDERATED, 3), "PretrainFinetune": 2,
+             **{name: 4 for name, spec in MODELS.items() if "federated_stage_of" in spec}}
 
 
 def stale_keys(record):

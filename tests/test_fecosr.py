@@ -220,6 +220,20 @@ def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
         assert mine["test"] != shared["test"]  # fine-tuned without the adapter
 
 
+def test_a_reused_stage_fine_tunes_as_the_run_that_trained_it(two_markets, tmp_path):
+    """``fed_pretrained`` with the settings of the run that trained the stage repeats that run's
+    fine-tuning exactly (the training loader's shuffling continues as it did), so a fine-tuning
+    ablation on a reused stage differs from the full model by its switch alone."""
+    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
+    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
+    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    again = run_recbole_cmr(model="FeCoSR", dataset="xm2",
+                            config_dict={**settings, "fed_pretrained": str(round_file)})
+    for market in ("in", "jp"):
+        done, reused = full["per_market"][market], again["per_market"][market]
+        assert reused["valid"] == done["valid"] and dict(reused["test"]) == dict(done["test"])
+
+
 def test_another_adapter_rank_fine_tunes_from_a_finished_stage(two_markets, tmp_path):
     """A stage trained with ``adapter_rank`` 4 serves a model with rank 2 (tune_fecosr's
     adapter-rank points): the adapter, local and untrained in the rounds, starts fresh at its own

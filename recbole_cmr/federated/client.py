@@ -367,7 +367,9 @@ class Client:
 
     def load_state(self, name, round_idx, best_only=False, best_round=None):
         """Restore :meth:`save_state` output of round ``round_idx`` (``best_only``: just the best
-        round's local parameters, to reuse a finished run's federated stage). ``best_round`` is
+        round's local parameters and the training loader's shuffling state, to reuse a finished
+        run's federated stage: fine-tuning then draws what that run's fine-tuning drew, so an
+        ablation differs from it by its switch alone). ``best_round`` is
         the run's best round: when it is ``round_idx`` itself, whose state was written before
         the round was known to be the best (its validation message closed it), the best local
         parameters are that round's."""
@@ -388,6 +390,7 @@ class Client:
             self.best_round, self.best_local = round_idx, dict(state["private"]["local"])
         if best_only:
             self.best_local = self._fitting(self.best_local)
+            self.train_data.generator.set_state(state["private"]["train_rng"].to(torch.uint8).cpu())
 
     def _fitting(self, local):
         """The entries of ``local`` (``{name: tensor}``) this model holds with the same shapes. A
