@@ -203,10 +203,17 @@ def test_finetuned_checkpoint_reloads_with_its_adapter(two_markets):
     assert dict(trainer.evaluate(test["in"], load_best_model=False)) == dict(res["test"])
 
 
-def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
+def _finished_stage(two_markets, tmp_path):
+    """FeCoSR trained on xm2 (2 rounds, adapter rank 4, plain CE): ``(settings, result, the
+    finished round checkpoint)``."""
     settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
     full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
     [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    return settings, full, round_file
+
+
+def test_ablation_reuses_a_finished_federated_stage(two_markets, tmp_path):
+    settings, full, round_file = _finished_stage(two_markets, tmp_path)
     before = round_file.read_bytes()
     ablation = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
         **settings, "adaptation": False, "fed_pretrained": str(round_file)})
@@ -224,9 +231,7 @@ def test_a_reused_stage_fine_tunes_as_the_run_that_trained_it(two_markets, tmp_p
     """``fed_pretrained`` with the settings of the run that trained the stage repeats that run's
     fine-tuning exactly (the training loader's shuffling continues as it did), so a fine-tuning
     ablation on a reused stage differs from the full model by its switch alone."""
-    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
-    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
-    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    settings, full, round_file = _finished_stage(two_markets, tmp_path)
     again = run_recbole_cmr(model="FeCoSR", dataset="xm2",
                             config_dict={**settings, "fed_pretrained": str(round_file)})
     for market in ("in", "jp"):
@@ -238,9 +243,7 @@ def test_another_adapter_rank_fine_tunes_from_a_finished_stage(two_markets, tmp_
     """A stage trained with ``adapter_rank`` 4 serves a model with rank 2 (tune_fecosr's
     adapter-rank points): the adapter, local and untrained in the rounds, starts fresh at its own
     shape; the stage's results are the stage's."""
-    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
-    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
-    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    settings, full, round_file = _finished_stage(two_markets, tmp_path)
     other = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict={
         **settings, "adapter_rank": 2, "fed_pretrained": str(round_file)})
     for market in ("in", "jp"):
@@ -253,9 +256,7 @@ def test_another_adapter_rank_fine_tunes_from_a_finished_stage(two_markets, tmp_
 def test_run_cut_after_its_rounds_resumes_to_the_same_numbers(two_markets, tmp_path):
     """Resuming a finished round checkpoint trains no round and goes on with fine-tuning exactly
     as the uninterrupted run did (the benchmark resumes runs cut during fine-tuning this way)."""
-    settings = {**two_markets, "s2ce": False, "fed_rounds": 2, "adapter_rank": 4}
-    full = run_recbole_cmr(model="FeCoSR", dataset="xm2", config_dict=settings)
-    [round_file] = (tmp_path / "saved").glob("FeCoSR-xm2-federated-*.pth")
+    settings, full, round_file = _finished_stage(two_markets, tmp_path)
     again = run_recbole_cmr(model="FeCoSR", dataset="xm2",
                             config_dict={**settings, "fed_resume": str(round_file)})
     for market in ("in", "jp"):
